@@ -1,0 +1,210 @@
+"""The worker's model owner: loads checkpoints on first use, switches adapters, runs batches of requests."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines import loading
+from pipelines.errors import InvalidParameter
+from pipelines.families import flux1, flux2
+from pipelines.images import decode_image, limit_reference
+from pipelines.jobs import Progress, RenderedImage, RenderRequest, RenderResult
+from pipelines.specs import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+FAMILIES: dict[str, ModuleType] = {"flux2": flux2, "flux1": flux1, "flux1-kontext": flux1}
+
+# Call arguments fluxd sets itself; every other argument of a pipeline's __call__ may be passed through.
+CONTROLLED_ARGS = frozenset(
+    {
+        "self",
+        "prompt",
+        "image",
+        "height",
+        "width",
+        "num_inference_steps",
+        "sigmas",
+        "timesteps",
+        "guidance_scale",
+        "num_images_per_prompt",
+        "generator",
+        "latents",
+        "prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+        "ip_adapter_image",
+        "ip_adapter_image_embeds",
+        "negative_ip_adapter_image",
+        "negative_ip_adapter_image_embeds",
+        "output_type",
+        "return_dict",
+        "attention_kwargs",
+        "joint_attention_kwargs",
+        "callback_on_step_end",
+        "callback_on_step_end_tensor_inputs",
+        "caption_upsample_temperature",
+        "text_encoder_out_layers",
+        "max_area",
+        "_auto_resize",
+    }
+)
+
+StepHook = Callable[[Progress, Any], bool]
+"""Called after every denoising step with the progress and the pipeline; returns True to stop the batch."""
+
+
+def passthrough_signatures(specs: Mapping[str, ModelSpec]) -> dict[str, dict[str, str]]:
+    """Per pipeline class: the call arguments a client may pass through, with their annotation as text."""
+    import diffusers
+
+    signatures: dict[str, dict[str, str]] = {}
+    for class_name in {spec.pipeline_class for spec in specs.values()}:
+        params = inspect.signature(getattr(diffusers, class_name).__call__).parameters
+        signatures[class_name] = {
+            name: str(param.annotation) for name, param in params.items() if name not in CONTROLLED_ARGS
+        }
+    return signatures
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """diffusers' own float->uint8 rounding, so pixels equal what its PIL output would hold."""
+    return (images * 255).round().clip(0, 255).astype(np.uint8)
+
+
+class Engine:
+    """Owns every loaded pipeline of one device. Not thread-safe: one worker loop calls it."""
+
+    def __init__(self, specs: Mapping[str, ModelSpec], weights_dir: Path, device: str = "cpu") -> None:
+        self.specs = specs
+        self.weights_dir = weights_dir
+        self.device = device
+        self._pipelines: dict[str, Any] = {}
+        self._adapters: dict[str, set[str]] = {}
+
+    def pipeline(self, spec: ModelSpec) -> Any:
+        """The loaded pipeline for `spec`, with its adapter (and only its adapter) switched on."""
+        pipe = self._pipelines.get(spec.weights_id)
+        if pipe is None:
+            base = self.specs.get(spec.weights_id, spec)
+            pipe = loading.load_pipeline(loading.locate_checkpoint(base, self.weights_dir), self.device)
+            self._pipelines[spec.weights_id] = pipe
+            self._adapters[spec.weights_id] = set()
+        loaded = self._adapters[spec.weights_id]
+        if spec.adapter is not None:
+            if spec.adapter.name not in loaded:
+                folder = loading.locate_adapter(spec, spec.adapter, self.weights_dir)
+                pipe.load_lora_weights(
+                    folder, weight_name=spec.adapter.weight_name, adapter_name=spec.adapter.name
+                )
+                loaded.add(spec.adapter.name)
+            pipe.enable_lora()
+            pipe.set_adapters([spec.adapter.name])
+        elif loaded:
+            pipe.disable_lora()
+        return pipe
+
+    def loaded(self) -> list[str]:
+        return sorted(self._pipelines)
+
+    def render(self, batch: list[RenderRequest], on_step: StepHook | None = None) -> list[RenderResult]:
+        """Run requests that share model, size, steps, guidance and references as one pipeline call."""
+        first = batch[0]
+        spec = self.specs[first.model]
+        family = FAMILIES[spec.family]
+        started = time.perf_counter()
+        pipe = self.pipeline(spec)
+        references = [limit_reference(decode_image(data, "image")) for data in first.images]
+        if references:
+            spec.check_references([image.size for image in references])
+        loaded_ms = (time.perf_counter() - started) * 1000
+
+        prompts: list[str] = []
+        generators: list[torch.Generator] = []
+        revised: list[str | None] = []
+        for request in batch:
+            prompt = request.prompt
+            if request.enhance_prompt:
+                if not spec.enhances_prompt:
+                    raise InvalidParameter(
+                        "prompt_enhancement", f"'{spec.id}' has no language model to enhance prompts."
+                    )
+                prompt = family.enhance(pipe, prompt, references, request.enhance_temperature)
+            revised.append(prompt if request.enhance_prompt else None)
+            for seed in request.seeds:
+                prompts.append(prompt)
+                # CPU generators: the same seed gives the same noise on every device.
+                generators.append(torch.Generator("cpu").manual_seed(seed))
+
+        total = first.steps
+        owners = [request.id for request in batch for _ in request.seeds]
+
+        def step_end(pipeline: Any, step: int, _timestep: Any, tensors: dict) -> dict:
+            if on_step is not None:
+                stop = False
+                for request_id in dict.fromkeys(owners):
+                    stop |= on_step(Progress(request_id, step + 1, total), pipeline)
+                if stop:
+                    pipeline._interrupt = True
+            return {}
+
+        kwargs = {
+            "prompt": prompts,
+            "width": first.width,
+            "height": first.height,
+            "num_inference_steps": first.steps,
+            "guidance_scale": first.guidance,
+            "generator": generators,
+            "output_type": "np",
+            "callback_on_step_end": step_end,
+            **family.call_kwargs(spec, pipe, references, first.width, first.height),
+            **first.extra,
+        }
+        denoise_started = time.perf_counter()
+        try:
+            images = to_uint8(pipe(**kwargs).images)
+        except (ValueError, TypeError) as exc:
+            if not first.extra:
+                raise
+            # With client-supplied pipeline arguments in the call, a ValueError is most likely theirs.
+            raise InvalidParameter(
+                next(iter(first.extra)), f"The pipeline rejected the arguments: {exc}"
+            ) from exc
+        run_ms = (time.perf_counter() - denoise_started) * 1000
+
+        results: list[RenderResult] = []
+        offset = 0
+        for request, revised_prompt in zip(batch, revised, strict=True):
+            rendered = [
+                RenderedImage(images[offset + i].tobytes(), images.shape[2], images.shape[1], seed)
+                for i, seed in enumerate(request.seeds)
+            ]
+            offset += request.n
+            results.append(
+                RenderResult(
+                    request.id,
+                    rendered,
+                    revised_prompt,
+                    {"load": loaded_ms, "run": run_ms, "batch_images": len(prompts)},
+                )
+            )
+        logger.info(
+            "rendered %d image(s) of %s at %dx%d, %d steps in %.0f ms",
+            len(prompts),
+            spec.id,
+            first.width,
+            first.height,
+            first.steps,
+            run_ms,
+        )
+        return results

@@ -1,0 +1,27 @@
+"""FLUX.1 [dev] and FLUX.1 Kontext [dev]: CLIP + T5 conditioning; Kontext takes one reference image."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PIL import Image
+
+from pipelines.specs import ModelSpec
+
+
+def call_kwargs(spec: ModelSpec, pipe: Any, references: list[Image.Image], width: int, height: int) -> dict:
+    if spec.family != "flux1-kontext":
+        return {}
+    # Kontext rescales its output to `max_area` and, by default, snaps the reference to a ~1 MP preferred
+    # size. fluxd resolves the exact output size itself, so it asks for that area and sizes the reference to
+    # it: a tiny run stays tiny and a real one gets Kontext's ~1 MP at the default size.
+    kwargs: dict[str, Any] = {"max_area": width * height, "_auto_resize": False}
+    if references:
+        reference = references[0]
+        scale = (width * height / (reference.width * reference.height)) ** 0.5
+        size = (
+            max(16, round(reference.width * scale / 16) * 16),
+            max(16, round(reference.height * scale / 16) * 16),
+        )
+        kwargs["image"] = reference.resize(size, Image.LANCZOS)
+    return kwargs

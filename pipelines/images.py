@@ -1,0 +1,61 @@
+"""Decoding untrusted input images with Pillow. No torch: the HTTP front validates uploads with it too."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image
+
+from pipelines.errors import InvalidParameter
+from pipelines.specs import MAX_REFERENCE_PIXELS
+
+ACCEPTED_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+MAX_INPUT_PIXELS = 64 * 1024 * 1024  # past this an upload is refused outright, not resized
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format from magic bytes: filenames and content types sent by clients cannot be trusted."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def decode_image(data: bytes, param: str = "image") -> Image.Image:
+    """Decode and fully load an RGB image, or raise InvalidParameter naming `param`."""
+    if not data:
+        raise InvalidParameter(param, f"'{param}' is an empty file.")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise InvalidParameter(param, f"'{param}' is not a PNG, JPEG or WebP image.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[fmt])
+            if image.width * image.height > MAX_INPUT_PIXELS:
+                raise InvalidParameter(
+                    param,
+                    f"'{param}' is {image.width}x{image.height}: images over {MAX_INPUT_PIXELS // 2**20} MP "
+                    "are refused.",
+                )
+            image.load()
+    except InvalidParameter:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidParameter(param, f"'{param}' is too large to decode safely.") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidParameter(param, f"'{param}' could not be decoded ({fmt.lower()}): {exc}") from None
+    return image.convert("RGB")
+
+
+def limit_reference(image: Image.Image, max_pixels: int = MAX_REFERENCE_PIXELS) -> Image.Image:
+    """References over the limit are resized down to it, aspect kept (the seeds' pricing notes)."""
+    pixels = image.width * image.height
+    if pixels <= max_pixels:
+        return image
+    scale = (max_pixels / pixels) ** 0.5
+    return image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.LANCZOS)

@@ -1,0 +1,279 @@
+"""What each served model is: ids, aliases, defaults, size tables, limits and accepted parameters.
+
+Pure data, importable without torch: the HTTP process validates every request against these specs before
+anything reaches a worker. Sources are cited next to each value; "seeds" means the hosted-gateway pages in
+shared/seeds/ that define what users of these models expect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipelines.errors import InvalidParameter, ModelNotFound
+
+Family = Literal["flux2", "flux1", "flux1-kontext"]
+Mode = Literal["generate", "edit"]
+
+SIZE_MULTIPLE = 16  # VAE downsampling (8) x latent patch size (2), the same for FLUX.1 and FLUX.2.
+MAX_INPUT_SIDE = 14142  # seeds: "Custom 1-14142px per side" accepted as input before clamping to the model.
+MAX_REFERENCE_PIXELS = (
+    4 * 1024 * 1024
+)  # seeds (FLUX.2 pricing notes): references over 4 MP are resized to 4 MP.
+
+# The seeds' "1K" tables (ratio -> output size). FLUX.2 [dev], Turbo and FLUX1.1 [pro] list nine; Kontext
+# adds 21:9 and 9:21. Sizes are the gateway's own numbers; fluxd snaps them to SIZE_MULTIPLE when it runs.
+SIZES_1K: dict[str, tuple[int, int]] = {
+    "4:3": (1183, 887),
+    "4:5": (916, 1145),
+    "5:4": (1145, 916),
+    "1:1": (1024, 1024),
+    "3:4": (887, 1182),
+    "2:3": (836, 1254),
+    "3:2": (1254, 836),
+    "9:16": (768, 1365),
+    "16:9": (1365, 768),
+}
+SIZES_1K_KONTEXT: dict[str, tuple[int, int]] = {**SIZES_1K, "9:21": (670, 1564), "21:9": (1563, 670)}
+
+# Resolution tiers as a linear scale of the 1K table; the seeds name "0.5K 1K 2K 4K" and megapixel tiers.
+TIERS: dict[str, float] = {"0.5K": 0.5, "1K": 1.0, "2K": 2.0, "4K": 4.0}
+
+# Parameters from the seeds' tables that every model takes, whatever its family.
+COMMON_PARAMS = frozenset(
+    {
+        "seed",
+        "size",
+        "aspect_ratio",
+        "resolution",
+        "response_format",
+        "output_format",
+        "output_compression",
+        "output_quality",
+        "n",
+        "sync_mode",
+        "width",
+        "height",
+        "enable_safety_checker",
+        "disable_safety_checker",
+        "safety_tolerance",
+    }
+)
+DENOISE_PARAMS = frozenset({"cfg_scale", "num_inference_steps", "acceleration", "go_fast"})
+ENHANCE_PARAMS = frozenset(
+    {"prompt_enhancement", "enhance_prompt", "enable_prompt_expansion", "prompt_upsampling"}
+)
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A LoRA switched on per batch over a base model's transformer (never a second copy of the base)."""
+
+    name: str
+    repo_id: str
+    weight_name: str
+    sigmas: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Largest output a model is run at; requests above are scaled down keeping their aspect ratio."""
+
+    max_side: int
+    max_pixels: int
+    source: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One servable model id."""
+
+    id: str
+    family: Family
+    title: str
+    repo_id: str | None
+    pipeline_class: str
+    modes: frozenset[Mode]
+    default_steps: int
+    default_guidance: float
+    defaults_source: str
+    limits: Limits
+    sizes_1k: Mapping[str, tuple[int, int]]
+    default_size: tuple[int, int] = (1024, 1024)
+    max_references: int = 0
+    enhances_prompt: bool = False
+    adapter: LoraAdapter | None = None
+    base: str | None = None  # the model whose weights this id runs on (an adapter's base or an alias's root)
+    alias: bool = False
+    params: frozenset[str] = field(default_factory=frozenset)
+    max_steps: int = 100
+    guidance_range: tuple[float, float] = (0.0, 20.0)
+    min_reference_side: int = 1
+    max_reference_aspect: float = 100.0
+
+    @property
+    def weights_id(self) -> str:
+        """The folder under weights/ that holds this model's diffusers checkpoint."""
+        return self.base or self.id
+
+    @property
+    def tiers(self) -> dict[str, float]:
+        """Resolution tiers whose square size fits this model's limits."""
+        return {
+            name: scale
+            for name, scale in TIERS.items()
+            if 1024 * scale <= self.limits.max_side and (1024 * scale) ** 2 <= self.limits.max_pixels
+        }
+
+    def takes(self, param: str) -> bool:
+        return param in self.params
+
+    def check_references(self, sizes: list[tuple[int, int]]) -> None:
+        """Refuse reference images this model cannot take, naming `image`."""
+        if "edit" not in self.modes:
+            raise InvalidParameter("image", f"'{self.id}' does not edit images; use /v1/images/generations.")
+        if not sizes:
+            raise InvalidParameter("image", "At least one image is required.", "missing_required_parameter")
+        if len(sizes) > self.max_references:
+            raise InvalidParameter(
+                "image", f"'{self.id}' takes at most {self.max_references} image(s); {len(sizes)} were sent."
+            )
+        for width, height in sizes:
+            if min(width, height) < self.min_reference_side:
+                raise InvalidParameter(
+                    "image",
+                    f"'{self.id}' needs images of at least {self.min_reference_side} px per side; "
+                    f"got {width}x{height}.",
+                )
+            if max(width / height, height / width) > self.max_reference_aspect:
+                raise InvalidParameter(
+                    "image",
+                    f"'{self.id}' takes aspect ratios up to {self.max_reference_aspect:g}:1; "
+                    f"got {width}x{height}.",
+                )
+
+    def with_overrides(self, **changes: object) -> ModelSpec:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+FLUX2_LIMITS = Limits(2048, 2048 * 2048, "seeds (FLUX.2 [dev] FAQ): images up to 2048x2048")
+FLUX1_LIMITS = Limits(
+    1440, 1440 * 1440, "BFL API limits for FLUX.1 [dev] / FLUX1.1 [pro]: 256-1440 px per side"
+)
+KONTEXT_LIMITS = Limits(
+    1568, 1568 * 672, "largest of diffusers' PREFERRED_KONTEXT_RESOLUTIONS; Kontext is trained around 1 MP"
+)
+
+TURBO_SIGMAS = (1.0, 0.6509, 0.4374, 0.2932, 0.1893, 0.1108, 0.0495, 0.00031)
+
+_FLUX2_PARAMS = COMMON_PARAMS | DENOISE_PARAMS | ENHANCE_PARAMS | {"image"}
+# diffusers' Flux2ImageProcessor.check_image_input: references of at least 64 px a side, at most 8:1.
+_FLUX2_REFERENCES = {"max_references": 4, "min_reference_side": 64, "max_reference_aspect": 8.0}
+
+SPECS: dict[str, ModelSpec] = {
+    spec.id: spec
+    for spec in (
+        ModelSpec(
+            id="flux.2-dev",
+            family="flux2",
+            title="FLUX.2 [dev]",
+            repo_id="black-forest-labs/FLUX.2-dev",
+            pipeline_class="Flux2Pipeline",
+            modes=frozenset({"generate", "edit"}),
+            default_steps=28,
+            default_guidance=4.0,
+            defaults_source="28 steps: fal's FLUX.2 [dev] endpoint (the seeds' provider); "
+            "guidance 4.0: diffusers Flux2Pipeline default and BFL's reference sampling",
+            limits=FLUX2_LIMITS,
+            sizes_1k=SIZES_1K,
+            enhances_prompt=True,
+            params=_FLUX2_PARAMS,
+            **_FLUX2_REFERENCES,  # seeds (FLUX.2 [dev] edit): "Up to 4 images per request"
+        ),
+        ModelSpec(
+            id="flux.2-dev-turbo",
+            family="flux2",
+            title="FLUX.2 [dev] Turbo",
+            repo_id="black-forest-labs/FLUX.2-dev",
+            pipeline_class="Flux2Pipeline",
+            modes=frozenset({"generate", "edit"}),
+            default_steps=8,
+            default_guidance=2.5,
+            defaults_source="fal/FLUX.2-dev-Turbo model card: 8 steps, guidance 2.5, its 8 custom sigmas",
+            limits=FLUX2_LIMITS,
+            sizes_1k=SIZES_1K,
+            enhances_prompt=True,
+            **_FLUX2_REFERENCES,
+            adapter=LoraAdapter(
+                name="turbo",
+                repo_id="fal/FLUX.2-dev-Turbo",
+                weight_name="flux.2-turbo-lora.safetensors",
+                sigmas=TURBO_SIGMAS,
+            ),
+            base="flux.2-dev",
+            params=_FLUX2_PARAMS,
+        ),
+        ModelSpec(
+            id="flux.1-kontext-dev",
+            family="flux1-kontext",
+            title="FLUX.1 Kontext [dev]",
+            repo_id="black-forest-labs/FLUX.1-Kontext-dev",
+            pipeline_class="FluxKontextPipeline",
+            modes=frozenset({"generate", "edit"}),
+            default_steps=28,
+            default_guidance=2.5,
+            defaults_source="28 steps: diffusers FluxKontextPipeline default; "
+            "guidance 2.5: the FLUX.1 Kontext [dev] model card example",
+            limits=KONTEXT_LIMITS,
+            sizes_1k=SIZES_1K_KONTEXT,
+            max_references=1,
+            params=COMMON_PARAMS | DENOISE_PARAMS | ENHANCE_PARAMS | {"image"},
+        ),
+        ModelSpec(
+            id="flux.1-dev",
+            family="flux1",
+            title="FLUX.1 [dev]",
+            repo_id="black-forest-labs/FLUX.1-dev",
+            pipeline_class="FluxPipeline",
+            modes=frozenset({"generate"}),
+            default_steps=28,
+            default_guidance=3.5,
+            defaults_source="diffusers FluxPipeline defaults (28 steps, guidance 3.5)",
+            limits=FLUX1_LIMITS,
+            sizes_1k=SIZES_1K,
+            params=COMMON_PARAMS | DENOISE_PARAMS | ENHANCE_PARAMS,
+        ),
+        ModelSpec(
+            id="flux1.1-pro",
+            family="flux1",
+            title="FLUX1.1 [pro] (served by FLUX.1 [dev]: the pro weights are closed)",
+            repo_id=None,
+            pipeline_class="FluxPipeline",
+            modes=frozenset({"generate"}),
+            default_steps=28,
+            default_guidance=3.5,
+            defaults_source="alias of flux.1-dev: its defaults",
+            limits=FLUX1_LIMITS,
+            sizes_1k=SIZES_1K,
+            base="flux.1-dev",
+            alias=True,
+            params=COMMON_PARAMS | DENOISE_PARAMS | ENHANCE_PARAMS,
+        ),
+    )
+}
+
+DEFAULT_MODEL = "flux.2-dev"
+
+
+def get_spec(model_id: str, specs: Mapping[str, ModelSpec] = SPECS) -> ModelSpec:
+    try:
+        return specs[model_id]
+    except KeyError:
+        raise ModelNotFound(model_id, list(specs)) from None
+
+
+def weights_ids(specs: Mapping[str, ModelSpec] = SPECS) -> list[str]:
+    """The distinct checkpoints the given specs need (Turbo and the pro alias add none)."""
+    return sorted({spec.weights_id for spec in specs.values()})

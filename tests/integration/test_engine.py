@@ -1,0 +1,154 @@
+"""Every model id through from_pretrained of the tiny checkpoints: sizes, determinism, Turbo, errors."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.engine import Engine, passthrough_signatures
+from pipelines.errors import InvalidParameter, WeightsMissing
+from pipelines.jobs import RenderRequest
+from pipelines.specs import SPECS
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_weights: Path) -> Engine:
+    torch.set_num_threads(2)
+    return Engine(SPECS, tiny_weights)
+
+
+def png(width: int, height: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def request(model: str, seeds: list[int], width: int = 64, height: int = 48, **fields) -> RenderRequest:
+    spec = SPECS[model]
+    return RenderRequest(
+        id=f"r{seeds[0]}",
+        model=model,
+        prompt=fields.pop("prompt", "a red fox"),
+        width=width,
+        height=height,
+        steps=fields.pop("steps", STEPS),
+        guidance=spec.default_guidance,
+        seeds=seeds,
+        **fields,
+    )
+
+
+def pixels(engine: Engine, req: RenderRequest) -> list[np.ndarray]:
+    [result] = engine.render([req])
+    return [np.frombuffer(i.pixels, np.uint8).reshape(i.height, i.width, 3) for i in result.images]
+
+
+@pytest.mark.parametrize("model", sorted(SPECS))
+def test_text_to_image_has_the_resolved_size(engine: Engine, model: str) -> None:
+    [image] = pixels(engine, request(model, [7], width=80, height=48))
+    assert image.shape == (48, 80, 3)
+    assert image.std() > 0
+
+
+@pytest.mark.parametrize("model", sorted(m for m, s in SPECS.items() if "edit" in s.modes))
+def test_edit_has_the_resolved_size(engine: Engine, model: str) -> None:
+    refs = [png(96, 64)] * min(2, SPECS[model].max_references)
+    [image] = pixels(engine, request(model, [3], width=64, height=64, images=refs))
+    assert image.shape == (64, 64, 3)
+
+
+def test_flux2_edit_takes_four_references(engine: Engine) -> None:
+    refs = [png(64, 64, (i * 60, 10, 10)) for i in range(4)]
+    [image] = pixels(engine, request("flux.2-dev", [1], images=refs))
+    assert image.shape == (48, 64, 3)
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels(engine: Engine) -> None:
+    first, second = pixels(engine, request("flux.2-dev", [11, 12]))
+    again, _ = pixels(engine, request("flux.2-dev", [11, 12]))
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, second)
+
+
+def test_image_i_of_a_request_is_reproducible_alone(engine: Engine) -> None:
+    _, second = pixels(engine, request("flux.1-dev", [20, 21]))
+    [alone] = pixels(engine, request("flux.1-dev", [21]))
+    assert np.abs(second.astype(int) - alone.astype(int)).max() <= 1
+
+
+def base_storage(transformer: torch.nn.Module) -> dict[str, int]:
+    return {
+        name.replace(".base_layer", ""): param.data_ptr()
+        for name, param in transformer.named_parameters()
+        if "lora_" not in name
+    }
+
+
+def test_turbo_changes_output_and_leaves_the_base_alone(tiny_weights: Path) -> None:
+    engine = Engine(SPECS, tiny_weights)
+    base_before = pixels(engine, request("flux.2-dev", [5], steps=8))[0]
+    transformer = engine.pipeline(SPECS["flux.2-dev"]).transformer
+    storage = base_storage(transformer)
+    turbo = pixels(engine, request("flux.2-dev-turbo", [5], steps=8))[0]
+    base_after = pixels(engine, request("flux.2-dev", [5], steps=8))[0]
+    assert not np.array_equal(turbo, base_before)
+    assert np.array_equal(base_before, base_after)
+    # One checkpoint in memory: Turbo runs on flux.2-dev's own modules, whose base weights never moved.
+    assert engine.loaded() == ["flux.2-dev"]
+    assert engine.pipeline(SPECS["flux.2-dev-turbo"]).transformer is transformer
+    assert base_storage(transformer) == storage
+
+
+def test_alias_runs_the_root_checkpoint(engine: Engine) -> None:
+    pro = pixels(engine, request("flux1.1-pro", [9]))[0]
+    dev = pixels(engine, request("flux.1-dev", [9]))[0]
+    assert np.array_equal(pro, dev)
+
+
+def test_not_an_image_names_the_parameter(engine: Engine) -> None:
+    with pytest.raises(InvalidParameter) as info:
+        engine.render([request("flux.2-dev", [1], images=[b"hello, not an image"])])
+    assert info.value.param == "image"
+
+
+@pytest.mark.parametrize(
+    ("model", "refs"),
+    [
+        ("flux.2-dev", [png(64, 64)] * 5),
+        ("flux.2-dev", [png(48, 64)]),
+        ("flux.2-dev", [png(576, 64)]),
+        ("flux.1-kontext-dev", [png(64, 64)] * 2),
+        ("flux.1-dev", [png(64, 64)]),
+    ],
+)
+def test_references_the_model_cannot_take_name_image(engine: Engine, model: str, refs: list[bytes]) -> None:
+    with pytest.raises(InvalidParameter) as info:
+        engine.render([request(model, [1], images=refs)])
+    assert info.value.param == "image"
+
+
+def test_bad_passthrough_value_names_the_parameter(engine: Engine) -> None:
+    with pytest.raises(InvalidParameter) as info:
+        engine.render([request("flux.1-dev", [1], extra={"max_sequence_length": 100000})])
+    assert info.value.param == "max_sequence_length"
+
+
+def test_passthrough_signatures_exclude_what_fluxd_controls() -> None:
+    signatures = passthrough_signatures(SPECS)
+    assert "max_sequence_length" in signatures["Flux2Pipeline"]
+    assert "negative_prompt" in signatures["FluxPipeline"]
+    assert not {"prompt", "generator", "latents", "image"} & set(signatures["FluxKontextPipeline"])
+
+
+def test_missing_weights_name_the_folder_and_the_fetch_command(tmp_path: Path) -> None:
+    with pytest.raises(WeightsMissing) as info:
+        Engine(SPECS, tmp_path).pipeline(SPECS["flux.1-dev"])
+    assert str(tmp_path / "flux.1-dev") in info.value.message
+    assert "fluxd weights pull flux.1-dev" in info.value.message

@@ -1,0 +1,66 @@
+"""Specs are pure data; importing them (and the size rules, jobs, errors, images) never pulls in torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.errors import InvalidParameter, ModelNotFound
+from pipelines.specs import DEFAULT_MODEL, SPECS, get_spec, weights_ids
+
+
+def test_pure_modules_import_without_torch() -> None:
+    code = (
+        "import sys; import pipelines.specs, pipelines.sizes, pipelines.jobs, pipelines.errors, "
+        "pipelines.images;"
+        "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; print(bad); "
+        "sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_seed_model_is_served() -> None:
+    assert set(SPECS) == {"flux.2-dev", "flux.2-dev-turbo", "flux.1-kontext-dev", "flux.1-dev", "flux1.1-pro"}
+    assert DEFAULT_MODEL in SPECS
+    for spec in SPECS.values():
+        assert spec.defaults_source and spec.limits.source
+        assert 1 <= spec.default_steps <= spec.max_steps
+
+
+def test_turbo_and_pro_need_no_checkpoint_of_their_own() -> None:
+    assert weights_ids() == ["flux.1-dev", "flux.1-kontext-dev", "flux.2-dev"]
+    assert SPECS["flux.2-dev-turbo"].weights_id == "flux.2-dev"
+    assert SPECS["flux1.1-pro"].alias and SPECS["flux1.1-pro"].weights_id == "flux.1-dev"
+    turbo = SPECS["flux.2-dev-turbo"]
+    assert turbo.adapter is not None and turbo.adapter.sigmas is not None
+    assert (turbo.default_steps, turbo.default_guidance, len(turbo.adapter.sigmas)) == (8, 2.5, 8)
+
+
+def test_unknown_model() -> None:
+    with pytest.raises(ModelNotFound):
+        get_spec("dall-e-3")
+
+
+@pytest.mark.parametrize(
+    ("model", "sizes"),
+    [
+        ("flux.2-dev", [(64, 64)] * 5),
+        ("flux.2-dev", [(63, 500)]),
+        ("flux.2-dev", [(900, 100)]),
+        ("flux.1-kontext-dev", [(64, 64)] * 2),
+        ("flux.1-dev", [(64, 64)]),
+        ("flux.2-dev", []),
+    ],
+)
+def test_references_a_model_cannot_take(model: str, sizes: list[tuple[int, int]]) -> None:
+    with pytest.raises(InvalidParameter) as info:
+        SPECS[model].check_references(sizes)
+    assert info.value.param == "image"
+
+
+def test_references_a_model_takes() -> None:
+    SPECS["flux.2-dev"].check_references([(64, 64), (512, 64), (1024, 768), (4000, 3000)])
+    SPECS["flux.1-kontext-dev"].check_references([(8, 8)])
