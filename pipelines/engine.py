@@ -61,7 +61,7 @@ CONTROLLED_ARGS = frozenset(
 )
 
 StepHook = Callable[[Progress, Any], bool]
-"""Called after every denoising step with the progress and the pipeline; returns True to stop the batch."""
+"""Called after every denoising step per request; True means that request no longer wants its images."""
 
 
 def passthrough_signatures(specs: Mapping[str, ModelSpec]) -> dict[str, dict[str, str]]:
@@ -151,10 +151,9 @@ class Engine:
 
         def step_end(pipeline: Any, step: int, _timestep: Any, tensors: dict) -> dict:
             if on_step is not None:
-                stop = False
-                for request_id in dict.fromkeys(owners):
-                    stop |= on_step(Progress(request_id, step + 1, total), pipeline)
-                if stop:
+                stops = [on_step(Progress(rid, step + 1, total), pipeline) for rid in dict.fromkeys(owners)]
+                # A batch stops early only when every request in it was cancelled; mates keep running.
+                if all(stops):
                     pipeline._interrupt = True
             return {}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass
@@ -45,6 +45,7 @@ class RenderResult:
     images: list[RenderedImage]
     revised_prompt: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    loaded: list[str] = field(default_factory=list)  # checkpoints the worker holds after this job
 
 
 @dataclass
@@ -55,3 +56,36 @@ class Progress:
     step: int
     total: int
     preview: RenderedImage | None = None
+
+
+FailureKind = Literal["invalid", "unavailable", "out_of_memory", "internal"]
+
+
+@dataclass
+class Failure:
+    """A batch that could not be rendered; `kind` decides the HTTP status on the other side."""
+
+    ids: list[str]
+    kind: FailureKind
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+@dataclass
+class Ready:
+    """Sent once by a worker after start-up: what it runs on and which call arguments pass through."""
+
+    device: str
+    signatures: dict[str, dict[str, str]]
+    loaded: list[str]
+
+
+@dataclass
+class WorkerConfig:
+    weights_dir: str
+    device: str = "cpu"
+    preload: list[str] = field(default_factory=list)
+    threads: int | None = None
+    log_level: str = "INFO"
+    specs: dict[str, Any] = field(default_factory=dict)  # ModelSpec per id, as the front resolved them

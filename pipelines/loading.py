@@ -34,7 +34,7 @@ def _hub_snapshot(repo_id: str | None) -> Path | None:
 
 def locate_checkpoint(spec: ModelSpec, weights_dir: Path, repo_id: str | None = None) -> Path:
     """weights/<id>/ as `hf download` writes it, else the Hugging Face cache; offline only."""
-    folder = weights_dir / spec.weights_id
+    folder = Path(spec.checkpoint_path) if spec.checkpoint_path else weights_dir / spec.weights_id
     if (folder / "model_index.json").exists():
         return folder
     repo = repo_id or spec.repo_id

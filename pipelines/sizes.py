@@ -102,32 +102,33 @@ def resolve_size(
     input_size: tuple[int, int] | None = None,
     resolution_mode: ResolutionMode = "auto",
 ) -> tuple[int, int]:
-    """The exact (width, height) a request will be generated at."""
-    if size is not None and size.strip().lower() not in ("", "auto"):
+    """The exact (width, height) a request will be generated at.
+
+    Every given field is validated even when precedence makes it moot: garbage is never silently ignored.
+    """
+    ratio = None if _is_auto(aspect_ratio) else parse_ratio(aspect_ratio or "", "aspect_ratio")
+    scale = 1.0 if _is_auto(resolution) else parse_tier(resolution or "", spec)
+    if not _is_auto(size):
+        assert size is not None
         pixels = parse_pixels(size)
         if pixels is not None:
             return fit(*pixels, spec)
-        if _RATIO.match(size):
-            aspect_ratio = size
-        else:
+        if not _RATIO.match(size):
             raise InvalidParameter("size", f"Invalid size '{size}': expected 'auto', 'WxH' or 'W:H'.")
+        ratio = parse_ratio(size, "size")
 
-    scale = (
-        1.0 if resolution is None or resolution.strip().lower() == "auto" else parse_tier(resolution, spec)
-    )
-
-    if aspect_ratio is not None and aspect_ratio.strip().lower() != "auto":
-        param = "size" if aspect_ratio is size else "aspect_ratio"
-        width, height = spec.sizes_1k[nearest_ratio(parse_ratio(aspect_ratio, param), spec)]
-        return fit(width * scale, height * scale, spec)
-
-    if input_size is not None:
+    if ratio is not None:
+        width, height = spec.sizes_1k[nearest_ratio(ratio, spec)]
+    elif input_size is not None:
         if resolution_mode == "match_input":
             return fit(*input_size, spec)
         width, height = spec.sizes_1k[nearest_ratio(_ratio_value(input_size), spec)]
-        return fit(width * scale, height * scale, spec)
-
-    if resolution is not None:
+    elif not _is_auto(resolution):
         width, height = spec.sizes_1k["1:1"]
-        return fit(width * scale, height * scale, spec)
-    return spec.default_size
+    else:
+        return spec.default_size
+    return fit(width * scale, height * scale, spec)
+
+
+def _is_auto(value: str | None) -> bool:
+    return value is None or value.strip().lower() in ("", "auto")

@@ -48,6 +48,7 @@ COMMON_PARAMS = frozenset(
         "size",
         "aspect_ratio",
         "resolution",
+        "resolution_mode",
         "response_format",
         "output_format",
         "output_compression",
@@ -62,6 +63,12 @@ COMMON_PARAMS = frozenset(
     }
 )
 DENOISE_PARAMS = frozenset({"cfg_scale", "num_inference_steps", "acceleration", "go_fast"})
+# Bounds on pipeline arguments that clients may pass through, where an unbounded value would let one
+# request occupy a GPU for minutes (FLUX.2's pipeline pads to whatever max_sequence_length it is given).
+PASSTHROUGH_BOUNDS: dict[str, tuple[float, float]] = {
+    "max_sequence_length": (1, 512),
+    "true_cfg_scale": (0, 20),
+}
 ENHANCE_PARAMS = frozenset(
     {"prompt_enhancement", "enhance_prompt", "enable_prompt_expansion", "prompt_upsampling"}
 )
@@ -107,6 +114,7 @@ class ModelSpec:
     adapter: LoraAdapter | None = None
     base: str | None = None  # the model whose weights this id runs on (an adapter's base or an alias's root)
     alias: bool = False
+    checkpoint_path: str | None = None  # an explicit diffusers folder (a model added in the TOML registry)
     params: frozenset[str] = field(default_factory=frozenset)
     max_steps: int = 100
     guidance_range: tuple[float, float] = (0.0, 20.0)
