@@ -1,0 +1,226 @@
+"""Synthetic full-size models: the real configs' parameter counts on the meta device, and random weights
+materialised on the CPU for shrunk configs only (a full-size model never is, here)."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pipelines import synthetic
+from pipelines.modes import FOOTPRINTS
+from pipelines.synthetic import FAMILY_COMPONENTS, RECIPES, build_meta, materialise
+
+parameter_count = functools.cache(synthetic.parameter_count)
+
+# PERFORMANCE.md and the published model cards. T5-XXL's encoder is 4.76 B (the brief's "about 4.7 B").
+PUBLISHED: dict[str, float] = {
+    "flux2-transformer": 32.2e9,
+    "flux1-transformer": 11.9e9,
+    "mistral3-text-encoder": 24.0e9,
+    "t5-xxl-encoder": 4.76e9,
+    "clip-l-text-encoder": 123e6,
+}
+
+SMALL_FLUX2: dict[str, Any] = {
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "axes_dims_rope": [4, 4, 4, 4],
+    "joint_attention_dim": 48,  # 3 stacked encoder layers x 16
+    "in_channels": 16,  # 4 latent channels x 2x2 patch
+    "timestep_guidance_channels": 32,
+}
+SMALL_VAE: dict[str, Any] = {
+    "block_out_channels": [8, 8, 8, 8],
+    "norm_num_groups": 4,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+}
+SMALL_TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1}
+SMALL_VISION = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1}
+SMALL = {
+    "flux2-transformer": SMALL_FLUX2,
+    "flux2-vae": SMALL_VAE,
+    # 30 layers: Flux2Pipeline stacks the hidden states of layers 10, 20 and 30.
+    "mistral3-text-encoder": {
+        "text_config": {**SMALL_TEXT, "head_dim": 8, "num_hidden_layers": 30},
+        "vision_config": {**SMALL_VISION, "head_dim": 8},
+    },
+    "flux1-transformer": {
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "axes_dims_rope": [4, 6, 6],
+        "joint_attention_dim": 16,
+        "pooled_projection_dim": 16,
+        "in_channels": 16,
+    },
+    "flux1-vae": SMALL_VAE,
+    "t5-xxl-encoder": {"d_model": 16, "d_kv": 8, "d_ff": 32, "num_heads": 2, "num_layers": 1},
+    "clip-l-text-encoder": {**SMALL_TEXT, "num_hidden_layers": 1, "projection_dim": 16},
+}
+
+
+@pytest.mark.parametrize(("component", "expected"), PUBLISHED.items())
+def test_parameter_counts_match_the_published_sizes(component: synthetic.Component, expected: float) -> None:
+    assert abs(parameter_count(component) - expected) <= 0.01 * expected
+
+
+def test_meta_build_allocates_nothing() -> None:
+    model = build_meta("flux2-transformer")
+
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_mode_footprints_agree_with_the_configs() -> None:
+    for family, footprint in (("flux2", FOOTPRINTS["flux2"]), ("flux1", FOOTPRINTS["flux1"])):
+        slots = FAMILY_COMPONENTS[family]
+        encoders = sum(parameter_count(c) for slot, c in slots.items() if slot.startswith("text_encoder"))
+        assert (
+            abs(parameter_count(slots["transformer"]) - footprint.transformer) <= 0.01 * footprint.transformer
+        )
+        assert abs(encoders - footprint.encoders) <= 0.01 * footprint.encoders
+        assert abs(parameter_count(slots["vae"]) - footprint.vae) <= 0.01 * footprint.vae
+
+
+def test_every_config_names_its_source() -> None:
+    for name in [*RECIPES, synthetic.SCHEDULER_CONFIG]:
+        assert len(synthetic.load_config(name)["_source"]) > 40, name
+
+
+def test_unknown_config_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"^name: no config 'flux3'"):
+        synthetic.load_config("flux3")
+
+
+def test_materialise_a_shrunk_flux2_gives_finite_values_of_the_dtype() -> None:
+    model = build_meta("flux2-transformer", SMALL_FLUX2)
+
+    materialise(model, "cpu", torch.bfloat16, seed=3)
+
+    params = list(model.parameters())
+    assert params and all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in params)
+    assert all(torch.isfinite(p.float()).all() for p in params)
+    assert not any(p.requires_grad for p in params)
+    tokens, text = 16, 4
+    out = model(
+        hidden_states=torch.randn(1, tokens, 16, dtype=torch.bfloat16),
+        encoder_hidden_states=torch.randn(1, text, 48, dtype=torch.bfloat16),
+        timestep=torch.tensor([0.5]),
+        guidance=torch.tensor([4.0]),
+        img_ids=torch.zeros(tokens, 4),
+        txt_ids=torch.zeros(text, 4),
+    ).sample
+    assert out.shape == (1, tokens, 16) and torch.isfinite(out.float()).all()
+
+
+def test_materialise_is_seeded_and_skips_what_has_storage() -> None:
+    first = materialise(build_meta("flux2-transformer", SMALL_FLUX2), "cpu", torch.float32, seed=5)
+    second = materialise(build_meta("flux2-transformer", SMALL_FLUX2), "cpu", torch.float32, seed=5)
+    block = build_meta("flux2-transformer", SMALL_FLUX2)
+    materialise(block.transformer_blocks[0], "cpu", torch.float16, seed=5)
+
+    materialise(block, "cpu", torch.float32, seed=5)
+
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters(), strict=True))
+    assert block.transformer_blocks[0].attn.to_q.weight.dtype == torch.float16
+    assert block.proj_out.weight.dtype == torch.float32
+
+
+def test_tied_weights_stay_tied() -> None:
+    model = build_meta("t5-xxl-encoder", SMALL["t5-xxl-encoder"])
+
+    materialise(model, "cpu", torch.float32)
+
+    assert model.shared.weight is model.encoder.embed_tokens.weight
+    assert not model.shared.weight.is_meta
+
+
+def test_buffers_keep_their_values() -> None:
+    model = build_meta("clip-l-text-encoder", SMALL["clip-l-text-encoder"])
+
+    materialise(model, "cpu", torch.bfloat16)
+
+    buffers = dict(model.named_buffers())
+    position_ids = next(value for name, value in buffers.items() if name.endswith("position_ids"))
+    assert torch.equal(position_ids, torch.arange(77).unsqueeze(0))
+
+
+@pytest.mark.parametrize(
+    ("model_id", "pipeline_class"),
+    [
+        ("flux.2-dev", "Flux2Pipeline"),
+        ("flux.1-kontext-dev", "FluxKontextPipeline"),
+        ("flux.1-dev", "FluxPipeline"),
+    ],
+)
+def test_full_size_pipelines_assemble_on_meta(model_id: str, pipeline_class: str, tiny_weights: Path) -> None:
+    pipe = synthetic.build_pipeline(model_id, None, torch.bfloat16, tiny_weights / model_id)
+
+    assert type(pipe).__name__ == pipeline_class
+    assert all(p.is_meta for p in pipe.transformer.parameters())
+    assert pipe.scheduler.config.use_dynamic_shifting
+
+
+def test_a_shrunk_flux2_pipeline_generates(tiny_weights: Path) -> None:
+    pipe = synthetic.build_pipeline(
+        "flux.2-dev", "cpu", torch.float32, tiny_weights / "flux.2-dev", seed=1, overrides=SMALL
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    out = pipe(
+        prompt="a red fox",
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        max_sequence_length=32,
+        output_type="np",
+    )
+
+    assert out.images.shape == (1, 64, 64, 3)
+
+
+def test_a_shrunk_kontext_pipeline_edits(tiny_weights: Path) -> None:
+    from PIL import Image
+
+    pipe = synthetic.build_pipeline(
+        "flux.1-kontext-dev", "cpu", torch.float32, tiny_weights / "flux.1-kontext-dev", overrides=SMALL
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    out = pipe(
+        image=Image.new("RGB", (64, 64)),
+        prompt="make it blue",
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        max_sequence_length=32,
+        max_area=64 * 64,  # both keep Kontext from scaling the request up to its ~1 MP resolutions
+        _auto_resize=False,
+        output_type="np",
+    )
+
+    assert out.images.shape == (1, 64, 64, 3)
+
+
+def test_the_bench_quantises_the_repeated_blocks() -> None:
+    from pipelines.bench_gpu import _block_lists
+
+    transformer = list(_block_lists(build_meta("flux2-transformer")))
+    encoder = list(_block_lists(build_meta("mistral3-text-encoder")))
+
+    assert len(transformer) == 8 + 48
+    assert len(encoder) == 40 + 24  # the language model's layers and the vision tower's
+
+
+def test_importing_synthetic_and_bench_leaves_torch_out() -> None:
+    code = "import sys, pipelines.synthetic, pipelines.bench_gpu; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
