@@ -1,0 +1,112 @@
+"""The one error path: every failure leaves as {"error": {message, type, param, code}}."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipelines.errors import InvalidParameter, ModelNotFound
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error with its HTTP status and OpenAI envelope fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+
+def busy(message: str, retry_after_s: float, status: int = 429) -> APIError:
+    # The Python SDK waits at most 120 s between retries and gives up on longer waits.
+    seconds = max(1, min(120, round(retry_after_s)))
+    return APIError(
+        status,
+        message,
+        "rate_limit_exceeded" if status == 429 else "server_error",
+        code="rate_limit_exceeded" if status == 429 else "server_busy",
+        headers={"Retry-After": str(seconds), "x-should-retry": "true"},
+    )
+
+
+def to_api_error(exc: Exception) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidParameter):
+        return APIError(400, exc.message, param=exc.param, code=exc.code, headers={"x-should-retry": "false"})
+    if isinstance(exc, ModelNotFound):
+        return APIError(
+            404, exc.message, param="model", code="model_not_found", headers={"x-should-retry": "false"}
+        )
+    return APIError(
+        500, "The server had an error while processing your request.", "server_error", code="server_error"
+    )
+
+
+def error_response(error: APIError) -> JSONResponse:
+    body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def _validation_param(exc: RequestValidationError) -> tuple[str | None, str]:
+    first = exc.errors()[0] if exc.errors() else {}
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    param = ".".join(location) or None
+    message = first.get("msg", "Invalid request.")
+    if first.get("type") == "extra_forbidden":
+        return param, f"Unrecognized request argument supplied: {param}"
+    if first.get("type") == "missing":
+        return param, f"Missing required parameter: '{param}'."
+    return param, f"Invalid value for '{param}': {message}" if param else message
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        param, message = _validation_param(exc)
+        first = exc.errors()[0] if exc.errors() else {}
+        code = {"extra_forbidden": "unknown_parameter", "missing": "missing_required_parameter"}.get(
+            first.get("type", ""), "invalid_value"
+        )
+        return error_response(
+            APIError(400, message, param=param, code=code, headers={"x-should-retry": "false"})
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(APIError(exc.status_code, str(exc.detail), kind, headers=exc.headers))
+
+    async def _known(_request: Request, exc: Exception) -> JSONResponse:
+        return error_response(to_api_error(exc))
+
+    # Registered one by one: Starlette re-raises what the catch-all Exception handler answers (a log line
+    # with a traceback per 400), so expected errors must never reach it.
+    for known in (APIError, InvalidParameter, ModelNotFound):
+        app.add_exception_handler(known, _known)
+
+    @app.exception_handler(Exception)
+    async def _any(request: Request, exc: Exception) -> JSONResponse:
+        error = to_api_error(exc)
+        if error.status >= 500 and not isinstance(exc, APIError):
+            logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(error)

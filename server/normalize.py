@@ -1,0 +1,253 @@
+"""A parsed request + its model's spec -> one fully resolved RenderRequest, or an InvalidParameter.
+
+Everything the seeds promise is decided here, in the HTTP process, before anything reaches a worker. The
+normalisation table (passthrough / renamed / converted / emulated / accepted) is published by the API and
+the README from NORMALISATION below.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pipelines.errors import InvalidParameter
+from pipelines.jobs import RenderRequest
+from pipelines.sizes import resolve_size
+from pipelines.specs import PASSTHROUGH_BOUNDS, ModelSpec
+from server.encode import LOSSY
+from server.protocol import MAX_SEED, ImageGenerationRequest, _ImageFields
+
+Behaviour = Literal["native", "renamed", "converted", "emulated", "accepted", "passthrough"]
+
+NORMALISATION: dict[str, tuple[Behaviour, str]] = {
+    "prompt": ("native", "the pipeline's prompt"),
+    "model": ("converted", "model id or alias -> the checkpoint (and adapter) that serves it"),
+    "n": ("emulated", "one batched pipeline call with one generator per image; image i uses seed+i"),
+    "size": (
+        "converted",
+        "'WxH' snapped to multiples of 16 and scaled to the model's limit; 'W:H' = aspect_ratio",
+    ),
+    "aspect_ratio": ("converted", "nearest ratio of the model's 1K table"),
+    "resolution": (
+        "converted",
+        "nearest available tier (0.5K/1K/2K/4K or megapixels) scaling the ratio's size",
+    ),
+    "resolution_mode": (
+        "converted",
+        "edits with size auto: 'auto' = nearest table size, 'match_input' = input size",
+    ),
+    "width": ("converted", "with height, the same as size 'WxH' when size is not given"),
+    "height": ("converted", "with width, the same as size 'WxH' when size is not given"),
+    "seed": ("native", "CPU torch generator per image; random when absent, always reported back"),
+    "cfg_scale": ("renamed", "guidance_scale"),
+    "num_inference_steps": ("native", "denoising steps"),
+    "response_format": ("emulated", "url: stored locally with a TTL; b64_json: inline"),
+    "output_format": ("converted", "png, jpeg, webp, avif, gif encoded with Pillow"),
+    "output_compression": ("native", "quality of jpeg/webp/avif, 0-100"),
+    "output_quality": ("renamed", "output_compression (ignored for png and gif, as replicate documents)"),
+    "sync_mode": ("emulated", "returns a data: URI in url"),
+    "quality": ("accepted", "echoed; steps are set by num_inference_steps"),
+    "background": ("accepted", "opaque and auto; transparent is refused (FLUX has no alpha channel)"),
+    "style": ("accepted", "no effect on FLUX"),
+    "moderation": ("accepted", "no local moderation"),
+    "user": ("accepted", "logged with the request id only"),
+    "input_fidelity": ("accepted", "no effect: references are always used at full fidelity"),
+    "prompt_enhancement": ("converted", "'on' rewrites the prompt with the model's own language model"),
+    "enhance_prompt": ("renamed", "prompt_enhancement"),
+    "enable_prompt_expansion": ("renamed", "prompt_enhancement"),
+    "prompt_upsampling": ("renamed", "prompt_enhancement"),
+    "acceleration": ("accepted", "speed is a per-server setting (the worker's mode), not per request"),
+    "go_fast": ("accepted", "speed is a per-server setting (the worker's mode), not per request"),
+    "enable_safety_checker": ("accepted", "fluxd runs no safety checker"),
+    "disable_safety_checker": ("accepted", "fluxd runs no safety checker"),
+    "safety_tolerance": ("accepted", "fluxd runs no safety checker"),
+    "stream": ("native", "server-sent events of partial and completed images"),
+    "partial_images": ("native", "previews decoded from intermediate latents"),
+    "image": ("native", "reference image(s): PNG, JPEG or WebP, detected from the bytes"),
+    "mask": ("accepted", "refused with a 400: no served model inpaints"),
+    "*": ("passthrough", "any other field the pipeline's __call__ takes, e.g. max_sequence_length"),
+}
+
+ENHANCE_FIELDS = ("prompt_enhancement", "enhance_prompt", "enable_prompt_expansion", "prompt_upsampling")
+_PASSTHROUGH_TYPES = (str, int, float, bool)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """How the answer is shaped, decided with the request."""
+
+    output_format: str
+    compression: int | None
+    response_format: Literal["url", "b64_json"]
+    sync_mode: bool
+    quality: str | None
+    background: str
+    stream: bool
+
+
+def _enhancement(body: _ImageFields, spec: ModelSpec) -> bool:
+    for name in ENHANCE_FIELDS:
+        value = getattr(body, name)
+        if value in (True, "on"):
+            if not spec.enhances_prompt:
+                raise InvalidParameter(name, f"'{spec.id}' has no language model to enhance prompts with.")
+            return True
+    return False
+
+
+def _passthrough(body: _ImageFields, signature: Mapping[str, str]) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    for name, value in (body.model_extra or {}).items():
+        if name not in signature:
+            raise InvalidParameter(
+                name, f"Unrecognized request argument supplied: {name}", "unknown_parameter"
+            )
+        if value is None:
+            continue
+        if not isinstance(value, _PASSTHROUGH_TYPES):
+            raise InvalidParameter(name, f"'{name}' must be a string, number or boolean.")
+        extra[name] = _coerce(name, value, signature[name])
+        bounds = PASSTHROUGH_BOUNDS.get(name)
+        if bounds is not None and not (
+            isinstance(extra[name], int | float) and bounds[0] <= extra[name] <= bounds[1]
+        ):
+            raise InvalidParameter(
+                name, f"'{name}' must be a number between {bounds[0]:g} and {bounds[1]:g}."
+            )
+    return extra
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """Multipart sends every field as text: coerce to the pipeline argument's annotated type."""
+    if not isinstance(value, str):
+        return value
+    try:
+        if annotation.startswith("int"):
+            return int(value)
+        if annotation.startswith("float"):
+            return float(value)
+    except ValueError:
+        raise InvalidParameter(name, f"'{name}' must be a number.") from None
+    return value
+
+
+def _size(body: _ImageFields, spec: ModelSpec, input_size: tuple[int, int] | None) -> tuple[int, int]:
+    size = body.size
+    if (body.width is None) != (body.height is None):
+        missing = "width" if body.width is None else "height"
+        raise InvalidParameter(
+            missing, "width and height must be given together.", "missing_required_parameter"
+        )
+    if size is None and body.width is not None:
+        size = f"{body.width}x{body.height}"
+    return resolve_size(
+        spec,
+        size=size,
+        aspect_ratio=body.aspect_ratio,
+        resolution=body.resolution,
+        input_size=input_size,
+        resolution_mode=body.resolution_mode or "auto",
+    )
+
+
+def _reply(body: _ImageFields) -> Reply:
+    fmt = body.output_format or "png"
+    compression = body.output_compression
+    if compression is not None and fmt not in LOSSY:
+        raise InvalidParameter(
+            "output_compression", f"output_compression applies to jpeg, webp and avif, not {fmt}."
+        )
+    if compression is None and body.output_quality is not None and fmt in LOSSY:
+        compression = body.output_quality
+    if body.background == "transparent":
+        raise InvalidParameter("background", "FLUX images have no alpha channel: use 'opaque' or 'auto'.")
+    if body.stream and (body.n or 1) > 1:
+        raise InvalidParameter("n", "Streaming returns one image: n must be 1 with stream=true.")
+    if body.partial_images and not body.stream:
+        raise InvalidParameter("partial_images", "partial_images needs stream=true.")
+    return Reply(
+        output_format=fmt,
+        compression=compression,
+        response_format=body.response_format or "url",
+        sync_mode=bool(body.sync_mode),
+        quality=body.quality if body.quality in ("low", "medium", "high") else None,
+        background="opaque",
+        stream=bool(body.stream),
+    )
+
+
+def build_request(
+    body: _ImageFields,
+    spec: ModelSpec,
+    signature: Mapping[str, str],
+    images: list[bytes] | None = None,
+    input_size: tuple[int, int] | None = None,
+    enhance_temperature: float = 0.15,
+) -> tuple[RenderRequest, Reply]:
+    """Validate everything and apply every default; raise InvalidParameter naming the first bad field."""
+    if not body.prompt.strip() and isinstance(body, ImageGenerationRequest):
+        raise InvalidParameter("prompt", "prompt must not be empty.", "missing_required_parameter")
+    for name in body.model_fields_set:
+        if name in NORMALISATION and name not in _OPENAI_FIELDS and not spec.takes(name):
+            raise InvalidParameter(name, f"'{spec.id}' does not take '{name}'.", "unknown_parameter")
+    reply = _reply(body)
+    width, height = _size(body, spec, input_size)
+
+    steps = spec.default_steps if body.num_inference_steps is None else body.num_inference_steps
+    if not 1 <= steps <= spec.max_steps:
+        raise InvalidParameter(
+            "num_inference_steps", f"num_inference_steps must be between 1 and {spec.max_steps}."
+        )
+    if spec.adapter is not None and spec.adapter.sigmas is not None and steps != len(spec.adapter.sigmas):
+        raise InvalidParameter(
+            "num_inference_steps", f"'{spec.id}' runs its fixed {len(spec.adapter.sigmas)}-step schedule."
+        )
+    guidance = spec.default_guidance if body.cfg_scale is None else body.cfg_scale
+    low, high = spec.guidance_range
+    if not low <= guidance <= high:
+        raise InvalidParameter("cfg_scale", f"cfg_scale must be between {low:g} and {high:g}.")
+
+    n = body.n or 1
+    seed = secrets.randbelow(MAX_SEED + 1) if body.seed is None else body.seed
+    request = RenderRequest(
+        id=uuid.uuid4().hex,
+        model=spec.id,
+        prompt=body.prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        seeds=[(seed + i) % (MAX_SEED + 1) for i in range(n)],
+        images=images or [],
+        extra=_passthrough(body, signature),
+        enhance_prompt=_enhancement(body, spec),
+        enhance_temperature=enhance_temperature,
+        partial_images=body.partial_images or 0,
+    )
+    return request, reply
+
+
+_OPENAI_FIELDS = frozenset(
+    {
+        "prompt",
+        "model",
+        "n",
+        "size",
+        "quality",
+        "background",
+        "moderation",
+        "output_format",
+        "output_compression",
+        "partial_images",
+        "stream",
+        "response_format",
+        "style",
+        "user",
+        "input_fidelity",
+        "image",
+        "mask",
+    }
+)

@@ -1,0 +1,74 @@
+"""The models one server serves: the built-in specs, the TOML registry's additions, demo overrides, and only
+those whose weights are actually present. Torch-free: presence is checked on disk."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pipelines.sizes import parse_pixels
+from pipelines.specs import SPECS, ModelSpec
+from server.config import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def _in_hub_cache(repo_id: str | None, filename: str) -> bool:
+    if repo_id is None:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, filename), str)
+
+
+def checkpoint_present(spec: ModelSpec, weights_dir: Path) -> bool:
+    folder = Path(spec.checkpoint_path) if spec.checkpoint_path else weights_dir / spec.weights_id
+    return (folder / "model_index.json").exists() or _in_hub_cache(spec.repo_id, "model_index.json")
+
+
+def adapter_present(spec: ModelSpec, weights_dir: Path) -> bool:
+    if spec.adapter is None:
+        return True
+    return (weights_dir / spec.id / spec.adapter.weight_name).exists() or _in_hub_cache(
+        spec.adapter.repo_id, spec.adapter.weight_name
+    )
+
+
+def configured_specs(settings: Settings) -> dict[str, ModelSpec]:
+    """Built-in specs plus the TOML registry's models and aliases, with the demo's small default size."""
+    specs = dict(SPECS)
+    for model_id, entry in settings.models.items():
+        base = specs.get(entry.base or model_id)
+        if base is None:
+            raise ValueError(f"models.{model_id}: unknown base '{entry.base}'")
+        changes: dict[str, object] = {}
+        if model_id != base.id:
+            changes.update(
+                id=model_id, title=f"{model_id} ({base.title})", alias=entry.alias or entry.path is None
+            )
+            if entry.path:
+                changes.update(base=None, checkpoint_path=entry.path)
+            else:
+                changes["base"] = base.weights_id
+        if entry.default_steps is not None:
+            changes["default_steps"] = entry.default_steps
+        if entry.default_guidance is not None:
+            changes["default_guidance"] = entry.default_guidance
+        if entry.default_size is not None:
+            changes["default_size"] = parse_pixels(entry.default_size, f"models.{model_id}.default_size")
+        specs[model_id] = base.with_overrides(**changes)
+    if settings.demo:
+        size = parse_pixels(settings.demo_size, "demo_size")
+        specs = {model_id: spec.with_overrides(default_size=size) for model_id, spec in specs.items()}
+    return specs
+
+
+def served_specs(settings: Settings) -> dict[str, ModelSpec]:
+    """The configured models whose checkpoint (and adapter) are present."""
+    served = {}
+    for model_id, spec in configured_specs(settings).items():
+        if checkpoint_present(spec, settings.weights_dir) and adapter_present(spec, settings.weights_dir):
+            served[model_id] = spec
+        else:
+            logger.info("not serving %s: its weights are not in %s", model_id, settings.weights_dir)
+    return served

@@ -1,0 +1,22 @@
+"""GET /v1/files/images/{id}.{ext}: stored images behind `response_format=url` until their TTL passes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+
+from server.encode import CONTENT_TYPES
+from server.errors import APIError
+
+router = APIRouter(prefix="/v1/files/images", tags=["files"])
+
+
+@router.get("/{name}")
+async def get_image(name: str, request: Request) -> FileResponse:
+    """A generated image; unknown or expired ids are 404."""
+    stored = request.app.state.store.get(name.split(".", 1)[0], CONTENT_TYPES)
+    if stored is None:
+        raise APIError(404, "No such image, or it has expired.", "not_found", "name", "image_not_found")
+    return FileResponse(
+        stored.path, media_type=stored.content_type, headers={"Cache-Control": "private, max-age=3600"}
+    )

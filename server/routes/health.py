@@ -1,0 +1,33 @@
+"""GET /health (the process lives) and GET /ready (every worker has loaded and answered)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: 200 while the HTTP process runs."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: 503 until every worker is up with its preloaded models."""
+    pool = request.app.state.pool
+    workers = [
+        {
+            "name": w.name,
+            "ready": w.ready.is_set(),
+            "restarts": w.restarts,
+            "loaded": w.info.loaded if w.info else [],
+        }
+        for w in pool.workers
+    ]
+    ok = pool.all_ready()
+    return JSONResponse(
+        {"status": "ready" if ok else "starting", "workers": workers}, status_code=200 if ok else 503
+    )

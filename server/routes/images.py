@@ -1,0 +1,85 @@
+"""POST /v1/images/generations, /edits, /variations: thin routes over the ImageService."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from pipelines.errors import InvalidParameter
+from server.protocol import ImageEditRequest, ImageGenerationRequest, ImagesResponse
+from server.service import ImageService, Prepared, validation_to_invalid
+
+router = APIRouter(prefix="/v1/images", tags=["images"])
+
+MAX_FILES = 16
+
+
+def _service(request: Request) -> ImageService:
+    return request.app.state.images
+
+
+async def _answer(request: Request, prepared: Prepared, kind: str) -> Response | ImagesResponse:
+    service = _service(request)
+    if prepared.reply.stream:
+        return StreamingResponse(service.stream(request, prepared, kind), media_type="text/event-stream")
+    result = await service.run(request, prepared)
+    return await service.respond(request, prepared, result)
+
+
+@router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True)
+async def create_image(body: ImageGenerationRequest, request: Request) -> Response | ImagesResponse:
+    """Create images from a prompt (OpenAI `images.generate`), with the seeds' extra parameters."""
+    prepared = await _service(request).prepare(body)
+    return await _answer(request, prepared, "image_generation")
+
+
+async def _read_edit_form(request: Request, require_prompt: bool) -> tuple[ImageEditRequest, list[bytes]]:
+    form = await request.form(max_files=MAX_FILES, max_fields=256)
+    fields: dict[str, str] = {}
+    images: list[bytes] = []
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if key in ("image", "image[]"):
+                images.append(await value.read())
+            elif key == "mask":
+                raise InvalidParameter(
+                    "mask", "No served model inpaints: send the image and a prompt without a mask."
+                )
+            else:
+                raise InvalidParameter(key, f"Unexpected file field '{key}'.", "unknown_parameter")
+        elif key == "mask":
+            raise InvalidParameter(
+                "mask", "No served model inpaints: send the image and a prompt without a mask."
+            )
+        else:
+            fields[key] = value
+    if not images:
+        raise InvalidParameter("image", "Missing required parameter: 'image'.", "missing_required_parameter")
+    if not require_prompt:
+        fields.setdefault("prompt", "")
+    try:
+        return ImageEditRequest.model_validate(fields), images
+    except ValidationError as exc:
+        raise validation_to_invalid(exc) from None
+
+
+@router.post("/edits", response_model=ImagesResponse, response_model_exclude_none=True)
+async def edit_image(request: Request) -> Response | ImagesResponse:
+    """Edit or compose from 1-4 reference images (multipart: `image`, `image[]`), OpenAI `images.edit`."""
+    body, images = await _read_edit_form(request, require_prompt=True)
+    prepared = await _service(request).prepare(body, images)
+    return await _answer(request, prepared, "image_edit")
+
+
+@router.post("/variations", response_model=ImagesResponse, response_model_exclude_none=True)
+async def create_variation(request: Request) -> Response | ImagesResponse:
+    """Variations (legacy): an edit with an empty instruction on the default edit model."""
+    body, images = await _read_edit_form(request, require_prompt=False)
+    if body.prompt:
+        raise InvalidParameter(
+            "prompt", "Variations take no prompt; use /v1/images/edits.", "unknown_parameter"
+        )
+    prepared = await _service(request).prepare(body, images[:1])
+    return await _answer(request, prepared, "image_edit")

@@ -1,0 +1,64 @@
+"""GET /v1/models and /v1/models/{id}: each model with its sizes, defaults, limits and parameters."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from pipelines.specs import ModelSpec, get_spec
+from server.normalize import NORMALISATION
+from server.protocol import Model, ModelList
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def describe(spec: ModelSpec, created: int, demo: bool, detail: bool = False) -> Model:
+    info: dict = {
+        "title": spec.title,
+        "family": spec.family,
+        "root": spec.weights_id,
+        "alias_of": spec.base if spec.alias else None,
+        "adapter": spec.adapter.name if spec.adapter else None,
+        "modes": sorted(spec.modes),
+        "default_size": f"{spec.default_size[0]}x{spec.default_size[1]}",
+        "sizes_1k": {ratio: f"{w}x{h}" for ratio, (w, h) in spec.sizes_1k.items()},
+        "resolutions": sorted(spec.tiers, key=spec.tiers.__getitem__),
+        "size_multiple": 16,
+        "defaults": {
+            "num_inference_steps": spec.default_steps,
+            "cfg_scale": spec.default_guidance,
+            "source": spec.defaults_source,
+        },
+        "limits": {
+            "max_side": spec.limits.max_side,
+            "max_pixels": spec.limits.max_pixels,
+            "max_steps": spec.max_steps,
+            "cfg_scale": list(spec.guidance_range),
+            "max_reference_images": spec.max_references,
+            "source": spec.limits.source,
+        },
+        "parameters": sorted(spec.params),
+        "prompt_enhancement": spec.enhances_prompt,
+        "random_weights": demo,
+    }
+    if demo:
+        info["note"] = "demo: tiny random weights, images are noise; small default size"
+    if detail:
+        info["normalisation"] = {
+            name: {"behaviour": b, "detail": d} for name, (b, d) in NORMALISATION.items()
+        }
+    owner = "black-forest-labs" if spec.adapter is None else "fal"
+    return Model(id=spec.id, created=created, owned_by=owner, **info)
+
+
+@router.get("", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    """The models this server serves (those whose weights are present)."""
+    state = request.app.state
+    return ModelList(data=[describe(s, state.started, state.settings.demo) for s in state.specs.values()])
+
+
+@router.get("/{model_id:path}", response_model=Model)
+async def retrieve_model(model_id: str, request: Request) -> Model:
+    """One model, with the parameter normalisation table."""
+    state = request.app.state
+    return describe(get_spec(model_id, state.specs), state.started, state.settings.demo, detail=True)

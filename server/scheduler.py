@@ -1,0 +1,184 @@
+"""Bounded per-model queues in front of the workers, with batching of compatible jobs and queue deadlines.
+
+A worker gets one batch at a time, so jobs wait here, where they can still be batched, timed out or dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from pipelines.jobs import RenderRequest, RenderResult
+from pipelines.specs import ModelSpec
+from server.errors import APIError, busy
+from server.workers import ProgressListener, WorkerHandle, WorkerPool
+
+logger = logging.getLogger(__name__)
+
+
+def batch_key(request: RenderRequest) -> tuple:
+    """Jobs with equal keys can share one pipeline call: same model, shape, schedule and references."""
+    references = hashlib.sha256(
+        b"".join(hashlib.sha256(image).digest() for image in request.images)
+    ).hexdigest()
+    return (
+        request.model,
+        request.width,
+        request.height,
+        request.steps,
+        request.guidance,
+        references,
+        repr(sorted(request.extra.items())),
+        request.partial_images,
+    )
+
+
+@dataclass
+class Job:
+    request: RenderRequest
+    weights: str
+    key: tuple
+    future: asyncio.Future[RenderResult]
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    on_progress: ProgressListener | None = None
+    worker: WorkerHandle | None = None
+
+
+class Scheduler:
+    """Owns the queues; `run` is the one call the routes make."""
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        specs: Mapping[str, ModelSpec],
+        queue_size: int,
+        max_batch_images: int,
+        queue_timeout_s: float,
+    ) -> None:
+        self.pool = pool
+        self.specs = specs
+        self.queue_size = queue_size
+        self.max_batch_images = max_batch_images
+        self.queue_timeout_s = queue_timeout_s
+        self.queues: dict[str, deque[Job]] = {}
+        self.seconds_per_image = 5.0  # an estimate for Retry-After, refined by every batch
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._dispatch_forever())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def depth(self, model: str | None = None) -> int:
+        if model is not None:
+            return len(self.queues.get(model, ()))
+        return sum(len(q) for q in self.queues.values())
+
+    def retry_after_s(self) -> float:
+        queued = sum(job.request.n for q in self.queues.values() for job in q)
+        return self.seconds_per_image * max(1, queued) / max(1, len(self.pool.workers))
+
+    async def run(self, request: RenderRequest, on_progress: ProgressListener | None = None) -> RenderResult:
+        """Queue, wait for a worker and the result. Cancelling the awaiting task drops or stops the job."""
+        queue = self.queues.setdefault(request.model, deque())
+        if len(queue) >= self.queue_size:
+            raise busy(f"The queue for '{request.model}' is full; retry later.", self.retry_after_s())
+        loop = asyncio.get_running_loop()
+        job = Job(
+            request,
+            self.specs[request.model].weights_id,
+            batch_key(request),
+            loop.create_future(),
+            on_progress=on_progress,
+        )
+        queue.append(job)
+        self._wakeup.set()
+        try:
+            try:
+                await asyncio.wait_for(job.started.wait(), self.queue_timeout_s)
+            except TimeoutError:
+                if job in queue:
+                    queue.remove(job)
+                    raise APIError(
+                        504,
+                        f"The request waited more than {self.queue_timeout_s:g} s in the queue.",
+                        "timeout",
+                        code="queue_timeout",
+                    ) from None
+            return await job.future
+        except asyncio.CancelledError:
+            self._cancel(job, queue)
+            raise
+
+    def _cancel(self, job: Job, queue: deque[Job]) -> None:
+        if job in queue:
+            queue.remove(job)
+            logger.info("request %s dropped from the queue: client went away", job.request.id)
+        elif job.worker is not None and not job.future.done():
+            job.worker.cancel(job.request.id)
+            logger.info("request %s cancelled while running", job.request.id)
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._dispatch_one():
+                pass
+
+    def _dispatch_one(self) -> bool:
+        waiting = [q[0] for q in self.queues.values() if q]
+        if not waiting:
+            return False
+        head = min(waiting, key=lambda job: job.enqueued_at)
+        worker = self._pick_worker(head.weights)
+        if worker is None:
+            return False
+        batch = self._take_batch(head)
+        futures = worker.submit(
+            [job.request for job in batch], {job.request.id: job.on_progress for job in batch}
+        )
+        started = time.monotonic()
+        for job, future in zip(batch, futures, strict=True):
+            job.worker = worker
+            job.started.set()
+            future.add_done_callback(lambda f, job=job: self._settle(job, f, started))
+        return True
+
+    def _pick_worker(self, weights: str) -> WorkerHandle | None:
+        idle = [w for w in self.pool.workers if w.ready.is_set() and w.busy_images == 0]
+        if not idle:
+            return None
+        return min(idle, key=lambda w: (not w.holds(weights), w.restarts))
+
+    def _take_batch(self, head: Job) -> list[Job]:
+        queue = self.queues[head.request.model]
+        batch, images = [], 0
+        for job in list(queue):
+            if job.key != head.key or (batch and images + job.request.n > self.max_batch_images):
+                continue
+            queue.remove(job)
+            batch.append(job)
+            images += job.request.n
+        return batch
+
+    def _settle(self, job: Job, result: asyncio.Future, started: float) -> None:
+        if not job.future.done():
+            if result.exception() is not None:
+                job.future.set_exception(result.exception())
+            else:
+                rendered = result.result()
+                images = max(1, int(rendered.timings_ms.get("batch_images", 1)))
+                self.seconds_per_image = (
+                    0.8 * self.seconds_per_image + 0.2 * (time.monotonic() - started) / images
+                )
+                job.future.set_result(rendered)
+        self._wakeup.set()

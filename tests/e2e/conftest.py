@@ -1,0 +1,94 @@
+"""A real `fluxd serve` on 127.0.0.1 over the tiny checkpoints, and the official openai client against it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def client(self, api_key: str = "unused", **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key=api_key, _strict_response_validation=True, **kwargs
+        )
+
+    def logs(self) -> str:
+        return self.log.read_text()
+
+
+def start_server(weights: Path, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
+    port = free_port()
+    log = tmp / f"server-{port}.log"
+    command = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--demo",
+        "--weights-dir",
+        str(weights),
+        "--port",
+        str(port),
+        "--store-dir",
+        str(tmp / f"store-{port}"),
+        "--worker-threads",
+        "2",
+        *extra,
+    ]
+    process = subprocess.Popen(
+        command, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{server.logs()}")
+        try:
+            if httpx.get(f"{server.url}/ready", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    process.kill()
+    raise RuntimeError(f"server never became ready:\n{server.logs()}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(tiny_weights, tmp_path_factory.mktemp("server"), "--image-ttl", "3")
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture()
+def client(server: Server) -> openai.OpenAI:
+    return server.client(max_retries=0)
