@@ -46,6 +46,7 @@ class RenderResult:
     revised_prompt: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     loaded: list[str] = field(default_factory=list)  # checkpoints the worker holds after this job
+    device_memory_bytes: int = 0  # accelerator memory the worker holds after this job
 
 
 @dataclass
@@ -87,5 +88,6 @@ class WorkerConfig:
     device: str = "cpu"
     preload: list[str] = field(default_factory=list)
     threads: int | None = None
+    memory_budget_bytes: int | None = None
     log_level: str = "INFO"
     specs: dict[str, Any] = field(default_factory=dict)  # ModelSpec per id, as the front resolved them

@@ -7,8 +7,10 @@ This module is imported by the HTTP process to name the spawn target, so torch i
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
+import time
 from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,10 @@ from pipelines.errors import InvalidParameter, WeightsMissing
 from pipelines.jobs import Failure, Progress, Ready, RenderRequest, WorkerConfig
 
 logger = logging.getLogger(__name__)
+
+FAULT_AFTER_STEP = "FLUXD_FAULT_AFTER_STEP"
+"""Debug only, unset by default: a worker started with it fails every job right after reporting that step,
+so tests can watch an error reach a client after streaming began."""
 
 
 def _watch_cancellations(control: Queue, cancelled: set[str]) -> None:
@@ -27,7 +33,16 @@ def _watch_cancellations(control: Queue, cancelled: set[str]) -> None:
         cancelled.add(request_id)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A worker outlives a SIGKILLed server otherwise, holding its device memory forever."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
 def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> None:
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s"
     )
@@ -37,15 +52,19 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    engine = Engine(config.specs, Path(config.weights_dir), config.device)
+    engine = Engine(config.specs, Path(config.weights_dir), config.device, config.memory_budget_bytes)
     for model_id in config.preload:
         engine.pipeline(config.specs[model_id])
     cancelled: set[str] = set()
     threading.Thread(target=_watch_cancellations, args=(control, cancelled), daemon=True).start()
     outbox.put(Ready(config.device, passthrough_signatures(config.specs), engine.loaded()))
 
+    fault_after = int(os.environ.get(FAULT_AFTER_STEP, "0"))
+
     def on_step(progress: Progress, _pipe: Any) -> bool:
         outbox.put(progress)
+        if fault_after and progress.step >= fault_after:
+            raise RuntimeError(f"fault injected after step {progress.step} by {FAULT_AFTER_STEP}")
         return progress.id in cancelled
 
     while True:
@@ -62,6 +81,7 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
         try:
             for result in engine.render(live, on_step):
                 result.loaded = engine.loaded()
+                result.device_memory_bytes = engine.device_memory()
                 outbox.put(result)
         except InvalidParameter as exc:
             outbox.put(Failure(ids, "invalid", exc.message, exc.param, exc.code))

@@ -9,17 +9,21 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.jobs import WorkerConfig
 from server.config import Settings
 from server.errors import APIError, error_response, install_error_handlers
+from server.metrics import Metrics
 from server.registry import served_specs
 from server.routes import files, health, images, models
 from server.scheduler import Scheduler
@@ -29,7 +33,9 @@ from server.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
-OPEN_PATHS = frozenset({"/", "/health", "/ready", "/docs", "/openapi.json", "/favicon.ico"})
+OPEN_PATHS = frozenset({"/", "/health", "/ready", "/metrics", "/docs", "/openapi.json", "/favicon.ico"})
+# An image URL's 192-bit id is its capability: it must work in an <img> or another service without the key.
+OPEN_PREFIXES = ("/v1/files/images/",)
 
 
 def worker_configs(settings: Settings, specs: dict) -> list[WorkerConfig]:
@@ -39,6 +45,7 @@ def worker_configs(settings: Settings, specs: dict) -> list[WorkerConfig]:
             device=device,
             preload=[m for m in settings.preload if m in specs],
             threads=settings.worker_threads,
+            memory_budget_bytes=int(settings.memory_budget_gb * 2**30) if settings.memory_budget_gb else None,
             log_level=settings.log_level,
             specs=specs,
         )
@@ -51,11 +58,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     import asyncio
 
     settings: Settings = app.state.settings
-    pool = WorkerPool(worker_configs(settings, app.state.specs))
-    pool.start(asyncio.get_running_loop())
-    scheduler = Scheduler(
-        pool, app.state.specs, settings.queue_size, settings.max_batch_images, settings.queue_timeout_s
+    metrics: Metrics = app.state.metrics
+    pool = WorkerPool(
+        worker_configs(settings, app.state.specs), lambda name: metrics.worker_restarts.labels(name).inc()
     )
+    scheduler = Scheduler(
+        pool,
+        app.state.specs,
+        settings.queue_size,
+        settings.max_batch_images,
+        settings.queue_timeout_s,
+        metrics,
+    )
+    pool.start(asyncio.get_running_loop(), on_ready=scheduler.wake)
     scheduler.start()
     app.state.pool = pool
     app.state.scheduler = scheduler
@@ -88,6 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
         settings.store_dir, settings.image_ttl_s, int(settings.store_quota_mb * 2**20)
     )
     app.state.started = int(time.time())
+    app.state.metrics = Metrics()
     keys = [key.encode() for key in settings.all_api_keys()]
     max_body = int(settings.max_body_mb * 2**20)
 
@@ -95,26 +111,15 @@ def create_app(settings: Settings) -> FastAPI:
     for router in (images.router, models.router, files.router, health.router):
         app.include_router(router)
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/", include_in_schema=False)
     async def playground() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        request_id = request.headers.get("x-request-id") or f"req_{uuid.uuid4().hex}"
-        started = time.perf_counter()
-        response = _refuse(request, keys, max_body) or await call_next(request)
-        response.headers["x-request-id"] = request_id
-        logger.info(
-            "%s %s %s %d %.0fms",
-            request_id,
-            request.method,
-            request.url.path,
-            response.status_code,
-            (time.perf_counter() - started) * 1000,
-        )
-        return response
-
+    app.add_middleware(Guard, keys=keys, max_body=max_body, metrics=app.state.metrics)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -126,9 +131,60 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+class Guard:
+    """Request ids, auth, body size, error counts and the one log line per request.
+
+    A plain ASGI middleware: Starlette's BaseHTTPMiddleware hides client disconnects from the endpoint,
+    and cancelling a job whose client went away depends on seeing them.
+    """
+
+    def __init__(self, app: ASGIApp, keys: list[bytes], max_body: int, metrics: Metrics) -> None:
+        self.app = app
+        self.keys = keys
+        self.max_body = max_body
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        request_id = request.headers.get("x-request-id") or f"req_{uuid.uuid4().hex}"
+        request.state.request_id = request_id
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers["x-request-id"] = request_id
+                if status >= 400:
+                    self.metrics.errors.labels(str(status), headers.get("x-error-code", "unknown")).inc()
+            await send(message)
+
+        refusal = _refuse(request, self.keys, self.max_body)
+        await (refusal or self.app)(scope, receive, send_with_id)
+        job = getattr(request.state, "job", None)
+        logger.info(
+            "%s %s %s %d %.0fms%s",
+            request_id,
+            request.method,
+            scope["path"],
+            status,
+            (time.perf_counter() - started) * 1000,
+            f" {job}" if job else "",
+        )
+
+
+def _open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
 def _refuse(request: Request, keys: list[bytes], max_body: int) -> Response | None:
     """Auth and body size, answered before any body is read."""
-    if keys and request.url.path not in OPEN_PATHS and request.method != "OPTIONS":
+    if keys and not _open(request.url.path) and request.method != "OPTIONS":
         header = request.headers.get("authorization", "")
         token = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
         # compare_digest against every key so the time taken does not reveal which key nearly matched.

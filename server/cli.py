@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--devices", help="comma-separated devices, one worker each (default cpu, e.g. cuda:0,cuda:1)"
     )
     serve.add_argument("--preload", help="comma-separated model ids loaded at start-up (ready only after)")
+    serve.add_argument(
+        "--memory-budget-gb", type=float, help="checkpoints kept loaded per worker, LRU out first"
+    )
     serve.add_argument("--queue-size", type=int, help="queued requests per model before 429 (default 64)")
     serve.add_argument(
         "--queue-timeout", type=float, dest="queue_timeout_s", help="seconds queued before 504"
@@ -81,8 +85,6 @@ def serve(args: argparse.Namespace) -> int:
     settings = load_settings(flags, config_file=args.config)
     if settings.demo and args.weights_dir is None and f"{ENV_PREFIX}WEIGHTS_DIR" not in os.environ:
         settings.weights_dir = DEFAULT_CACHE / "tiny"
-    if settings.demo:
-        _ensure_tiny(settings.weights_dir)
     keys = settings.all_api_keys()
     if not _loopback(settings.host) and not keys:
         if not settings.no_auth:
@@ -97,6 +99,9 @@ def serve(args: argparse.Namespace) -> int:
             "serving %s WITHOUT authentication (--no-auth): anyone on the network can use it", settings.host
         )
 
+    if settings.demo:
+        _ensure_tiny(settings.weights_dir)
+
     import uvicorn
 
     from server.app import create_app
@@ -109,8 +114,10 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    url = f"http://{settings.host}:{settings.port}"
-    auth = f' -H "Authorization: Bearer {keys[0]}"' if keys else ""
+    # A wildcard bind is reached through the machine's name; the key itself is never printed.
+    host = socket.gethostname() if settings.host in ("0.0.0.0", "::") else settings.host
+    url = f"http://{host}:{settings.port}"
+    auth = ' -H "Authorization: Bearer $FLUXD_API_KEY"' if keys else ""
     print(f"\nfluxd serving {', '.join(app.state.specs)} at {url}/v1  (playground: {url}/)", flush=True)
     print(
         f"try: curl {url}/v1/images/generations{auth} -H 'Content-Type: application/json' "
@@ -161,6 +168,9 @@ def weights(args: argparse.Namespace) -> int:
 
         try:
             target = checkpoints.pull(args.model, args.dir, token=args.token)
+        except (ValueError, LookupError) as exc:
+            print(f"fluxd: {exc}", file=sys.stderr)
+            return 2
         except (LocalEntryNotFoundError, OSError) as exc:
             print(
                 f"fluxd: download failed ({exc}).\n{checkpoints.offline_hint(args.model, args.dir)}",

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 ENV_PREFIX = "FLUXD_"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluxd"
@@ -16,6 +16,8 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 
 class ModelEntry(BaseModel):
     """A model in the TOML registry: a new id on a local folder, or an alias with its own defaults."""
+
+    model_config = ConfigDict(extra="forbid")
 
     base: str | None = None
     path: str | None = None
@@ -27,6 +29,8 @@ class ModelEntry(BaseModel):
 
 class Settings(BaseModel):
     """Every setting of `fluxd serve`; see README for each one."""
+
+    model_config = ConfigDict(extra="forbid")
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -50,13 +54,14 @@ class Settings(BaseModel):
     devices: list[str] = Field(default_factory=lambda: ["cpu"])
     worker_threads: int | None = None
     preload: list[str] = Field(default_factory=list)
+    memory_budget_gb: float | None = Field(None, gt=0)
     worker_start_timeout_s: float = Field(600.0, gt=0)
     log_prompts: bool = False
     log_level: str = "INFO"
     models: dict[str, ModelEntry] = Field(default_factory=dict)
 
     def all_api_keys(self) -> list[str]:
-        keys = list(self.api_keys)
+        keys = [key.strip() for key in self.api_keys if key.strip()]  # --api-key "" must not open the door
         if self.api_key_file is not None:
             keys += [line.strip() for line in self.api_key_file.read_text().splitlines() if line.strip()]
         return keys

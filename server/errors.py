@@ -64,7 +64,8 @@ def to_api_error(exc: Exception) -> APIError:
 
 def error_response(error: APIError) -> JSONResponse:
     body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+    headers = {**error.headers, "x-error-code": error.code or error.type}
+    return JSONResponse(body, status_code=error.status, headers=headers)
 
 
 def _validation_param(exc: RequestValidationError) -> tuple[str | None, str]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pipelines.jobs import RenderRequest, RenderResult
 from pipelines.specs import ModelSpec
 from server.errors import APIError, busy
+from server.metrics import Metrics
 from server.workers import ProgressListener, WorkerHandle, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,9 @@ class Scheduler:
         queue_size: int,
         max_batch_images: int,
         queue_timeout_s: float,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.pool = pool
         self.specs = specs
         self.queue_size = queue_size
@@ -73,6 +76,10 @@ class Scheduler:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._dispatch_forever())
+
+    def wake(self) -> None:
+        """Look at the queues again: a worker became ready (at start-up or after a crash)."""
+        self._wakeup.set()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -101,6 +108,7 @@ class Scheduler:
             on_progress=on_progress,
         )
         queue.append(job)
+        self._update_depth(request.model)
         self._wakeup.set()
         try:
             try:
@@ -108,6 +116,7 @@ class Scheduler:
             except TimeoutError:
                 if job in queue:
                     queue.remove(job)
+                    self._update_depth(request.model)
                     raise APIError(
                         504,
                         f"The request waited more than {self.queue_timeout_s:g} s in the queue.",
@@ -119,13 +128,17 @@ class Scheduler:
             self._cancel(job, queue)
             raise
 
+    def _update_depth(self, model: str) -> None:
+        self.metrics.queue_depth.labels(model).set(self.depth(model))
+
     def _cancel(self, job: Job, queue: deque[Job]) -> None:
         if job in queue:
             queue.remove(job)
+            self._update_depth(job.request.model)
             logger.info("request %s dropped from the queue: client went away", job.request.id)
-        elif job.worker is not None and not job.future.done():
+        elif job.worker is not None:
+            # Cancelling the awaiting task cancelled job.future too: the worker knows if the job still runs.
             job.worker.cancel(job.request.id)
-            logger.info("request %s cancelled while running", job.request.id)
 
     async def _dispatch_forever(self) -> None:
         while True:
@@ -143,11 +156,15 @@ class Scheduler:
         if worker is None:
             return False
         batch = self._take_batch(head)
+        model = head.request.model
+        self._update_depth(model)
         futures = worker.submit(
             [job.request for job in batch], {job.request.id: job.on_progress for job in batch}
         )
         started = time.monotonic()
+        self.metrics.batch_images.labels(model).observe(sum(job.request.n for job in batch))
         for job, future in zip(batch, futures, strict=True):
+            self.metrics.queue_wait.labels(model).observe(started - job.enqueued_at)
             job.worker = worker
             job.started.set()
             future.add_done_callback(lambda f, job=job: self._settle(job, f, started))
@@ -176,9 +193,14 @@ class Scheduler:
                 job.future.set_exception(result.exception())
             else:
                 rendered = result.result()
+                elapsed = time.monotonic() - started
                 images = max(1, int(rendered.timings_ms.get("batch_images", 1)))
-                self.seconds_per_image = (
-                    0.8 * self.seconds_per_image + 0.2 * (time.monotonic() - started) / images
-                )
+                self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / images
+                model = job.request.model
+                rendered.timings_ms["queue"] = (started - job.enqueued_at) * 1000
+                self.metrics.run_time.labels(model).observe(elapsed)
+                self.metrics.images.labels(model).inc(len(rendered.images))
+                if job.worker is not None:
+                    self.metrics.device_memory.labels(job.worker.name).set(rendered.device_memory_bytes)
                 job.future.set_result(rendered)
         self._wakeup.set()

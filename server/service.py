@@ -149,9 +149,17 @@ class ImageService:
             task.cancel()
             raise
         try:
-            return task.result()
+            result = task.result()
         except (WorkerFailure, WorkerCrashed) as exc:
             raise worker_error(exc) from exc
+        render, timings = prepared.render, result.timings_ms
+        http.state.job = (
+            f"model={render.model} size={render.width}x{render.height} steps={render.steps} n={render.n} "
+            f"queue_ms={timings.get('queue', 0):.0f} run_ms={timings.get('run', 0):.0f}"
+        )
+        if self.settings.log_prompts:
+            http.state.job += f" prompt={render.prompt!r}"
+        return result
 
     async def respond(self, http: Request, prepared: Prepared, result: RenderResult) -> ImagesResponse:
         reply, render = prepared.reply, prepared.render
@@ -191,7 +199,7 @@ class ImageService:
         reply, render = prepared.reply, prepared.render
         common = {
             "size": f"{render.width}x{render.height}",
-            "quality": reply.quality or "high",
+            "quality": reply.quality or "auto",
             "background": reply.background,
             "output_format": reply.output_format if reply.output_format in _ECHO_FORMATS else "png",
         }
@@ -225,6 +233,9 @@ class ImageService:
                 "created_at": int(time.time()),
                 "usage": usage(render).model_dump(),
                 **common,
+                # Extra fields the SDK's event type keeps in model_extra: what a client needs to reproduce it.
+                "seed": image.seed,
+                "revised_prompt": result.revised_prompt,
             }
             yield _sse(payload["type"], payload)
         except ClientGone:

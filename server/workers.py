@@ -55,6 +55,8 @@ class WorkerHandle:
     restarts: int = 0
     info: Ready | None = None
     busy_images: int = 0
+    on_restart: Callable[[str], None] | None = None
+    on_ready: Callable[[], None] | None = None
     _pending: dict[str, _Pending] = field(default_factory=dict)
     _stopping: bool = False
 
@@ -89,6 +91,7 @@ class WorkerHandle:
     def cancel(self, request_id: str) -> None:
         if request_id in self._pending:
             self._control.put(request_id)
+            logger.info("request %s cancelled while running on worker %s", request_id, self.name)
 
     def holds(self, model_weights: str) -> bool:
         return self.info is not None and model_weights in self.info.loaded
@@ -124,6 +127,8 @@ class WorkerHandle:
         if isinstance(message, Ready):
             self.info = message
             self.ready.set()
+            if self.on_ready is not None:
+                self.on_ready()
             logger.info("worker %s ready on %s", self.name, message.device)
         elif isinstance(message, Progress):
             pending = self._pending.get(message.id)
@@ -157,6 +162,8 @@ class WorkerHandle:
         if self._stopping:
             return
         self.restarts += 1
+        if self.on_restart is not None:
+            self.on_restart(self.name)
         logger.error(
             "worker %s exited with %s; restarting (restart #%d)", self.name, process.exitcode, self.restarts
         )
@@ -166,13 +173,17 @@ class WorkerHandle:
 class WorkerPool:
     """One worker per device."""
 
-    def __init__(self, configs: list[WorkerConfig]) -> None:
+    def __init__(self, configs: list[WorkerConfig], on_restart: Callable[[str], None] | None = None) -> None:
         self.configs = configs
+        self.on_restart = on_restart
         self.workers: list[WorkerHandle] = []
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, on_ready: Callable[[], None] | None = None) -> None:
+        """`on_ready` runs whenever a worker (a first one or a replacement) becomes ready for jobs."""
         for index, config in enumerate(self.configs):
-            handle = WorkerHandle(f"{index}:{config.device}", config, loop)
+            handle = WorkerHandle(
+                f"{index}:{config.device}", config, loop, on_restart=self.on_restart, on_ready=on_ready
+            )
             handle.start()
             self.workers.append(handle)
 

@@ -23,6 +23,8 @@ async def ready(request: Request) -> JSONResponse:
             "name": w.name,
             "ready": w.ready.is_set(),
             "restarts": w.restarts,
+            "pid": w.process.pid,
+            "busy_images": w.busy_images,
             "loaded": w.info.loaded if w.info else [],
         }
         for w in pool.workers

@@ -9,11 +9,12 @@ from starlette.datastructures import UploadFile
 
 from pipelines.errors import InvalidParameter
 from server.protocol import ImageEditRequest, ImageGenerationRequest, ImagesResponse
-from server.service import ImageService, Prepared, validation_to_invalid
+from server.service import ClientGone, ImageService, Prepared, validation_to_invalid
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
 MAX_FILES = 16
+CLIENT_CLOSED = 499  # nginx's status for a client that went away; nobody reads it, the log does
 
 
 def _service(request: Request) -> ImageService:
@@ -24,7 +25,10 @@ async def _answer(request: Request, prepared: Prepared, kind: str) -> Response |
     service = _service(request)
     if prepared.reply.stream:
         return StreamingResponse(service.stream(request, prepared, kind), media_type="text/event-stream")
-    result = await service.run(request, prepared)
+    try:
+        result = await service.run(request, prepared)
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
     return await service.respond(request, prepared, result)
 
 

@@ -15,6 +15,9 @@ import httpx
 import openai
 import pytest
 
+# The SDK waits up to 10 minutes; raw calls get a generous limit too, since CI machines are loaded.
+HTTP = httpx.Client(timeout=120)
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -37,9 +40,28 @@ class Server:
         return self.log.read_text()
 
 
+def launch(
+    command: list[str], port: int, log: Path, env: dict[str, str] | None = None, timeout_s: float = 120
+) -> Server:
+    """Start `command` (a `fluxd serve` listening on `port`) and wait until /ready answers 200."""
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"fluxd exited with {process.returncode}:\n{server.logs()}")
+        try:
+            if HTTP.get(f"{server.url}/ready", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    stop_server(server)
+    raise AssertionError(f"fluxd never became ready in {timeout_s:.0f} s:\n{server.logs()}")
+
+
 def start_server(weights: Path, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
     port = free_port()
-    log = tmp / f"server-{port}.log"
     command = [
         sys.executable,
         "-m",
@@ -56,22 +78,7 @@ def start_server(weights: Path, tmp: Path, *extra: str, env: dict[str, str] | No
         "2",
         *extra,
     ]
-    process = subprocess.Popen(
-        command, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-    )
-    server = Server(f"http://127.0.0.1:{port}", process, log)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{server.logs()}")
-        try:
-            if httpx.get(f"{server.url}/ready", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    raise RuntimeError(f"server never became ready:\n{server.logs()}")
+    return launch(command, port, tmp / f"server-{port}.log", {**os.environ, **(env or {})})
 
 
 def stop_server(server: Server) -> None:

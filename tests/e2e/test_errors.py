@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import io
 
-import httpx
 import openai
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import HTTP, Server
 
 FAST = {"num_inference_steps": 2}
 
@@ -53,6 +52,7 @@ GENERATION_CASES = [
     ({"prompt": ""}, "prompt"),
     ({"stream": True, "n": 2}, "n"),
     ({"partial_images": 2}, "partial_images"),
+    ({"stream": True, "output_format": "gif"}, "output_format"),
     ({"safety_tolerance": 9}, "safety_tolerance"),
     ({"acceleration": "ludicrous"}, "acceleration"),
     ({"model": "flux.1-dev", "prompt_enhancement": "on"}, "prompt_enhancement"),
@@ -64,7 +64,7 @@ GENERATION_CASES = [
 @pytest.mark.parametrize(("fields", "param"), GENERATION_CASES, ids=[p for _, p in GENERATION_CASES])
 def test_bad_generation_fields(server: Server, fields: dict, param: str) -> None:
     body = {"prompt": "x", "size": "16x16", **FAST, **fields}
-    response = httpx.post(f"{server.url}/v1/images/generations", json=body)
+    response = HTTP.post(f"{server.url}/v1/images/generations", json=body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
@@ -72,9 +72,9 @@ def test_bad_generation_fields(server: Server, fields: dict, param: str) -> None
 
 
 def test_missing_prompt_and_bad_json(server: Server) -> None:
-    response = httpx.post(f"{server.url}/v1/images/generations", json={"size": "16x16"})
+    response = HTTP.post(f"{server.url}/v1/images/generations", json={"size": "16x16"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
-    garbage = httpx.post(
+    garbage = HTTP.post(
         f"{server.url}/v1/images/generations",
         content=b"{not json",
         headers={"content-type": "application/json"},
@@ -107,23 +107,23 @@ EDIT_CASES = [
 )
 def test_bad_edits(server: Server, files: dict, fields: dict, param: str) -> None:
     data = {"prompt": "x", "size": "64x64", "num_inference_steps": "2", **fields}
-    response = httpx.post(f"{server.url}/v1/images/edits", data=data, files=files)
+    response = HTTP.post(f"{server.url}/v1/images/edits", data=data, files=files)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
 
 
 def test_too_many_references(server: Server) -> None:
     files = [("image[]", (f"{i}.png", png(), "image/png")) for i in range(5)]
-    response = httpx.post(f"{server.url}/v1/images/edits", data={"prompt": "x"}, files=files)
+    response = HTTP.post(f"{server.url}/v1/images/edits", data={"prompt": "x"}, files=files)
     assert response.status_code == 400 and response.json()["error"]["param"] == "image"
-    kontext = httpx.post(
+    kontext = HTTP.post(
         f"{server.url}/v1/images/edits", data={"prompt": "x", "model": "flux.1-kontext-dev"}, files=files[:2]
     )
     assert kontext.status_code == 400 and kontext.json()["error"]["param"] == "image"
 
 
 def test_missing_image(server: Server) -> None:
-    response = httpx.post(f"{server.url}/v1/images/edits", data={"prompt": "x"}, files={"other": ("x", b"1")})
+    response = HTTP.post(f"{server.url}/v1/images/edits", data={"prompt": "x"}, files={"other": ("x", b"1")})
     assert response.status_code == 400
 
 
@@ -143,7 +143,7 @@ def test_body_over_the_limit_is_413(tiny_weights, tmp_path) -> None:
 
     small = start_server(tiny_weights, tmp_path, "--max-body-mb", "0.01")
     try:
-        response = httpx.post(
+        response = HTTP.post(
             f"{small.url}/v1/images/edits",
             data={"prompt": "x"},
             files={"image": ("a.png", b"\x89PNG" + b"0" * 20000, "image/png")},

@@ -7,13 +7,12 @@ import io
 import sys
 import time
 
-import httpx
 import openai
 import pytest
 from PIL import Image
 
 from pipelines.specs import SPECS
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import HTTP, Server
 
 EDIT_MODELS = sorted(m for m, s in SPECS.items() if "edit" in s.modes)
 MAGIC = {"png": b"\x89PNG", "jpeg": b"\xff\xd8\xff", "webp": b"RIFF", "gif": b"GIF8", "avif": b"ftypavif"}
@@ -115,17 +114,17 @@ def test_url_downloads_the_same_image_and_expires(client: openai.OpenAI, server:
     )
     url = as_url.data[0].url
     assert url.startswith(server.url + "/v1/files/images/")
-    downloaded = httpx.get(url)
+    downloaded = HTTP.get(url)
     assert downloaded.status_code == 200 and downloaded.headers["content-type"] == "image/png"
     assert downloaded.content == base64.b64decode(as_b64.data[0].b64_json)
     time.sleep(3.5)  # the test server's TTL is 3 s
-    expired = httpx.get(url)
+    expired = HTTP.get(url)
     assert expired.status_code == 404 and expired.json()["error"]["code"] == "image_not_found"
-    assert httpx.get(server.url + "/v1/files/images/" + "A" * 32 + ".png").status_code == 404
+    assert HTTP.get(server.url + "/v1/files/images/" + "A" * 32 + ".png").status_code == 404
 
 
 def test_forwarded_headers_shape_the_url(server: Server) -> None:
-    response = httpx.post(
+    response = HTTP.post(
         f"{server.url}/v1/images/generations",
         json={"prompt": "x", "size": "16x16", **FAST},
         headers={

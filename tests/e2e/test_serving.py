@@ -1,0 +1,259 @@
+"""Serving under load, through a real server: queue limits, deadlines, cancellation, crashes, batching,
+metrics, readiness and several workers. Behaviour only: no timed assertions."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.e2e.conftest import HTTP, Server, start_server, stop_server
+
+LONG = {"prompt": "long", "size": "768x768", "num_inference_steps": 100, "response_format": "b64_json"}
+
+
+def generate(server: Server, timeout: float = 120, **fields) -> httpx.Response:
+    body = {"prompt": "x", "size": "64x64", "num_inference_steps": 2, "response_format": "b64_json", **fields}
+    return httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=timeout)
+
+
+def in_background(call) -> tuple[threading.Thread, list]:
+    """Run `call` in a thread; `out` receives its result or the exception it raised."""
+    out: list = []
+
+    def target() -> None:
+        try:
+            out.append(call())
+        except Exception as exc:  # handed to the test, which asserts on it
+            out.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def wait_until(predicate, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition never became true")
+
+
+def pixels(response: httpx.Response) -> list[np.ndarray]:
+    return [
+        np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB"), dtype=int)
+        for item in response.json()["data"]
+    ]
+
+
+@pytest.fixture()
+def fresh(tiny_weights: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    server = start_server(tiny_weights, tmp_path, *getattr(request, "param", ()))
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for the tests that leave it as they found it (a replaced worker is as good as new)."""
+    server = start_server(tiny_weights, tmp_path_factory.mktemp("plain"))
+    yield server
+    stop_server(server)
+
+
+def idle(server: Server) -> bool:
+    ready = HTTP.get(f"{server.url}/ready")
+    metrics = HTTP.get(f"{server.url}/metrics").text.splitlines()
+    queued = [line for line in metrics if line.startswith("fluxd_queue_depth{")]
+    return (
+        ready.status_code == 200
+        and all(worker["busy_images"] == 0 for worker in ready.json()["workers"])
+        and all(line.endswith(" 0.0") for line in queued)
+    )
+
+
+def batches(server: Server) -> float:
+    for line in HTTP.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith('fluxd_batch_images_count{model="flux.2-dev"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.parametrize("fresh", [("--queue-size", "1", "--queue-timeout", "1")], indirect=True)
+def test_queue_limits_answer_429_when_full_and_504_past_the_deadline(fresh: Server) -> None:
+    in_background(lambda: generate(fresh, **LONG))
+    wait_until(lambda: batches(fresh) >= 1)
+    calls = [in_background(lambda i=i: generate(fresh, size="48x48", seed=i)) for i in range(3)]
+    for thread, _ in calls:
+        thread.join(120)
+    answers = [out[0] for _, out in calls]
+    statuses = sorted(answer.status_code for answer in answers)
+    # One request fits the queue and then outwaits its 1 s deadline; the others find the queue full.
+    assert statuses == [429, 429, 504], statuses
+    rejected = next(a for a in answers if a.status_code == 429)
+    error = rejected.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and error["type"] == "rate_limit_exceeded"
+    assert 1 <= int(rejected.headers["retry-after"]) <= 120
+    late = next(a for a in answers if a.status_code == 504)
+    assert late.json()["error"]["code"] == "queue_timeout"
+
+
+def test_a_client_that_goes_away_frees_the_worker(plain: Server) -> None:
+    with pytest.raises(httpx.TimeoutException):
+        generate(plain, timeout=2, **LONG)
+    wait_until(lambda: "cancelled while running" in plain.logs())
+    # The interrupted job skips its remaining steps, so the next request is served, not stuck behind it.
+    assert generate(plain).status_code == 200
+    queued_before = plain.logs().count("dropped from the queue")
+    in_background(lambda: generate(plain, **LONG))
+    wait_until(lambda: batches(plain) >= 3)
+    with pytest.raises(httpx.TimeoutException):
+        generate(plain, timeout=1, size="32x32")
+    wait_until(lambda: plain.logs().count("dropped from the queue") == queued_before + 1)
+
+
+def test_a_killed_worker_gives_503_then_the_next_request_succeeds(plain: Server) -> None:
+    fresh = plain
+    wait_until(lambda: idle(fresh), 120)
+    [worker] = HTTP.get(f"{fresh.url}/ready").json()["workers"]
+    dispatched = batches(fresh)
+    call, out = in_background(lambda: generate(fresh, **LONG))
+    wait_until(lambda: batches(fresh) > dispatched)
+    os.kill(worker["pid"], signal.SIGKILL)
+    call.join(120)
+    crashed = out[0]
+    assert crashed.status_code == 503, crashed.text
+    assert crashed.json()["error"]["code"] == "worker_restarted" and crashed.headers["retry-after"]
+    wait_until(lambda: HTTP.get(f"{fresh.url}/ready").status_code == 200, 120)
+    [replaced] = HTTP.get(f"{fresh.url}/ready").json()["workers"]
+    assert replaced["pid"] != worker["pid"] and replaced["restarts"] == worker["restarts"] + 1
+    assert generate(fresh).status_code == 200
+    restarts = f'fluxd_worker_restarts_total{{worker="0:cpu"}} {worker["restarts"] + 1:.1f}'
+    assert restarts in HTTP.get(f"{fresh.url}/metrics").text
+
+
+def test_the_sdk_retries_a_crash_transparently(plain: Server) -> None:
+    wait_until(lambda: idle(plain), 120)
+    client = plain.client(max_retries=2)
+    [worker] = HTTP.get(f"{plain.url}/ready").json()["workers"]
+    dispatched = batches(plain)
+    call, out = in_background(
+        lambda: client.images.generate(
+            prompt="x", size="512x512", response_format="b64_json", extra_body={"num_inference_steps": 100}
+        )
+    )
+    wait_until(lambda: batches(plain) > dispatched)
+    os.kill(worker["pid"], signal.SIGKILL)
+    call.join(180)
+    assert isinstance(out[0], openai.types.ImagesResponse), out
+    assert out[0].data[0].b64_json
+
+
+def test_batched_images_equal_solo_images(plain: Server) -> None:
+    fresh = plain
+    wait_until(lambda: idle(fresh), 120)
+    dispatched = batches(fresh)
+    in_background(lambda: generate(fresh, **LONG))
+    wait_until(lambda: batches(fresh) > dispatched)
+    same = {"prompt": "batch me", "size": "64x64", "num_inference_steps": 4}
+    calls = [in_background(lambda s=s: generate(fresh, seed=s, **same)) for s in (100, 200, 300, 400)]
+    for thread, _ in calls:
+        thread.join(120)
+    # The blocker and four queued requests in fewer than five calls: queued requests were batched.
+    assert batches(fresh) - dispatched < 5
+    for seed, (_, out) in zip((100, 200, 300, 400), calls, strict=True):
+        [batched] = pixels(out[0])
+        [solo] = pixels(generate(fresh, seed=seed, **same))
+        assert np.abs(batched - solo).max() <= 1
+
+
+def test_metrics_expose_the_serving_series(server: Server) -> None:
+    generate(server)
+    generate(server, size="bad")
+    text = HTTP.get(f"{server.url}/metrics").text
+    for series in (
+        "fluxd_queue_depth",
+        "fluxd_queue_wait_seconds_bucket",
+        "fluxd_run_seconds_bucket",
+        "fluxd_images_generated_total",
+        "fluxd_batch_images_bucket",
+        "fluxd_errors_total",
+        "fluxd_device_memory_bytes",
+    ):
+        assert series in text, series
+    assert 'fluxd_errors_total{code="invalid_value",status="400"}' in text
+
+
+def test_ready_turns_200_only_after_preloading(tiny_weights: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--demo",
+            "--weights-dir",
+            str(tiny_weights),
+            "--port",
+            str(port),
+            "--store-dir",
+            str(tmp_path / "store"),
+            "--preload",
+            "flux.2-dev,flux.1-dev",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    seen: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                response = HTTP.get(f"http://127.0.0.1:{port}/ready", timeout=2)
+            except httpx.HTTPError:
+                time.sleep(0.1)
+                continue
+            seen.append(response.status_code)
+            if response.status_code == 200:
+                [worker] = response.json()["workers"]
+                assert worker["loaded"] == ["flux.1-dev", "flux.2-dev"]
+                break
+            time.sleep(0.1)
+        assert seen[0] == 503 and seen[-1] == 200
+        assert HTTP.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+@pytest.mark.parametrize("fresh", [("--devices", "cpu,cpu", "--worker-threads", "1")], indirect=True)
+def test_two_workers_share_the_load(fresh: Server) -> None:
+    workers = HTTP.get(f"{fresh.url}/ready").json()["workers"]
+    assert len(workers) == 2
+    calls = [in_background(lambda s=s: generate(fresh, seed=s, size=f"{64 + 16 * s}x64")) for s in range(4)]
+    for thread, out in calls:
+        thread.join(120)
+        assert out[0].status_code == 200
+    rendered_by = {
+        line.split("[worker ")[1].split("]")[0] for line in fresh.logs().splitlines() if "rendered" in line
+    }
+    assert rendered_by == {str(w["pid"]) for w in workers}
