@@ -71,6 +71,7 @@ NORMALISATION: dict[str, tuple[Behaviour, str]] = {
     "*": ("passthrough", "any other field the pipeline's __call__ takes, e.g. max_sequence_length"),
 }
 
+STREAM_FORMATS = frozenset({"png", "jpeg", "webp"})
 ENHANCE_FIELDS = ("prompt_enhancement", "enhance_prompt", "enable_prompt_expansion", "prompt_upsampling")
 _PASSTHROUGH_TYPES = (str, int, float, bool)
 
@@ -166,6 +167,11 @@ def _reply(body: _ImageFields) -> Reply:
         raise InvalidParameter("background", "FLUX images have no alpha channel: use 'opaque' or 'auto'.")
     if body.stream and (body.n or 1) > 1:
         raise InvalidParameter("n", "Streaming returns one image: n must be 1 with stream=true.")
+    if body.stream and fmt not in STREAM_FORMATS:
+        raise InvalidParameter(
+            "output_format",
+            f"Streamed images can be {', '.join(sorted(STREAM_FORMATS))} (the SDK's event types).",
+        )
     if body.partial_images and not body.stream:
         raise InvalidParameter("partial_images", "partial_images needs stream=true.")
     return Reply(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import torch
 from PIL import Image
 
 from pipelines.specs import ModelSpec
@@ -25,3 +27,12 @@ def call_kwargs(spec: ModelSpec, pipe: Any, references: list[Image.Image], width
         )
         kwargs["image"] = reference.resize(size, Image.LANCZOS)
     return kwargs
+
+
+def preview(pipe: Any, latents: torch.Tensor, width: int, height: int) -> np.ndarray:
+    """Packed step latents (B, seq, C) -> RGB floats in [0, 1] (B, height, width, 3), decoded as at the end
+    of FluxPipeline/FluxKontextPipeline.__call__."""
+    spatial = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    spatial = spatial / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    image = pipe.vae.decode(spatial.to(pipe.vae.device, pipe.vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="np")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from pipelines.specs import ModelSpec
+from pipelines.tiny import is_tiny
 
 logger = logging.getLogger(__name__)
 _logged_schedules: set[str] = set()
@@ -51,8 +54,68 @@ def _log_schedule_once(spec: ModelSpec, pipe: Any, width: int, height: int) -> N
     )
 
 
-def enhance(pipe: Any, prompt: str, references: list[Image.Image], temperature: float) -> str:
-    """Caption upsampling with the model's own Mistral encoder (diffusers' upsample_prompt)."""
-    with torch.no_grad():
-        images = [references] if references else None
-        return pipe.upsample_prompt(prompt, images=images, temperature=temperature)[0]
+def preview(pipe: Any, latents: torch.Tensor, width: int, height: int) -> np.ndarray:
+    """Packed step latents (B, seq, C) -> RGB floats in [0, 1] (B, height, width, 3), decoded.
+
+    The same helpers and batch-norm de-normalisation as the end of Flux2Pipeline.__call__, with the position
+    ids prepare_latents gives an output of this size.
+    """
+    patch = pipe.vae_scale_factor * 2
+    grid = latents.new_empty((latents.shape[0], 1, height // patch, width // patch))
+    ids = pipe._prepare_latent_ids(grid).to(latents.device)
+    unpacked = pipe._unpack_latents_with_ids(latents, ids)
+    bn = pipe.vae.bn
+    mean = bn.running_mean.view(1, -1, 1, 1).to(unpacked.device, unpacked.dtype)
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps).to(
+        unpacked.device, unpacked.dtype
+    )
+    spatial = pipe._unpatchify_latents(unpacked * std + mean).to(pipe.vae.device, pipe.vae.dtype)
+    return pipe.image_processor.postprocess(pipe.vae.decode(spatial, return_dict=False)[0], output_type="np")
+
+
+UPSAMPLE_MAX_NEW_TOKENS = 512  # diffusers' bound in Flux2Pipeline.upsample_prompt
+TINY_UPSAMPLE_MAX_NEW_TOKENS = 16
+
+
+def enhance(pipe: Any, prompt: str, references: list[Image.Image], temperature: float, seed: int) -> str:
+    """Caption upsampling with the model's own Mistral encoder, as diffusers' Flux2Pipeline.upsample_prompt.
+
+    Its system messages, image preparation, chat template and sampling, for one prompt, with two changes.
+    No padding to 2048 tokens: one prompt needs none, and attending to ~1900 pad tokens made a tiny run's
+    prefill ~10 s on two CPU cores. A token budget for tiny random weights: they never emit EOS, so they
+    always generated diffusers' full 512 tokens (~100 s on two CPU cores); 16 take 0.3-3 s. Sampling is
+    seeded by the request's seed in a forked RNG, so the revised prompt, like the image, depends only on the
+    request. An empty answer keeps the client's prompt.
+    """
+    from diffusers.pipelines.flux2.pipeline_flux2 import _validate_and_process_images, format_input
+
+    images = None
+    system = pipe.system_message_upsampling_t2i
+    if references:
+        images = _validate_and_process_images(
+            [references], pipe.image_processor, pipe.upsampling_max_image_size
+        )
+        system = pipe.system_message_upsampling_i2i
+    inputs = pipe.tokenizer.apply_chat_template(
+        format_input(prompts=[prompt], system_message=system, images=images),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        truncation=True,
+        max_length=2048,
+    )
+    encoder = pipe.text_encoder
+    inputs = {name: value.to(encoder.device) for name, value in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(encoder.dtype)
+    folder = pipe.name_or_path  # None for a pipeline built in memory rather than loaded
+    budget = TINY_UPSAMPLE_MAX_NEW_TOKENS if folder and is_tiny(Path(folder)) else UPSAMPLE_MAX_NEW_TOKENS
+    devices = [encoder.device] if encoder.device.type != "cpu" else []
+    with torch.no_grad(), torch.random.fork_rng(devices, device_type=encoder.device.type):
+        torch.manual_seed(seed)
+        generated = encoder.generate(
+            **inputs, max_new_tokens=budget, do_sample=True, temperature=temperature, use_cache=True
+        )
+    answer = generated[0, inputs["input_ids"].shape[1] :]
+    return pipe.tokenizer.tokenizer.decode(answer, skip_special_tokens=True).strip() or prompt

@@ -1,0 +1,194 @@
+"""Streaming partial images and prompt enhancement, as the official SDK (strict validation) sees them."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from openai.types import (
+    ImageEditCompletedEvent,
+    ImageEditPartialImageEvent,
+    ImageGenCompletedEvent,
+    ImageGenPartialImageEvent,
+)
+from PIL import Image
+
+from pipelines.worker import FAULT_AFTER_STEP
+from tests.e2e.conftest import HTTP, Server, start_server, stop_server
+
+
+def size_of(b64: str) -> tuple[int, int]:
+    return Image.open(io.BytesIO(base64.b64decode(b64))).size
+
+
+def png_bytes(width: int = 64, height: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (30, 120, 200)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def check_stream(events: list, partial: type, completed: type, asked: int, size: tuple[int, int]) -> None:
+    """Partial events first, at most `asked`, indexed 0..; then exactly one completed event, last."""
+    *partials, last = events
+    assert all(type(event) is partial for event in partials)
+    assert type(last) is completed
+    assert len(partials) <= asked
+    assert [event.partial_image_index for event in partials] == list(range(len(partials)))
+    for event in events:
+        assert size_of(event.b64_json) == size
+        assert event.size == f"{size[0]}x{size[1]}" and isinstance(event.created_at, int)
+    assert last.usage.total_tokens == last.usage.input_tokens + last.usage.output_tokens
+
+
+@pytest.mark.parametrize("asked", [1, 2, 3])
+def test_generation_streams_partial_images_then_one_completed(client: openai.OpenAI, asked: int) -> None:
+    stream = client.images.generate(
+        prompt="a red fox",
+        size="64x48",
+        stream=True,
+        partial_images=asked,
+        extra_body={"num_inference_steps": 6, "seed": 2},
+    )
+    events = list(stream)
+    check_stream(events, ImageGenPartialImageEvent, ImageGenCompletedEvent, asked, (64, 48))
+    assert len(events) == asked + 1  # six steps leave room for every preview asked for
+    images = {event.b64_json for event in events}
+    assert len(images) == len(events), "each partial image is a different step, none is the final image"
+
+
+def test_without_partial_images_completed_comes_alone(client: openai.OpenAI) -> None:
+    events = list(
+        client.images.generate(
+            prompt="a red fox", size="32x32", stream=True, extra_body={"num_inference_steps": 4}
+        )
+    )
+    assert len(events) == 1
+    check_stream(events, ImageGenPartialImageEvent, ImageGenCompletedEvent, 0, (32, 32))
+
+
+def test_more_previews_than_steps_allow_are_at_most_asked(client: openai.OpenAI) -> None:
+    events = list(
+        client.images.generate(
+            prompt="x", size="32x32", stream=True, partial_images=3, extra_body={"num_inference_steps": 2}
+        )
+    )
+    check_stream(events, ImageGenPartialImageEvent, ImageGenCompletedEvent, 3, (32, 32))
+
+
+@pytest.mark.parametrize("model", ["flux.2-dev", "flux.1-kontext-dev"])
+def test_edit_streams_partial_images(client: openai.OpenAI, model: str) -> None:
+    stream = client.images.edit(
+        model=model,
+        image=("ref.png", png_bytes(), "image/png"),
+        prompt="make it red",
+        size="64x64",
+        stream=True,
+        partial_images=2,
+        output_format="jpeg",
+        extra_body={"num_inference_steps": 4},
+    )
+    events = list(stream)
+    check_stream(events, ImageEditPartialImageEvent, ImageEditCompletedEvent, 2, (64, 64))
+    assert len(events) == 3
+    assert all(event.output_format == "jpeg" for event in events)
+
+
+def test_stream_with_n_2_is_a_400_naming_n(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.generate(prompt="x", size="32x32", n=2, stream=True, partial_images=1)
+    assert info.value.body["param"] == "n"
+
+
+@pytest.fixture(scope="module")
+def faulty(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(tiny_weights, tmp_path_factory.mktemp("faulty"), env={FAULT_AFTER_STEP: "2"})
+    yield running
+    stop_server(running)
+
+
+def test_a_fault_after_streaming_began_raises_api_error(faulty: Server) -> None:
+    client = faulty.client(max_retries=0)
+    stream = client.images.generate(
+        prompt="x", size="32x32", stream=True, partial_images=2, extra_body={"num_inference_steps": 6}
+    )
+    received = []
+    with pytest.raises(openai.APIError) as info:
+        for event in stream:
+            received.append(event)
+    assert [type(event) for event in received] == [ImageGenPartialImageEvent]
+    assert info.value.body["type"] == "server_error" and info.value.message
+    assert "Traceback" not in info.value.message and FAULT_AFTER_STEP not in info.value.message
+    # The worker survived: a job too short to reach the fault still renders.
+    result = client.images.generate(
+        prompt="x", size="32x32", response_format="b64_json", extra_body={"num_inference_steps": 1}
+    )
+    assert size_of(result.data[0].b64_json) == (32, 32)
+
+
+def test_a_client_that_goes_away_cancels_the_job(client: openai.OpenAI, server: Server) -> None:
+    stopped = re.compile(r"stopping \['(\w+)'\] after step (\d+) of 100: cancelled")
+    before = len(stopped.findall(server.logs()))
+    stream = client.images.generate(
+        prompt="x", size="256x256", stream=True, partial_images=3, extra_body={"num_inference_steps": 100}
+    )
+    first = next(iter(stream))
+    assert isinstance(first, ImageGenPartialImageEvent)
+    stream.close()
+    deadline = time.monotonic() + 30
+    while len(stopped.findall(server.logs())) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    found = stopped.findall(server.logs())[before:]
+    assert found, server.logs()[-3000:]
+    # The worker stopped denoising before the end: the first preview came at step 25.
+    assert 25 <= int(found[0][1]) < 100
+    assert HTTP.get(f"{server.url}/health").status_code == 200
+    result = client.images.generate(
+        prompt="next", size="32x32", response_format="b64_json", extra_body={"num_inference_steps": 2}
+    )
+    assert size_of(result.data[0].b64_json) == (32, 32)
+
+
+def test_enhancement_returns_a_revised_prompt(client: openai.OpenAI) -> None:
+    result = client.images.generate(
+        model="flux.2-dev",
+        prompt="a red fox",
+        size="64x48",
+        response_format="b64_json",
+        extra_body={"prompt_enhancement": "on", "num_inference_steps": 2},
+    )
+    [image] = result.data
+    assert isinstance(image.revised_prompt, str) and image.revised_prompt.strip()
+
+
+def test_edit_enhancement_returns_a_revised_prompt(client: openai.OpenAI) -> None:
+    result = client.images.edit(
+        model="flux.2-dev",
+        image=("ref.png", png_bytes(), "image/png"),
+        prompt="make it red",
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"prompt_enhancement": "on", "num_inference_steps": 2},
+    )
+    [image] = result.data
+    assert isinstance(image.revised_prompt, str) and image.revised_prompt.strip()
+
+
+def test_without_enhancement_there_is_no_revised_prompt(client: openai.OpenAI) -> None:
+    result = client.images.generate(
+        prompt="a red fox", size="32x32", response_format="b64_json", extra_body={"num_inference_steps": 2}
+    )
+    assert result.data[0].revised_prompt is None
+
+
+def test_enhancement_on_a_model_without_a_language_model_is_a_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.generate(
+            model="flux.1-dev", prompt="x", size="32x32", extra_body={"prompt_enhancement": "on"}
+        )
+    assert info.value.body["param"] == "prompt_enhancement"

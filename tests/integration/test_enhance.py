@@ -1,0 +1,90 @@
+"""Prompt enhancement: FLUX.2's own Mistral rewrites the prompt (gibberish from tiny random weights)."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.engine import Engine
+from pipelines.errors import InvalidParameter
+from pipelines.families import flux2
+from pipelines.jobs import RenderRequest, RenderResult
+from pipelines.specs import SPECS
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_weights: Path) -> Engine:
+    torch.set_num_threads(2)
+    return Engine(SPECS, tiny_weights)
+
+
+def png(width: int = 64, height: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (30, 120, 200)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def enhanced(engine: Engine, model: str, seed: int = 1, **fields) -> RenderResult:
+    [result] = engine.render(
+        [
+            RenderRequest(
+                id=f"e{seed}",
+                model=model,
+                prompt="a red fox",
+                width=64,
+                height=48,
+                steps=fields.pop("steps", 2),
+                guidance=SPECS[model].default_guidance,
+                seeds=[seed],
+                **{"enhance_prompt": True, **fields},
+            )
+        ]
+    )
+    return result
+
+
+@pytest.mark.parametrize("model", ["flux.2-dev", "flux.2-dev-turbo"])
+def test_text_to_image_returns_a_revised_prompt(engine: Engine, model: str) -> None:
+    adapter = SPECS[model].adapter
+    steps = len(adapter.sigmas) if adapter is not None and adapter.sigmas is not None else 2
+    result = enhanced(engine, model, steps=steps)
+    assert isinstance(result.revised_prompt, str) and result.revised_prompt.strip()
+
+
+def test_edit_returns_a_revised_prompt(engine: Engine) -> None:
+    result = enhanced(engine, "flux.2-dev", images=[png(), png(96, 64)])
+    assert isinstance(result.revised_prompt, str) and result.revised_prompt.strip()
+
+
+def test_the_revised_prompt_depends_only_on_the_request(engine: Engine) -> None:
+    first = enhanced(engine, "flux.2-dev", seed=7)
+    torch.rand(100)  # the global RNG moves; the enhancement's own does not
+    again = enhanced(engine, "flux.2-dev", seed=7)
+    assert first.revised_prompt == again.revised_prompt
+    assert first.images[0].pixels == again.images[0].pixels
+
+
+def test_without_enhancement_there_is_no_revised_prompt(engine: Engine) -> None:
+    assert enhanced(engine, "flux.2-dev", enhance_prompt=False).revised_prompt is None
+
+
+def test_enhancement_is_bounded_for_tiny_weights(engine: Engine) -> None:
+    # Random weights never stop on their own: unbounded, they would write diffusers' 512 tokens (~100 s).
+    pipe = engine.pipeline(SPECS["flux.2-dev"])
+    started = time.perf_counter()
+    revised = flux2.enhance(pipe, "a red fox", [], 0.15, seed=3)
+    seconds = time.perf_counter() - started
+    print(f"\nflux.2-dev tiny enhancement: {seconds:.2f} s for {revised!r}")
+    assert len(pipe.tokenizer.tokenizer(revised)["input_ids"]) <= 2 * flux2.TINY_UPSAMPLE_MAX_NEW_TOKENS
+    assert seconds < 10
+
+
+def test_a_model_without_a_language_model_names_the_parameter(engine: Engine) -> None:
+    with pytest.raises(InvalidParameter) as info:
+        enhanced(engine, "flux.1-dev")
+    assert info.value.param == "prompt_enhancement"
