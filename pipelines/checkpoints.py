@@ -53,7 +53,7 @@ def pull(model_id: str, weights_dir: Path, token: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     spec: ModelSpec = get_spec(model_id)
-    target = weights_dir / (spec.id if spec.adapter else spec.weights_id)
+    target = weights_dir / (spec.adapter.folder if spec.adapter else spec.weights_id)
     repo = spec.adapter.repo_id if spec.adapter else spec.repo_id
     if repo is None:
         raise ValueError(f"'{model_id}' is an alias of {spec.weights_id}: pull that instead.")
@@ -66,7 +66,7 @@ def pull(model_id: str, weights_dir: Path, token: str | None = None) -> Path:
 def offline_hint(model_id: str, weights_dir: Path) -> str:
     spec = get_spec(model_id)
     repo = spec.adapter.repo_id if spec.adapter else spec.repo_id
-    target = weights_dir / (spec.id if spec.adapter else spec.weights_id)
+    target = weights_dir / (spec.adapter.folder if spec.adapter else spec.weights_id)
     return (
         f"The Hugging Face Hub is not reachable. On a machine that reaches it run\n"
         f"  hf download {repo} --local-dir {spec.id}\n"
@@ -79,7 +79,7 @@ def listing(weights_dir: Path) -> list[tuple[str, str, Path, int]]:
     """(model id, state, folder, bytes) for every known id."""
     rows = []
     for spec in SPECS.values():
-        folder = weights_dir / (spec.id if spec.adapter else spec.weights_id)
+        folder = weights_dir / (spec.adapter.folder if spec.adapter else spec.weights_id)
         if spec.alias:
             rows.append((spec.id, f"alias of {spec.base}", folder, 0))
         elif folder.exists():

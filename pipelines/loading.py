@@ -50,7 +50,7 @@ def locate_checkpoint(spec: ModelSpec, weights_dir: Path, repo_id: str | None = 
 
 def locate_adapter(spec: ModelSpec, adapter: LoraAdapter, weights_dir: Path) -> Path:
     """The folder holding the adapter's .safetensors: weights/<id>/ or the Hugging Face cache."""
-    folder = weights_dir / spec.id
+    folder = weights_dir / adapter.folder
     if (folder / adapter.weight_name).exists():
         return folder
     snapshot = _hub_snapshot(adapter.repo_id)
@@ -59,7 +59,7 @@ def locate_adapter(spec: ModelSpec, adapter: LoraAdapter, weights_dir: Path) -> 
     raise WeightsMissing(
         spec.id,
         [str(folder / adapter.weight_name), f"Hugging Face cache ({adapter.repo_id})"],
-        f"fluxd weights pull {spec.id}",
+        f"fluxd weights pull {adapter.folder}",
     )
 
 

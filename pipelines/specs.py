@@ -81,6 +81,7 @@ class LoraAdapter:
     name: str
     repo_id: str
     weight_name: str
+    folder: str  # weights/<folder>/ holds the file, whichever id (or alias) serves the adapter
     sigmas: tuple[float, ...] | None = None
 
 
@@ -218,6 +219,7 @@ SPECS: dict[str, ModelSpec] = {
                 name="turbo",
                 repo_id="fal/FLUX.2-dev-Turbo",
                 weight_name="flux.2-turbo-lora.safetensors",
+                folder="flux.2-dev-turbo",
                 sigmas=TURBO_SIGMAS,
             ),
             base="flux.2-dev",

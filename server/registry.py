@@ -29,9 +29,16 @@ def checkpoint_present(spec: ModelSpec, weights_dir: Path) -> bool:
 def adapter_present(spec: ModelSpec, weights_dir: Path) -> bool:
     if spec.adapter is None:
         return True
-    return (weights_dir / spec.id / spec.adapter.weight_name).exists() or _in_hub_cache(
+    return (weights_dir / spec.adapter.folder / spec.adapter.weight_name).exists() or _in_hub_cache(
         spec.adapter.repo_id, spec.adapter.weight_name
     )
+
+
+def _pixels(value: str, name: str) -> tuple[int, int]:
+    size = parse_pixels(value, name)
+    if size is None:
+        raise ValueError(f"{name}: expected 'WxH', got '{value}'")
+    return size
 
 
 def configured_specs(settings: Settings) -> dict[str, ModelSpec]:
@@ -55,10 +62,10 @@ def configured_specs(settings: Settings) -> dict[str, ModelSpec]:
         if entry.default_guidance is not None:
             changes["default_guidance"] = entry.default_guidance
         if entry.default_size is not None:
-            changes["default_size"] = parse_pixels(entry.default_size, f"models.{model_id}.default_size")
+            changes["default_size"] = _pixels(entry.default_size, f"models.{model_id}.default_size")
         specs[model_id] = base.with_overrides(**changes)
     if settings.demo:
-        size = parse_pixels(settings.demo_size, "demo_size")
+        size = _pixels(settings.demo_size, "demo_size")
         specs = {model_id: spec.with_overrides(default_size=size) for model_id, spec in specs.items()}
     return specs
 

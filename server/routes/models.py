@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from pipelines.sizes import fit
 from pipelines.specs import ModelSpec, get_spec
 from server.normalize import NORMALISATION
 from server.protocol import Model, ModelList
@@ -20,7 +21,8 @@ def describe(spec: ModelSpec, created: int, demo: bool, detail: bool = False) ->
         "adapter": spec.adapter.name if spec.adapter else None,
         "modes": sorted(spec.modes),
         "default_size": f"{spec.default_size[0]}x{spec.default_size[1]}",
-        "sizes_1k": {ratio: f"{w}x{h}" for ratio, (w, h) in spec.sizes_1k.items()},
+        # What is really generated: the seeds' table snapped to multiples of 16 and fitted to the limits.
+        "sizes_1k": {ratio: "{}x{}".format(*fit(w, h, spec)) for ratio, (w, h) in spec.sizes_1k.items()},
         "resolutions": sorted(spec.tiers, key=spec.tiers.__getitem__),
         "size_multiple": 16,
         "defaults": {

@@ -1,0 +1,166 @@
+"""The playground page (GET /) driven in headless Chromium against a real `fluxd serve --demo`."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+
+from tests.e2e.conftest import Server, start_server, stop_server
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium", path="/usr/bin")
+SCREENSHOT = Path("/tmp/playground.png")
+GENERATION_TIMEOUT_MS = 30_000
+API_KEY = "playground-test-key"
+
+
+def png(width: int, height: int, color: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def b64_png(width: int, height: int, color: str) -> str:
+    return base64.b64encode(png(width, height, color)).decode()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if CHROMIUM is None:
+        pytest.skip("no chromium binary on PATH or at /usr/bin/chromium (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def server(
+    browser: Browser, tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    # Depends on `browser` so that a missing chromium skips before a server is started for nothing.
+    # A key on a loopback bind is enforced too: every test goes through the page's Bearer path.
+    running = start_server(tiny_weights, tmp_path_factory.mktemp("playground"), "--api-key", API_KEY)
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture()
+def fresh_page(browser: Browser, server: Server) -> Iterator[Page]:
+    """The page in a new browser context: nothing in localStorage, so no API key yet."""
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    opened = context.new_page()
+    opened.goto(f"{server.url}/")
+    yield opened
+    context.close()
+
+
+def enter_api_key(page: Page) -> None:
+    page.fill("#api-key", API_KEY)
+    page.dispatch_event("#api-key", "change")
+    expect(page.locator("#model option").first).to_be_attached()
+
+
+@pytest.fixture()
+def page(fresh_page: Page) -> Page:
+    enter_api_key(fresh_page)
+    return fresh_page
+
+
+def fill_request(page: Page, prompt: str, size: str, steps: int = 2) -> None:
+    page.fill("#prompt", prompt)
+    page.select_option("#size", "custom")
+    page.fill("#custom-size", size)
+    page.fill("#steps", str(steps))
+
+
+def final_image_size(page: Page) -> list[int]:
+    page.wait_for_selector('#result[data-state="final"] img', timeout=GENERATION_TIMEOUT_MS)
+    return page.eval_on_selector("#result img", "img => [img.naturalWidth, img.naturalHeight]")
+
+
+def test_generates_an_image_of_the_requested_size(page: Page) -> None:
+    expect(page.locator("#random-banner")).to_be_visible()
+    expect(page.locator("#guidance")).not_to_have_value("")
+    fill_request(page, "a red fox in the snow", "64x48")
+    page.click("#generate")
+
+    assert final_image_size(page) == [64, 48]
+    first_seed = page.inner_text("#seed-used")
+    assert re.fullmatch(r"\d+", first_seed)
+    assert re.fullmatch(r"\d+\.\d\d s", page.inner_text("#elapsed"))
+    expect(page.locator("#history li")).to_have_count(1)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+    page.fill("#seed", "7")
+    page.click("#generate")
+    expect(page.locator("#history li")).to_have_count(2)
+    expect(page.locator("#seed-used")).to_have_text("7")
+    page.locator("#history li button").nth(1).click()
+    expect(page.locator("#seed-used")).to_have_text(first_seed)
+
+
+def test_the_api_key_is_asked_for_sent_and_remembered(fresh_page: Page) -> None:
+    expect(fresh_page.locator("#error")).to_contain_text("Enter the API key")
+    enter_api_key(fresh_page)
+    expect(fresh_page.locator("#error")).to_be_hidden()
+    fresh_page.reload()
+    expect(fresh_page.locator("#api-key")).to_have_value(API_KEY)
+    expect(fresh_page.locator("#model option").first).to_be_attached()
+
+
+def test_reference_images_go_to_edits(page: Page) -> None:
+    fill_request(page, "make it blue", "64x48")
+    reference = {"name": "ref.png", "mimeType": "image/png", "buffer": png(64, 64, "red")}
+    page.set_input_files("#images", reference)
+    with page.expect_request("**/v1/images/edits"):
+        page.click("#generate")
+    assert final_image_size(page) == [64, 48]
+
+
+def test_an_invalid_size_shows_the_message_and_the_parameter(page: Page) -> None:
+    fill_request(page, "a red fox", "abc")
+    page.click("#generate")
+    error = page.locator("#error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("Invalid size 'abc'")
+    expect(error).to_contain_text("parameter: size")
+    expect(page.locator("#history li")).to_have_count(0)
+
+
+def test_partial_images_are_shown_before_the_final_one(page: Page) -> None:
+    # The backend may not emit partial images yet: a canned stream checks the page's side of the contract.
+    events = [
+        ("image_generation.partial_image", {"b64_json": b64_png(32, 24, "gray"), "partial_image_index": 0}),
+        ("image_generation.completed", {"b64_json": b64_png(64, 48, "white"), "size": "64x48"}),
+    ]
+    body = "".join(f"event: {name}\r\ndata: {json.dumps(data)}\r\n\r\n" for name, data in events)
+
+    def canned(route: Route) -> None:
+        route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=body)
+
+    page.route("**/v1/images/generations", canned)
+    page.evaluate(
+        """() => {
+            window.seenStates = [];
+            const result = document.querySelector('#result');
+            new MutationObserver(() => window.seenStates.push(result.dataset.state))
+                .observe(result, {attributes: true, attributeFilter: ['data-state']});
+        }"""
+    )
+    fill_request(page, "a red fox", "64x48")
+    page.click("#generate")
+
+    assert final_image_size(page) == [64, 48]
+    states = page.evaluate("window.seenStates")
+    assert states.index("partial") < states.index("final")

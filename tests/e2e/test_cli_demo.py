@@ -1,0 +1,93 @@
+"""`fluxd serve --demo` as the README has a user run it: the console script, its banner, an SDK image.
+
+These tests start the installed `fluxd` entry point rather than `python -m server.cli`, so a broken
+`[project.scripts]` line fails here first.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.e2e.conftest import Server, free_port, launch, stop_server
+
+DEMO_SIZE = (256, 256)  # README: "Demo models default to 256x256"
+
+
+def console_script() -> str:
+    """The `fluxd` executable installed next to this interpreter (the venv need not be activated)."""
+    beside = Path(sys.executable).with_name("fluxd")
+    found = str(beside) if beside.exists() else shutil.which("fluxd")
+    assert found, "the `fluxd` console script is not installed: pip install -e ."
+    return found
+
+
+def user_env(**overrides: str) -> dict[str, str]:
+    """The environment of a user who has set no FLUXD_ variable, plus `overrides`."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("FLUXD_")}
+    return {**env, **overrides}
+
+
+def assert_generates_an_image(server: Server) -> None:
+    """What a user does next: the default model, no size, a URL response, fetched like any image link."""
+    client = server.client(max_retries=0)
+    result = client.images.generate(prompt="a red fox in the snow")
+    [image] = result.data
+    assert image.url and image.url.startswith(f"{server.url}/v1/files/images/")
+    response = httpx.get(image.url, timeout=30)
+    assert response.status_code == 200, response.text
+    assert Image.open(io.BytesIO(response.content)).size == DEMO_SIZE
+
+
+def banner_curl(log: str) -> str:
+    """The ready-to-paste curl line the banner prints."""
+    [line] = [line for line in log.splitlines() if line.startswith("try: curl ")]
+    return line.removeprefix("try: ")
+
+
+def test_demo_on_existing_weights_prints_its_banner_and_serves(tiny_weights: Path, tmp_path: Path) -> None:
+    port = free_port()
+    command = [console_script(), "serve", "--demo", "--port", str(port)]
+    command += ["--store-dir", str(tmp_path / "store"), "--weights-dir", str(tiny_weights)]
+    server = launch(command, port, tmp_path / "fluxd.log", user_env(), timeout_s=180)
+    try:
+        log = server.logs()
+        assert f"http://127.0.0.1:{port}/v1" in log
+        assert f"playground: http://127.0.0.1:{port}/" in log
+        assert "RANDOM weights" in log
+        # The printed curl must work as pasted: run it through a shell exactly as printed.
+        pasted = subprocess.run(
+            ["bash", "-c", banner_curl(log)], capture_output=True, text=True, timeout=120, check=True
+        )
+        [image] = json.loads(pasted.stdout)["data"]
+        assert Image.open(io.BytesIO(base64.b64decode(image["b64_json"]))).size == DEMO_SIZE
+        assert_generates_an_image(server)
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.timeout(600)
+def test_first_demo_run_writes_the_tiny_weights_itself(tmp_path: Path) -> None:
+    # A first-time user: nothing cached yet. XDG_CACHE_HOME moves ~/.cache/fluxd (weights and images) here.
+    cache = tmp_path / "cache"
+    port = free_port()
+    command = [console_script(), "serve", "--demo", "--port", str(port)]
+    server = launch(command, port, tmp_path / "fluxd.log", user_env(XDG_CACHE_HOME=str(cache)), timeout_s=480)
+    try:
+        tiny = cache / "fluxd" / "tiny"
+        assert f"writing tiny random-weight checkpoints into {tiny}" in server.logs()
+        assert (tiny / "flux.2-dev" / "model_index.json").exists()
+        assert_generates_an_image(server)
+        assert any((cache / "fluxd" / "images").iterdir()), "the url image was not stored under the cache"
+    finally:
+        stop_server(server)
