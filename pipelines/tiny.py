@@ -178,6 +178,9 @@ def build_flux2(seed: int = 0):
     )
     torch.manual_seed(seed)
     text_encoder = Mistral3ForConditionalGeneration(config).eval()
+    # Random weights never emit EOS: bound prompt enhancement in the checkpoint itself, as a real model's
+    # generation_config.json would, so serving code needs no tiny-model special case.
+    text_encoder.generation_config.max_new_tokens = 16
     torch.manual_seed(seed)
     transformer = Flux2Transformer2DModel(
         patch_size=1,

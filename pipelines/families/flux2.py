@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +10,6 @@ import torch
 from PIL import Image
 
 from pipelines.specs import ModelSpec
-from pipelines.tiny import is_tiny
 
 logger = logging.getLogger(__name__)
 _logged_schedules: set[str] = set()
@@ -74,7 +72,6 @@ def preview(pipe: Any, latents: torch.Tensor, width: int, height: int) -> np.nda
 
 
 UPSAMPLE_MAX_NEW_TOKENS = 512  # diffusers' bound in Flux2Pipeline.upsample_prompt
-TINY_UPSAMPLE_MAX_NEW_TOKENS = 16
 
 
 def enhance(pipe: Any, prompt: str, references: list[Image.Image], temperature: float, seed: int) -> str:
@@ -82,10 +79,10 @@ def enhance(pipe: Any, prompt: str, references: list[Image.Image], temperature: 
 
     Its system messages, image preparation, chat template and sampling, for one prompt, with two changes.
     No padding to 2048 tokens: one prompt needs none, and attending to ~1900 pad tokens made a tiny run's
-    prefill ~10 s on two CPU cores. A token budget for tiny random weights: they never emit EOS, so they
-    always generated diffusers' full 512 tokens (~100 s on two CPU cores); 16 take 0.3-3 s. Sampling is
-    seeded by the request's seed in a forked RNG, so the revised prompt, like the image, depends only on the
-    request. An empty answer keeps the client's prompt.
+    prefill ~10 s on two CPU cores. The token budget is the checkpoint's generation_config.max_new_tokens
+    when it sets one (the tiny checkpoints do: random weights never emit EOS), else diffusers' 512.
+    Sampling is seeded by the request's seed in a forked RNG, so the revised prompt, like the image,
+    depends only on the request. An empty answer keeps the client's prompt.
     """
     from diffusers.pipelines.flux2.pipeline_flux2 import _validate_and_process_images, format_input
 
@@ -109,8 +106,7 @@ def enhance(pipe: Any, prompt: str, references: list[Image.Image], temperature: 
     inputs = {name: value.to(encoder.device) for name, value in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(encoder.dtype)
-    folder = pipe.name_or_path  # None for a pipeline built in memory rather than loaded
-    budget = TINY_UPSAMPLE_MAX_NEW_TOKENS if folder and is_tiny(Path(folder)) else UPSAMPLE_MAX_NEW_TOKENS
+    budget = encoder.generation_config.max_new_tokens or UPSAMPLE_MAX_NEW_TOKENS
     devices = [encoder.device] if encoder.device.type != "cpu" else []
     with torch.no_grad(), torch.random.fork_rng(devices, device_type=encoder.device.type):
         torch.manual_seed(seed)

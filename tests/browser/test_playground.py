@@ -138,8 +138,33 @@ def test_an_invalid_size_shows_the_message_and_the_parameter(page: Page) -> None
     expect(page.locator("#history li")).to_have_count(0)
 
 
-def test_partial_images_are_shown_before_the_final_one(page: Page) -> None:
-    # The backend may not emit partial images yet: a canned stream checks the page's side of the contract.
+def watch_states(page: Page) -> None:
+    """Record every data-state the result panel passes through, and the image size in each."""
+    page.evaluate(
+        """() => {
+            window.seen = [];
+            const result = document.querySelector('#result');
+            new MutationObserver(() => {
+                const img = result.querySelector('img');
+                window.seen.push([result.dataset.state, img ? img.src.length : 0]);
+            }).observe(result, {attributes: true, subtree: true, attributeFilter: ['data-state', 'src']});
+        }"""
+    )
+
+
+def test_the_servers_partial_images_arrive_before_the_final_one(page: Page) -> None:
+    watch_states(page)
+    fill_request(page, "a red fox", "64x48", steps=30)
+    with page.expect_response("**/v1/images/generations") as response:
+        page.click("#generate")
+    assert response.value.headers["content-type"].startswith("text/event-stream")
+    assert final_image_size(page) == [64, 48]
+    states = [state for state, _ in page.evaluate("window.seen")]
+    assert "partial" in states and states.index("partial") < states.index("final")
+
+
+def test_a_crlf_stream_is_parsed_too(page: Page) -> None:
+    # A canned stream with CRLF line endings, which proxies may introduce, checks the page's parser.
     events = [
         ("image_generation.partial_image", {"b64_json": b64_png(32, 24, "gray"), "partial_image_index": 0}),
         ("image_generation.completed", {"b64_json": b64_png(64, 48, "white"), "size": "64x48"}),
@@ -150,17 +175,10 @@ def test_partial_images_are_shown_before_the_final_one(page: Page) -> None:
         route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=body)
 
     page.route("**/v1/images/generations", canned)
-    page.evaluate(
-        """() => {
-            window.seenStates = [];
-            const result = document.querySelector('#result');
-            new MutationObserver(() => window.seenStates.push(result.dataset.state))
-                .observe(result, {attributes: true, attributeFilter: ['data-state']});
-        }"""
-    )
+    watch_states(page)
     fill_request(page, "a red fox", "64x48")
     page.click("#generate")
 
     assert final_image_size(page) == [64, 48]
-    states = page.evaluate("window.seenStates")
+    states = [state for state, _ in page.evaluate("window.seen")]
     assert states.index("partial") < states.index("final")

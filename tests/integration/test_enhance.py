@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 
 import pytest
@@ -73,15 +72,15 @@ def test_without_enhancement_there_is_no_revised_prompt(engine: Engine) -> None:
     assert enhanced(engine, "flux.2-dev", enhance_prompt=False).revised_prompt is None
 
 
-def test_enhancement_is_bounded_for_tiny_weights(engine: Engine) -> None:
+def test_enhancement_is_bounded_by_the_checkpoints_generation_config(engine: Engine) -> None:
     # Random weights never stop on their own: unbounded, they would write diffusers' 512 tokens (~100 s).
+    # The tiny checkpoint carries its bound in generation_config.json, as a real one would.
     pipe = engine.pipeline(SPECS["flux.2-dev"])
-    started = time.perf_counter()
+    budget = pipe.text_encoder.generation_config.max_new_tokens
+    assert budget is not None and budget < flux2.UPSAMPLE_MAX_NEW_TOKENS
     revised = flux2.enhance(pipe, "a red fox", [], 0.15, seed=3)
-    seconds = time.perf_counter() - started
-    print(f"\nflux.2-dev tiny enhancement: {seconds:.2f} s for {revised!r}")
-    assert len(pipe.tokenizer.tokenizer(revised)["input_ids"]) <= 2 * flux2.TINY_UPSAMPLE_MAX_NEW_TOKENS
-    assert seconds < 10
+    # Decoding then re-encoding random tokens does not round-trip exactly, hence the slack.
+    assert 0 < len(pipe.tokenizer.tokenizer(revised, add_special_tokens=False)["input_ids"]) <= 2 * budget
 
 
 def test_a_model_without_a_language_model_names_the_parameter(engine: Engine) -> None:
