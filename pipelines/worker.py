@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 FAULT_AFTER_STEP = "FLUXD_FAULT_AFTER_STEP"
 """Debug only, unset by default: a worker started with it fails every job right after reporting that step,
 so tests can watch an error reach a client after streaming began."""
+FAULT_KIND = "FLUXD_FAULT_KIND"
+"""With FAULT_AFTER_STEP: "error" (default) raises a RuntimeError, "oom" a torch.OutOfMemoryError, so the
+out-of-memory path can be exercised without a GPU."""
 
 
 def _watch_cancellations(control: Queue, cancelled: set[str]) -> None:
@@ -64,7 +67,8 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
     def on_step(progress: Progress, _pipe: Any) -> bool:
         outbox.put(progress)
         if fault_after and progress.step >= fault_after:
-            raise RuntimeError(f"fault injected after step {progress.step} by {FAULT_AFTER_STEP}")
+            fault = torch.OutOfMemoryError if os.environ.get(FAULT_KIND) == "oom" else RuntimeError
+            raise fault(f"fault injected after step {progress.step} by {FAULT_AFTER_STEP}")
         return progress.id in cancelled
 
     while True:

@@ -257,3 +257,19 @@ def test_two_workers_share_the_load(fresh: Server) -> None:
         line.split("[worker ")[1].split("]")[0] for line in fresh.logs().splitlines() if "rendered" in line
     }
     assert rendered_by == {str(w["pid"]) for w in workers}
+
+
+def test_out_of_memory_fails_the_batch_and_the_worker_goes_on(tiny_weights: Path, tmp_path: Path) -> None:
+    oom = start_server(tiny_weights, tmp_path, env={"FLUXD_FAULT_AFTER_STEP": "2", "FLUXD_FAULT_KIND": "oom"})
+    try:
+        [worker] = HTTP.get(f"{oom.url}/ready").json()["workers"]
+        failed = generate(oom, num_inference_steps=4)
+        assert failed.status_code == 503, failed.text
+        assert failed.json()["error"]["code"] == "out_of_memory" and failed.headers["retry-after"]
+        # The injected fault fires from step 2 on: a 1-step job shows the same worker serving again.
+        assert generate(oom, num_inference_steps=1).status_code == 200
+        [after] = HTTP.get(f"{oom.url}/ready").json()["workers"]
+        assert (after["pid"], after["restarts"]) == (worker["pid"], 0)
+        assert "out of memory rendering" in oom.logs()
+    finally:
+        stop_server(oom)
