@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 import shutil
@@ -11,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from tests.e2e.conftest import Server, start_server, stop_server
+from tests.imagery import png
 
 pytestmark = pytest.mark.browser
 
@@ -22,12 +21,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium", path="/usr/bin")
 SCREENSHOT = Path("/tmp/playground.png")
 GENERATION_TIMEOUT_MS = 30_000
 API_KEY = "playground-test-key"
-
-
-def png(width: int, height: int, color: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def b64_png(width: int, height: int, color: str) -> str:

@@ -9,14 +9,9 @@ import pytest
 from PIL import Image
 
 from tests.e2e.conftest import HTTP, Server
+from tests.imagery import png
 
 FAST = {"num_inference_steps": 2}
-
-
-def png(width: int = 64, height: int = 64, mode: str = "RGB") -> bytes:
-    buffer = io.BytesIO()
-    Image.new(mode, (width, height)).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def bomb() -> bytes:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from pipelines.specs import SPECS
 from tests.e2e.conftest import HTTP, Server
+from tests.imagery import png as png_bytes
 
 EDIT_MODELS = sorted(m for m, s in SPECS.items() if "edit" in s.modes)
 MAGIC = {"png": b"\x89PNG", "jpeg": b"\xff\xd8\xff", "webp": b"RIFF", "gif": b"GIF8", "avif": b"ftypavif"}
@@ -21,12 +22,6 @@ FAST = {"num_inference_steps": 2}
 
 def decode(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
-
-
-def png_bytes(width: int = 64, height: int = 64, color: tuple[int, int, int] = (30, 120, 200)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("model", sorted(SPECS))

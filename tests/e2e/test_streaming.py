@@ -21,16 +21,11 @@ from PIL import Image
 
 from pipelines.worker import FAULT_AFTER_STEP
 from tests.e2e.conftest import HTTP, Server, start_server, stop_server
+from tests.imagery import png as png_bytes
 
 
 def size_of(b64: str) -> tuple[int, int]:
     return Image.open(io.BytesIO(base64.b64decode(b64))).size
-
-
-def png_bytes(width: int = 64, height: int = 64) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (30, 120, 200)).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def check_stream(events: list, partial: type, completed: type, asked: int, size: tuple[int, int]) -> None:

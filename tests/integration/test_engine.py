@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipelines.engine import Engine, passthrough_signatures
 from pipelines.errors import InvalidParameter, WeightsMissing
 from pipelines.jobs import RenderRequest
 from pipelines.specs import SPECS
+from tests.imagery import png
 
 STEPS = 3
 
@@ -22,12 +21,6 @@ STEPS = 3
 def engine(tiny_weights: Path) -> Engine:
     torch.set_num_threads(2)
     return Engine(SPECS, tiny_weights)
-
-
-def png(width: int, height: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def request(model: str, seeds: list[int], width: int = 64, height: int = 48, **fields) -> RenderRequest:

@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from pipelines.engine import Engine
 from pipelines.errors import InvalidParameter
 from pipelines.families import flux2
 from pipelines.jobs import RenderRequest, RenderResult
 from pipelines.specs import SPECS
+from tests.imagery import png
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_weights: Path) -> Engine:
     torch.set_num_threads(2)
     return Engine(SPECS, tiny_weights)
-
-
-def png(width: int = 64, height: int = 64) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (30, 120, 200)).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def enhanced(engine: Engine, model: str, seed: int = 1, **fields) -> RenderResult:

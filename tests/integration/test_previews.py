@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable
 from functools import partial
@@ -16,6 +15,7 @@ from PIL import Image
 from pipelines.engine import FAMILIES, Engine, preview_steps, to_uint8
 from pipelines.jobs import Progress, RenderRequest
 from pipelines.specs import SPECS
+from tests.imagery import png
 
 FAMILY_MODELS = ["flux.2-dev", "flux.1-dev", "flux.1-kontext-dev"]
 
@@ -24,12 +24,6 @@ FAMILY_MODELS = ["flux.2-dev", "flux.1-dev", "flux.1-kontext-dev"]
 def engine(tiny_weights: Path) -> Engine:
     torch.set_num_threads(2)
     return Engine(SPECS, tiny_weights)
-
-
-def png(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def request(model: str, seed: int, partial_images: int, steps: int = 6, **fields) -> RenderRequest:
