@@ -89,5 +89,6 @@ class WorkerConfig:
     preload: list[str] = field(default_factory=list)
     threads: int | None = None
     memory_budget_bytes: int | None = None
+    parent_pid: int | None = None  # the server; the worker exits when it is gone
     log_level: str = "INFO"
     specs: dict[str, Any] = field(default_factory=dict)  # ModelSpec per id, as the front resolved them

@@ -45,7 +45,10 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> None:
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    # The server's pid comes with the config: a server that died before this line ran would otherwise
+    # leave getppid() already pointing at init.
+    parent = config.parent_pid or os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s"
     )

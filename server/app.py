@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -45,6 +46,7 @@ def worker_configs(settings: Settings, specs: dict) -> list[WorkerConfig]:
             device=device,
             preload=[m for m in settings.preload if m in specs],
             threads=settings.worker_threads,
+            parent_pid=os.getpid(),
             memory_budget_bytes=int(settings.memory_budget_gb * 2**30) if settings.memory_budget_gb else None,
             log_level=settings.log_level,
             specs=specs,

@@ -1,4 +1,4 @@
-"""`fluxd serve | weights tiny|pull|list|verify | bench gpu`. Logging is configured here, once."""
+"""`fluxd serve | weights tiny|pull|list|verify | bench gpu|serve`. Logging is configured here, once."""
 
 from __future__ import annotations
 
@@ -185,6 +185,10 @@ def weights(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.target == "serve":
+        from server.bench import main as serve_main
+
+        return serve_main(rest)
     from pipelines.bench_gpu import main as gpu_main
 
     return gpu_main(rest)
@@ -204,9 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     weights_parser.add_argument(
         "--token", default=os.environ.get("HF_TOKEN"), help="Hugging Face token (gated repos)"
     )
-    # `bench serve` (HTTP overhead, batching, soak) is not written yet: see issue 4.
-    bench_parser = sub.add_parser("bench", help="gpu: synthetic full-size models on a CUDA device")
-    bench_parser.add_argument("target", choices=["gpu"])
+    # No -h of its own: `fluxd bench serve --help` reaches the target's parser, which knows the options.
+    bench_parser = sub.add_parser(
+        "bench",
+        help="gpu: synthetic full-size models on a CUDA device; serve: HTTP overhead, batching, soak",
+        add_help=False,
+    )
+    bench_parser.add_argument("target", choices=["gpu", "serve"])
     return parser
 
 
