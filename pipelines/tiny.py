@@ -354,7 +354,3 @@ def write_tiny(root: Path, seed: int = 0) -> list[Path]:
         (folder / TINY_MARKER).write_text(json.dumps({"tiny": True, "seed": seed}) + "\n")
     logger.info("wrote tiny random-weight checkpoints for %s under %s", [p.name for p in written], root)
     return written
-
-
-def is_tiny(folder: Path) -> bool:
-    return (folder / TINY_MARKER).exists()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -68,29 +69,26 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(body, status_code=error.status, headers=headers)
 
 
-def _validation_param(exc: RequestValidationError) -> tuple[str | None, str]:
-    first = exc.errors()[0] if exc.errors() else {}
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
+    """Pydantic's first error as a 400 naming the field: for JSON bodies and multipart forms alike."""
+    first = errors[0] if errors else {}
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
     param = ".".join(location) or None
-    message = first.get("msg", "Invalid request.")
-    if first.get("type") == "extra_forbidden":
-        return param, f"Unrecognized request argument supplied: {param}"
-    if first.get("type") == "missing":
-        return param, f"Missing required parameter: '{param}'."
-    return param, f"Invalid value for '{param}': {message}" if param else message
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        message, code = f"Unrecognized request argument supplied: {param}", "unknown_parameter"
+    elif kind == "missing":
+        message, code = f"Missing required parameter: '{param}'.", "missing_required_parameter"
+    else:
+        detail = first.get("msg", "Invalid request.")
+        message, code = (f"Invalid value for '{param}': {detail}" if param else detail), "invalid_value"
+    return APIError(400, message, param=param, code=code, headers={"x-should-retry": "false"})
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        param, message = _validation_param(exc)
-        first = exc.errors()[0] if exc.errors() else {}
-        code = {"extra_forbidden": "unknown_parameter", "missing": "missing_required_parameter"}.get(
-            first.get("type", ""), "invalid_value"
-        )
-        return error_response(
-            APIError(400, message, param=param, code=code, headers={"x-should-retry": "false"})
-        )
+        return error_response(validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from fastapi import Request
-from pydantic import ValidationError
 
 from pipelines.errors import InvalidParameter
 from pipelines.images import decode_image
@@ -33,16 +32,6 @@ _ECHO_FORMATS = {"png", "jpeg", "webp", "gif"}
 
 class ClientGone(Exception):
     """The client disconnected; nothing is sent back."""
-
-
-def validation_to_invalid(exc: ValidationError) -> InvalidParameter:
-    first = exc.errors()[0]
-    param = ".".join(str(part) for part in first["loc"]) or "body"
-    if first["type"] == "missing":
-        return InvalidParameter(
-            param, f"Missing required parameter: '{param}'.", "missing_required_parameter"
-        )
-    return InvalidParameter(param, f"Invalid value for '{param}': {first['msg']}")
 
 
 def worker_error(exc: Exception) -> APIError:
@@ -201,7 +190,7 @@ class ImageService:
             "size": f"{render.width}x{render.height}",
             "quality": reply.quality or "auto",
             "background": reply.background,
-            "output_format": reply.output_format if reply.output_format in _ECHO_FORMATS else "png",
+            "output_format": reply.output_format,  # normalize allows only STREAM_FORMATS here
         }
         sent = 0
         try:

@@ -8,8 +8,9 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from pipelines.errors import InvalidParameter
+from server.errors import validation_error
 from server.protocol import ImageEditRequest, ImageGenerationRequest, ImagesResponse
-from server.service import ClientGone, ImageService, Prepared, validation_to_invalid
+from server.service import ClientGone, ImageService, Prepared
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
@@ -66,7 +67,7 @@ async def _read_edit_form(request: Request, require_prompt: bool) -> tuple[Image
     try:
         return ImageEditRequest.model_validate(fields), images
     except ValidationError as exc:
-        raise validation_to_invalid(exc) from None
+        raise validation_error(exc.errors()) from None
 
 
 @router.post("/edits", response_model=ImagesResponse, response_model_exclude_none=True)

@@ -60,9 +60,9 @@ def launch(
     raise AssertionError(f"fluxd never became ready in {timeout_s:.0f} s:\n{server.logs()}")
 
 
-def start_server(weights: Path, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
-    port = free_port()
-    command = [
+def serve_command(weights: Path, tmp: Path, port: int, *extra: str) -> list[str]:
+    """`fluxd serve --demo` on the tiny checkpoints, as every e2e server is started."""
+    return [
         sys.executable,
         "-m",
         "server.cli",
@@ -78,6 +78,11 @@ def start_server(weights: Path, tmp: Path, *extra: str, env: dict[str, str] | No
         "2",
         *extra,
     ]
+
+
+def start_server(weights: Path, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
+    port = free_port()
+    command = serve_command(weights, tmp, port, *extra)
     return launch(command, port, tmp / f"server-{port}.log", {**os.environ, **(env or {})})
 
 

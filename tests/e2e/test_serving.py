@@ -199,27 +199,12 @@ def test_metrics_expose_the_serving_series(server: Server) -> None:
 
 def test_ready_turns_200_only_after_preloading(tiny_weights: Path, tmp_path: Path) -> None:
     import subprocess
-    import sys
 
-    from tests.e2e.conftest import free_port
+    from tests.e2e.conftest import free_port, serve_command
 
     port = free_port()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--demo",
-            "--weights-dir",
-            str(tiny_weights),
-            "--port",
-            str(port),
-            "--store-dir",
-            str(tmp_path / "store"),
-            "--preload",
-            "flux.2-dev,flux.1-dev",
-        ],
+        serve_command(tiny_weights, tmp_path, port, "--preload", "flux.2-dev,flux.1-dev"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
