@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import inspect
 import logging
@@ -15,10 +16,12 @@ import numpy as np
 import torch
 
 from pipelines import loading
-from pipelines.errors import InvalidParameter
+from pipelines.errors import InvalidParameter, ModeUnfit
 from pipelines.families import flux1, flux2
 from pipelines.images import decode_image, limit_reference
 from pipelines.jobs import Progress, RenderedImage, RenderRequest, RenderResult
+from pipelines.modes import ResolvedMode, choose_mode
+from pipelines.prompt_cache import PromptCache
 from pipelines.specs import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -115,6 +118,8 @@ class Engine:
         weights_dir: Path,
         device: str = "cpu",
         memory_budget_bytes: int | None = None,
+        prompt_cache_bytes: int = 0,
+        modes: Mapping[str, str] | None = None,
     ) -> None:
         self.specs = specs
         self.weights_dir = weights_dir
@@ -122,15 +127,56 @@ class Engine:
         self.memory_budget_bytes = memory_budget_bytes
         self._pipelines: dict[str, Any] = {}  # insertion order = least recently used first
         self._adapters: dict[str, set[str]] = {}
+        self.prompts = PromptCache(prompt_cache_bytes)
+        self.modes = self._resolve_modes(modes or {})
+
+    def _gpu_bytes(self) -> int | None:
+        """GPU memory this worker may use: the device's, or less when a memory budget says so."""
+        if not self.device.startswith("cuda"):
+            return None
+        total = int(torch.cuda.get_device_properties(torch.device(self.device)).total_memory)
+        return min(total, self.memory_budget_bytes) if self.memory_budget_bytes else total
+
+    def _resolve_modes(self, requested: Mapping[str, str]) -> dict[str, ResolvedMode | ModeUnfit]:
+        """Each checkpoint's mode on this device (`auto` unless `requested` names one), or why none fits."""
+        gpu_bytes = self._gpu_bytes()
+        modes: dict[str, ResolvedMode | ModeUnfit] = {}
+        for weights_id in sorted({spec.weights_id for spec in self.specs.values()}):
+            try:
+                modes[weights_id] = choose_mode(weights_id, gpu_bytes, requested.get(weights_id, "auto"))
+            except ValueError as exc:
+                modes[weights_id] = ModeUnfit(weights_id, str(exc))
+            resolved = modes[weights_id]
+            logger.info("%s on %s: %s", weights_id, self.device, getattr(resolved, "reason", resolved))
+        return modes
+
+    def mode(self, weights_id: str) -> ResolvedMode:
+        resolved = self.modes[weights_id]
+        if isinstance(resolved, ModeUnfit):
+            raise resolved
+        return resolved
+
+    def warm_up(self, spec: ModelSpec) -> None:
+        """Load `spec` and run two steps at its default size: compilation happens here, at start-up, and
+        never on a client's first request."""
+        pipe = self.pipeline(spec)
+        width, height = spec.default_size
+        started = time.perf_counter()
+        pipe(prompt="warm-up", width=width, height=height, num_inference_steps=2, output_type="latent")
+        logger.info("warmed up %s at %dx%d in %.1f s", spec.id, width, height, time.perf_counter() - started)
 
     def pipeline(self, spec: ModelSpec) -> Any:
         """The loaded pipeline for `spec`, with its adapter (and only its adapter) switched on."""
         pipe = self._pipelines.get(spec.weights_id)
         if pipe is None:
             base = self.specs.get(spec.weights_id, spec)
-            pipe = loading.load_pipeline(loading.locate_checkpoint(base, self.weights_dir), self.device)
+            path = loading.locate_checkpoint(base, self.weights_dir)
+            pipe = loading.load_pipeline(path, self.device, self.mode(spec.weights_id))
             self._pipelines[spec.weights_id] = pipe
             self._adapters[spec.weights_id] = set()
+            # Adapters fluxd loads (Turbo) touch only the transformer, so a LoRA'd model shares its base's
+            # encoder outputs: the scope is the checkpoint.
+            self.prompts.install(pipe, spec.weights_id, FAMILIES[base.family].EMBEDS)
             self._evict_beyond_budget(keep=spec.weights_id)
         else:
             self._pipelines[spec.weights_id] = self._pipelines.pop(spec.weights_id)
@@ -148,6 +194,24 @@ class Engine:
             pipe.disable_lora()
         return pipe
 
+    def describe_modes(self) -> dict[str, dict[str, Any]]:
+        """Per checkpoint, what it runs as on this device (or why it cannot run), for /v1/models."""
+        return {
+            weights_id: dataclasses.asdict(resolved)
+            if isinstance(resolved, ResolvedMode)
+            else {"mode": None, "error": resolved.message}
+            for weights_id, resolved in self.modes.items()
+        }
+
+    def warm_ups(self) -> list[ModelSpec]:
+        """Models to run once at start-up: those whose transformer is compiled, each adapter on its own (a
+        LoRA switched on changes the compiled graph)."""
+        return [
+            spec
+            for spec in self.specs.values()
+            if not spec.alias and getattr(self.modes[spec.weights_id], "compile", False)
+        ]
+
     def loaded(self) -> list[str]:
         return sorted(self._pipelines)
 
@@ -162,6 +226,7 @@ class Engine:
             victim = next(name for name in self._pipelines if name != keep)
             del self._pipelines[victim]
             del self._adapters[victim]
+            self.prompts.drop(victim)
             logger.info("unloaded %s to stay within the memory budget", victim)
         gc.collect()
         if self.device.startswith("cuda"):
@@ -183,6 +248,7 @@ class Engine:
         if references:
             spec.check_references([image.size for image in references])
         loaded_ms = (time.perf_counter() - started) * 1000
+        hits, misses = self.prompts.hits, self.prompts.misses
 
         prompts: list[str] = []
         generators: list[torch.Generator] = []
@@ -270,7 +336,14 @@ class Engine:
                     request.id,
                     rendered,
                     revised_prompt,
-                    {"load": loaded_ms, "run": run_ms, "previews": preview_ms, "batch_images": len(prompts)},
+                    {
+                        "load": loaded_ms,
+                        "run": run_ms,
+                        "previews": preview_ms,
+                        "batch_images": len(prompts),
+                        "prompt_cache_hits": self.prompts.hits - hits,
+                        "prompt_cache_misses": self.prompts.misses - misses,
+                    },
                 )
             )
         logger.info(

@@ -41,3 +41,12 @@ class WeightsMissing(FluxdError, FileNotFoundError):
         super().__init__(message)
         self.model_id = model_id
         self.message = message
+
+
+class ModeUnfit(FluxdError, RuntimeError):
+    """The mode configured for a checkpoint cannot run on this worker's device (too little memory)."""
+
+    def __init__(self, weights_id: str, reason: str) -> None:
+        super().__init__(reason)
+        self.weights_id = weights_id
+        self.message = reason

@@ -80,6 +80,7 @@ class Ready:
     device: str
     signatures: dict[str, dict[str, str]]
     loaded: list[str]
+    modes: dict[str, dict[str, Any]] = field(default_factory=dict)  # per checkpoint, as resolved on `device`
 
 
 @dataclass
@@ -89,6 +90,8 @@ class WorkerConfig:
     preload: list[str] = field(default_factory=list)
     threads: int | None = None
     memory_budget_bytes: int | None = None
+    prompt_cache_bytes: int = 0
+    modes: dict[str, str] = field(default_factory=dict)  # requested mode per checkpoint; others are auto
     parent_pid: int | None = None  # the server; the worker exits when it is gone
     log_level: str = "INFO"
     specs: dict[str, Any] = field(default_factory=dict)  # ModelSpec per id, as the front resolved them

@@ -15,7 +15,7 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import InvalidParameter, WeightsMissing
+from pipelines.errors import InvalidParameter, ModeUnfit, WeightsMissing
 from pipelines.jobs import Failure, Progress, Ready, RenderRequest, WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -58,12 +58,25 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    engine = Engine(config.specs, Path(config.weights_dir), config.device, config.memory_budget_bytes)
+    engine = Engine(
+        config.specs,
+        Path(config.weights_dir),
+        config.device,
+        config.memory_budget_bytes,
+        config.prompt_cache_bytes,
+        config.modes,
+    )
     for model_id in config.preload:
-        engine.pipeline(config.specs[model_id])
+        try:
+            engine.pipeline(config.specs[model_id])
+        except ModeUnfit as exc:
+            logger.error("not preloading %s: %s", model_id, exc.message)
+    for spec in engine.warm_ups():
+        engine.warm_up(spec)
     cancelled: set[str] = set()
     threading.Thread(target=_watch_cancellations, args=(control, cancelled), daemon=True).start()
-    outbox.put(Ready(config.device, passthrough_signatures(config.specs), engine.loaded()))
+    signatures = passthrough_signatures(config.specs)
+    outbox.put(Ready(config.device, signatures, engine.loaded(), engine.describe_modes()))
 
     fault_after = int(os.environ.get(FAULT_AFTER_STEP, "0"))
 
@@ -92,7 +105,7 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
                 outbox.put(result)
         except InvalidParameter as exc:
             outbox.put(Failure(ids, "invalid", exc.message, exc.param, exc.code))
-        except WeightsMissing as exc:
+        except (WeightsMissing, ModeUnfit) as exc:
             outbox.put(Failure(ids, "unavailable", exc.message, "model", "model_unavailable"))
         except torch.OutOfMemoryError:
             logger.exception("out of memory rendering %s", ids)

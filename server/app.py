@@ -25,7 +25,7 @@ from pipelines.jobs import WorkerConfig
 from server.config import Settings
 from server.errors import APIError, error_response, install_error_handlers
 from server.metrics import Metrics
-from server.registry import served_specs
+from server.registry import requested_modes, served_specs
 from server.routes import files, health, images, models
 from server.scheduler import Scheduler
 from server.service import ImageService
@@ -48,6 +48,8 @@ def worker_configs(settings: Settings, specs: dict) -> list[WorkerConfig]:
             threads=settings.worker_threads,
             parent_pid=os.getpid(),
             memory_budget_bytes=int(settings.memory_budget_gb * 2**30) if settings.memory_budget_gb else None,
+            prompt_cache_bytes=int(settings.prompt_cache_mb * 2**20),
+            modes=requested_modes(settings, specs),
             log_level=settings.log_level,
             specs=specs,
         )

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipelines.modes import MODES
 from server.config import DEFAULT_CACHE, ENV_PREFIX, load_settings
 
 logger = logging.getLogger("fluxd")
@@ -52,6 +53,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--preload", help="comma-separated model ids loaded at start-up (ready only after)")
     serve.add_argument(
         "--memory-budget-gb", type=float, help="checkpoints kept loaded per worker, LRU out first"
+    )
+    serve.add_argument(
+        "--mode",
+        choices=MODES,
+        help="how every model runs: auto (default), resident, fast, lowvram, offload; per model in TOML",
+    )
+    serve.add_argument(
+        "--prompt-cache-mb", type=float, help="text-encoder outputs kept per worker (default 512, 0: off)"
     )
     serve.add_argument("--queue-size", type=int, help="queued requests per model before 429 (default 64)")
     serve.add_argument(

@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipelines.modes import Mode
+
 ENV_PREFIX = "FLUXD_"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluxd"
 
@@ -25,6 +27,7 @@ class ModelEntry(BaseModel):
     default_steps: int | None = None
     default_guidance: float | None = None
     default_size: str | None = None
+    mode: Mode | None = None
 
 
 class Settings(BaseModel):
@@ -55,6 +58,8 @@ class Settings(BaseModel):
     worker_threads: int | None = None
     preload: list[str] = Field(default_factory=list)
     memory_budget_gb: float | None = Field(None, gt=0)
+    mode: Mode = "auto"
+    prompt_cache_mb: float = Field(512.0, ge=0)
     worker_start_timeout_s: float = Field(600.0, gt=0)
     log_prompts: bool = False
     log_level: str = "INFO"

@@ -57,6 +57,11 @@ def configured_specs(settings: Settings) -> dict[str, ModelSpec]:
                 changes.update(base=None, checkpoint_path=entry.path)
             else:
                 changes["base"] = base.weights_id
+        if entry.mode is not None and model_id != base.weights_id and not entry.path:
+            raise ValueError(
+                f"models.{model_id}.mode: {model_id} runs on the weights of {base.weights_id}; "
+                f'set the mode on models."{base.weights_id}"'
+            )
         if entry.default_steps is not None:
             changes["default_steps"] = entry.default_steps
         if entry.default_guidance is not None:
@@ -79,3 +84,12 @@ def served_specs(settings: Settings) -> dict[str, ModelSpec]:
         else:
             logger.info("not serving %s: its weights are not in %s", model_id, settings.weights_dir)
     return served
+
+
+def requested_modes(settings: Settings, specs: dict[str, ModelSpec]) -> dict[str, str]:
+    """The mode asked of each checkpoint: its own registry entry's, else the server-wide setting."""
+    modes: dict[str, str] = {}
+    for spec in specs.values():
+        entry = settings.models.get(spec.weights_id)
+        modes[spec.weights_id] = entry.mode if entry is not None and entry.mode else settings.mode
+    return modes

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pipelines import worker as worker_main
 from pipelines.jobs import Failure, Progress, Ready, RenderRequest, RenderResult, WorkerConfig
@@ -201,6 +202,14 @@ class WorkerPool:
             if handle.info is not None:
                 return handle.info.signatures
         return {}
+
+    def modes(self, weights_id: str) -> list[dict[str, Any]]:
+        """What each ready worker runs the checkpoint as, with the worker's device."""
+        return [
+            {"device": handle.info.device, **handle.info.modes[weights_id]}
+            for handle in self.workers
+            if handle.info is not None and weights_id in handle.info.modes
+        ]
 
     def stop(self) -> None:
         for handle in self.workers:

@@ -10,6 +10,9 @@ from PIL import Image
 
 from pipelines.specs import ModelSpec
 
+EMBEDS = ("prompt_embeds", "pooled_prompt_embeds")
+"""What encode_prompt returns per prompt, in order: T5 sequence, CLIP pooled (pipelines.prompt_cache)."""
+
 
 def call_kwargs(spec: ModelSpec, pipe: Any, references: list[Image.Image], width: int, height: int) -> dict:
     if spec.family != "flux1-kontext":

@@ -12,6 +12,9 @@ from PIL import Image
 from pipelines.specs import ModelSpec
 
 logger = logging.getLogger(__name__)
+
+EMBEDS = ("prompt_embeds",)
+"""What encode_prompt returns per prompt, in order, as __call__ takes it back (pipelines.prompt_cache)."""
 _logged_schedules: set[str] = set()
 
 

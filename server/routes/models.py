@@ -12,7 +12,7 @@ from server.protocol import Model, ModelList
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def describe(spec: ModelSpec, created: int, demo: bool, detail: bool = False) -> Model:
+def describe(spec: ModelSpec, created: int, demo: bool, run_modes: list[dict], detail: bool = False) -> Model:
     info: dict = {
         "title": spec.title,
         "family": spec.family,
@@ -40,6 +40,9 @@ def describe(spec: ModelSpec, created: int, demo: bool, detail: bool = False) ->
         },
         "parameters": sorted(spec.params),
         "prompt_enhancement": spec.enhances_prompt,
+        # Per worker: resident / fast / lowvram / offload / cpu, the weights' storage and why; empty until the
+        # workers have started.
+        "run_modes": run_modes,
         "random_weights": demo,
     }
     if demo:
@@ -52,15 +55,26 @@ def describe(spec: ModelSpec, created: int, demo: bool, detail: bool = False) ->
     return Model(id=spec.id, created=created, owned_by=owner, **info)
 
 
+def _run_modes(request: Request, spec: ModelSpec) -> list[dict]:
+    pool = getattr(request.app.state, "pool", None)
+    return [] if pool is None else pool.modes(spec.weights_id)
+
+
 @router.get("", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     """The models this server serves (those whose weights are present)."""
     state = request.app.state
-    return ModelList(data=[describe(s, state.started, state.settings.demo) for s in state.specs.values()])
+    return ModelList(
+        data=[
+            describe(s, state.started, state.settings.demo, _run_modes(request, s))
+            for s in state.specs.values()
+        ]
+    )
 
 
 @router.get("/{model_id:path}", response_model=Model)
 async def retrieve_model(model_id: str, request: Request) -> Model:
     """One model, with the parameter normalisation table."""
     state = request.app.state
-    return describe(get_spec(model_id, state.specs), state.started, state.settings.demo, detail=True)
+    spec = get_spec(model_id, state.specs)
+    return describe(spec, state.started, state.settings.demo, _run_modes(request, spec), detail=True)

@@ -176,6 +176,15 @@ def test_models(client: openai.OpenAI) -> None:
     turbo = client.models.retrieve("flux.2-dev-turbo").model_extra
     assert turbo["root"] == "flux.2-dev" and turbo["defaults"]["num_inference_steps"] == 8
     assert "normalisation" in turbo and turbo["normalisation"]["cfg_scale"]["behaviour"] == "renamed"
+    # What the worker resolved for the checkpoint under Turbo: no GPU here, so the CPU in float32.
+    [mode] = turbo["run_modes"]
+    assert (mode["device"], mode["mode"], mode["transformer"], mode["offload"]) == (
+        "cpu",
+        "cpu",
+        "float32",
+        "none",
+    )
+    assert "no CUDA GPU" in mode["reason"]
     kontext = client.models.retrieve("flux.1-kontext-dev").model_extra
     assert len(kontext["sizes_1k"]) == 11 and kontext["random_weights"] is True
     with pytest.raises(openai.NotFoundError) as info:

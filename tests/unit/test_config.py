@@ -205,3 +205,27 @@ def test_readme_alias_of_turbo_is_served_once_turbo_is(tmp_path: Path) -> None:
     served = served_specs(settings)
     assert "flux.2-dev-turbo" in served
     assert "fast" in served
+
+
+def test_modes_default_to_auto_and_the_toml_sets_one_per_checkpoint(tmp_path: Path) -> None:
+    config = toml(tmp_path, 'mode = "offload"\n[models."flux.2-dev"]\nmode = "fast"\n')
+    settings = load_settings({}, {}, config)
+    modes = registry.requested_modes(settings, configured_specs(settings))
+    assert modes["flux.2-dev"] == "fast" and modes["flux.1-dev"] == "offload"
+    assert set(modes) == {spec.weights_id for spec in SPECS.values()}
+    assert set(registry.requested_modes(load_settings(environ={}), SPECS).values()) == {"auto"}
+    assert load_settings({}, {"FLUXD_MODE": "lowvram"}).mode == "lowvram"
+
+
+def test_a_mode_on_an_id_without_its_own_weights_names_the_checkpoint(tmp_path: Path) -> None:
+    settings = load_settings(
+        environ={}, config_file=toml(tmp_path, '[models."flux.2-dev-turbo"]\nmode = "fast"\n')
+    )
+    with pytest.raises(ValueError, match=r'models\.flux\.2-dev-turbo\.mode: .*models\."flux\.2-dev"'):
+        configured_specs(settings)
+
+
+@pytest.mark.parametrize("config", ['mode = "turbo"\n', '[models."flux.1-dev"]\nmode = "fp8"\n'])
+def test_an_unknown_mode_is_refused(tmp_path: Path, config: str) -> None:
+    with pytest.raises(ValidationError, match="mode"):
+        load_settings(environ={}, config_file=toml(tmp_path, config))

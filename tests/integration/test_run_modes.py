@@ -1,0 +1,102 @@
+"""Each run mode's loading path on the tiny checkpoints, on the CPU: what can run without a GPU does run here.
+
+float8 is torchao's weight-only recipe on the CPU (the dynamic fp8 kernels need an SM 8.9 GPU), loaded
+through the same diffusers quantisation config as on a GPU; group offload streams blocks CPU to CPU; compile
+is torch.compile of the repeated blocks. nf4 (bitsandbytes) and model offload need CUDA and are not run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import loading
+from pipelines.engine import Engine
+from pipelines.modes import ResolvedMode
+from pipelines.specs import SPECS
+from tests.integration.test_engine import pixels, request
+
+CPU = ResolvedMode("cpu", "float32", "float32", "none", False, 0, "test")
+
+
+def engine_in(tiny_weights: Path, weights_id: str, **changes: object) -> Engine:
+    engine = Engine(SPECS, tiny_weights)
+    engine.modes[weights_id] = dataclasses.replace(CPU, **changes)
+    return engine
+
+
+def as_int(image: np.ndarray) -> np.ndarray:
+    return image.astype(int)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_weights: Path) -> Engine:
+    return Engine(SPECS, tiny_weights)
+
+
+def test_float8_quantises_transformer_and_encoder_while_loading(tiny_weights: Path) -> None:
+    from torchao.quantization import Float8Tensor
+
+    engine = engine_in(tiny_weights, "flux.2-dev", transformer="float8", encoder="float8")
+    pipe = engine.pipeline(SPECS["flux.2-dev"])
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn.to_q.weight, Float8Tensor)
+    assert isinstance(pipe.text_encoder.model.language_model.layers[0].mlp.up_proj.weight, Float8Tensor)
+    assert not isinstance(pipe.vae.decoder.conv_in.weight, Float8Tensor)
+    [image] = pixels(engine, request("flux.2-dev", [1]))
+    assert image.shape == (48, 64, 3) and image.std() > 0
+
+
+def test_turbo_lora_on_a_float8_base_does_what_it_does_on_full_precision(
+    tiny_weights: Path, reference: Engine
+) -> None:
+    engine = engine_in(tiny_weights, "flux.2-dev", transformer="float8", encoder="float8")
+    turbo = dict(steps=8, prompt="a lighthouse")
+    base_full = as_int(pixels(reference, request("flux.2-dev", [3], **turbo))[0])
+    turbo_full = as_int(pixels(reference, request("flux.2-dev-turbo", [3], **turbo))[0])
+    base_fp8 = as_int(pixels(engine, request("flux.2-dev", [3], **turbo))[0])
+    turbo_fp8 = as_int(pixels(engine, request("flux.2-dev-turbo", [3], **turbo))[0])
+    lora_effect = np.abs(turbo_full - base_full).mean()
+    # The LoRA moves the fp8 base the way it moves the full-precision one: what is left is fp8 rounding.
+    assert np.abs(turbo_fp8 - turbo_full).mean() < 0.5 * lora_effect
+    assert np.corrcoef((turbo_fp8 - base_fp8).ravel(), (turbo_full - base_full).ravel())[0, 1] > 0.5
+
+
+def test_group_offload_streams_blocks_and_changes_no_pixel(tiny_weights: Path, reference: Engine) -> None:
+    engine = engine_in(tiny_weights, "flux.1-dev", mode="offload", offload="group")
+    want = pixels(reference, request("flux.1-dev", [4]))[0]
+    got = pixels(engine, request("flux.1-dev", [4]))[0]
+    assert np.array_equal(got, want)
+    transformer = engine.pipeline(SPECS["flux.1-dev"]).transformer
+    assert getattr(transformer, "_diffusers_hook", None) is not None
+
+
+def test_compiled_mode_warms_up_at_start_and_renders_the_same(tiny_weights: Path, reference: Engine) -> None:
+    small = SPECS["flux.1-dev"].with_overrides(default_size=(256, 256))
+    engine = Engine({**SPECS, "flux.1-dev": small}, tiny_weights)
+    engine.modes["flux.1-dev"] = dataclasses.replace(CPU, mode="fast", compile=True)
+    warm = [spec.id for spec in engine.warm_ups()]
+    assert warm == ["flux.1-dev"]  # the alias flux1.1-pro shares it: no second warm-up
+    engine.warm_up(small)
+    transformer = engine.pipeline(small).transformer
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    want = pixels(reference, request("flux.1-dev", [5], width=256, height=256))[0]
+    got = pixels(engine, request("flux.1-dev", [5], width=256, height=256))[0]
+    assert np.abs(as_int(got) - as_int(want)).max() <= 2
+
+
+def test_nf4_asks_diffusers_for_bitsandbytes_on_each_quantised_component(tiny_weights: Path) -> None:
+    nf4 = dataclasses.replace(CPU, mode="lowvram", transformer="nf4", encoder="nf4", offload="model")
+    config = loading.quantization_config(tiny_weights / "flux.1-dev", nf4, "cuda:0")
+    assert config is not None
+    mapping = config.quant_mapping
+    assert set(mapping) == {"transformer", "text_encoder", "text_encoder_2"}
+    assert type(mapping["transformer"]).__module__.startswith("diffusers")
+    assert type(mapping["text_encoder_2"]).__module__.startswith("transformers")
+    assert all(c.bnb_4bit_quant_type == "nf4" and c.load_in_4bit for c in mapping.values())
+    assert all(c.bnb_4bit_compute_dtype == torch.bfloat16 for c in mapping.values())
+    assert loading.quantization_config(tiny_weights / "flux.1-dev", CPU, "cpu") is None
