@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.modes import MODES, ResolvedMode, choose_mode
 from pipelines.specs import SIZE_MULTIPLE, ModelSpec, get_spec
-from pipelines.synthetic import FAMILY_COMPONENTS, load_config
+from pipelines.synthetic import FAMILY_COMPONENTS, Overrides, load_config
 
 if TYPE_CHECKING:
     import torch
@@ -288,17 +288,16 @@ def _block_lists(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 def _materialise_float8(model: torch.nn.Module, device: str, seed: int) -> None:
     """bf16 then fp8 (torchao, dynamic row-wise) one block at a time, so bf16 never holds the whole model.
 
-    Weights outside the repeated blocks (embeddings, the lm_head, norms) stay bf16, as in fluxd's fast path.
+    The recipe is the one `fluxd serve` loads with (pipelines.loading.float8_config). Weights outside the
+    repeated blocks (embeddings, the lm_head, norms) stay bf16.
     """
     import torch
+    from torchao.quantization import quantize_
 
+    from pipelines.loading import float8_config
     from pipelines.synthetic import materialise
 
-    try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-    except ImportError:
-        raise NotMeasurable("float8 needs torchao, which is not installed") from None
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    config = float8_config(device)
     for index, block in enumerate(list(_block_lists(model))):
         materialise(block, device, torch.bfloat16, seed + index)
         quantize_(block, config)
@@ -311,26 +310,34 @@ def _precision(slot: str, resolved: ResolvedMode) -> str:
     return resolved.encoder if slot.startswith("text_encoder") else "bfloat16"
 
 
-def prepare(model_id: str, resolved: ResolvedMode, device: str, tokenizer_dir: Path) -> DiffusionPipeline:
-    """The synthetic pipeline on `device`, its weights in the precisions `resolved` names."""
+def prepare(
+    model_id: str,
+    resolved: ResolvedMode,
+    device: str,
+    tokenizer_dir: Path,
+    overrides: Overrides | None = None,
+) -> DiffusionPipeline:
+    """The synthetic pipeline on `device`, its weights in the precisions `resolved` names, placed as
+    `fluxd serve` places a loaded one (pipelines.loading.place). Offloaded modes are materialised in CPU
+    memory first, which the offload then streams from. `overrides` shrinks the configs, for tests."""
     import torch
 
+    from pipelines.loading import place
     from pipelines.synthetic import build_pipeline, materialise
 
-    if resolved.offload != "none" or "nf4" in (resolved.transformer, resolved.encoder):
-        raise NotMeasurable(f"{resolved.mode} (nf4 / offload) is not wired into the bench yet")
-    pipe = build_pipeline(model_id, None, torch.bfloat16, tokenizer_dir)
+    if "nf4" in (resolved.transformer, resolved.encoder):
+        raise NotMeasurable("nf4 needs a checkpoint loaded through bitsandbytes; synthetic nf4 is not wired")
+    home = device if resolved.offload == "none" else "cpu"
+    pipe = build_pipeline(model_id, None, torch.bfloat16, tokenizer_dir, overrides=overrides)
     for index, (slot, model) in enumerate(pipe.components.items()):
         if not isinstance(model, torch.nn.Module):
             continue
         if _precision(slot, resolved) == "float8":
-            _materialise_float8(model, device, seed=1000 * index)
+            _materialise_float8(model, home, seed=1000 * index)
         else:
-            materialise(model, device, torch.bfloat16, seed=1000 * index)
-    if resolved.compile:
-        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+            materialise(model, home, torch.bfloat16, seed=1000 * index)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return place(pipe, device, resolved)
 
 
 def _call_kwargs(spec: ModelSpec, width: int, height: int, steps: int, device: str) -> dict[str, Any]:

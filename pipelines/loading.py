@@ -121,8 +121,7 @@ def attention_backend(device: str) -> str | None:
 
 
 def load_pipeline(path: Path, device: str, mode: ResolvedMode) -> DiffusionPipeline:
-    """The checkpoint at `path` on `device` as `mode` says: quantised while loading, then resident, offloaded
-    a component at a time (`model`) or streamed block by block (`group`), its repeated blocks compiled."""
+    """The checkpoint at `path` on `device` as `mode` says, quantised while loading, then placed."""
     logger.info("loading %s on %s: %s", path, device, mode.describe())
     pipe = DiffusionPipeline.from_pretrained(
         path,
@@ -131,6 +130,13 @@ def load_pipeline(path: Path, device: str, mode: ResolvedMode) -> DiffusionPipel
         local_files_only=True,
     )
     pipe.set_progress_bar_config(disable=True)
+    return place(pipe, device, mode)
+
+
+def place(pipe: DiffusionPipeline, device: str, mode: ResolvedMode) -> DiffusionPipeline:
+    """Put a loaded pipeline to work on `device`: resident, offloaded a component at a time (`model`) or
+    streamed block by block (`group`), with FlashAttention-3 where present and its repeated blocks compiled
+    when `mode` says so. `fluxd bench gpu` places its synthetic pipelines through here too."""
     if mode.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif mode.offload == "group":

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -224,3 +225,31 @@ def test_the_bench_quantises_the_repeated_blocks() -> None:
 def test_importing_synthetic_and_bench_leaves_torch_out() -> None:
     code = "import sys, pipelines.synthetic, pipelines.bench_gpu; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+@pytest.mark.parametrize(
+    ("transformer", "offload"), [("float8", "none"), ("bfloat16", "group")], ids=["float8", "group-offload"]
+)
+def test_the_bench_prepares_a_mode_as_serve_places_it(
+    tiny_weights: Path, transformer: str, offload: str
+) -> None:
+    from torchao.quantization import Float8Tensor
+
+    from pipelines.bench_gpu import prepare
+    from pipelines.modes import ResolvedMode
+
+    mode = ResolvedMode("resident", transformer, "bfloat16", offload, False, 0, "test")  # type: ignore[arg-type]
+    pipe = prepare("flux.2-dev", mode, "cpu", tiny_weights / "flux.2-dev", overrides=SMALL)
+    weight = pipe.transformer.transformer_blocks[0].attn.to_q.weight
+    assert isinstance(weight, Float8Tensor) == (transformer == "float8")
+    assert pipe.transformer.x_embedder.weight.dtype == torch.bfloat16  # outside the blocks: bf16
+    assert (getattr(pipe.transformer, "_diffusers_hook", None) is not None) == (offload == "group")
+    out = pipe(
+        prompt="a red fox",
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        max_sequence_length=32,
+        output_type="np",
+    )
+    assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
