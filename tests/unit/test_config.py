@@ -192,6 +192,8 @@ def test_readme_registry_example_configures_both_models(tmp_path: Path) -> None:
     assert specs["my-finetune"].checkpoint_path == "/data/my-finetune"
     assert specs["fast"].alias and specs["fast"].default_size == (768, 768)
     assert specs["fast"].adapter == SPECS["flux.2-dev-turbo"].adapter
+    modes = registry.requested_modes(settings, specs)
+    assert modes["flux.1-dev"] == "offload" and modes["flux.2-dev"] == "auto"
 
 
 def test_readme_alias_of_turbo_is_served_once_turbo_is(tmp_path: Path) -> None:
