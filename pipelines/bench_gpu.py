@@ -13,18 +13,14 @@ import datetime
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipelines.modes import MODES, ResolvedMode, choose_mode
 from pipelines.specs import SIZE_MULTIPLE, ModelSpec, get_spec
-from pipelines.synthetic import FAMILY_COMPONENTS, Overrides, load_config
-
-if TYPE_CHECKING:
-    import torch
-    from diffusers import DiffusionPipeline
+from pipelines.synthetic import FAMILY_COMPONENTS, load_config, synthetic_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -274,72 +270,6 @@ class NotMeasurable(Exception):
     """The bench cannot set up this mode here; the row says why."""
 
 
-def _block_lists(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Blocks of the outermost ModuleLists: the repeated layers that hold nearly all the weights."""
-    import torch
-
-    taken: list[str] = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and not any(name.startswith(f"{t}.") for t in taken):
-            taken.append(name)
-            yield from module
-
-
-def _materialise_float8(model: torch.nn.Module, device: str, seed: int) -> None:
-    """bf16 then fp8 (torchao, dynamic row-wise) one block at a time, so bf16 never holds the whole model.
-
-    The recipe is the one `fluxd serve` loads with (pipelines.loading.float8_config). Weights outside the
-    repeated blocks (embeddings, the lm_head, norms) stay bf16.
-    """
-    import torch
-    from torchao.quantization import quantize_
-
-    from pipelines.loading import float8_config
-    from pipelines.synthetic import materialise
-
-    config = float8_config(device)
-    for index, block in enumerate(list(_block_lists(model))):
-        materialise(block, device, torch.bfloat16, seed + index)
-        quantize_(block, config)
-    materialise(model, device, torch.bfloat16, seed)
-
-
-def _precision(slot: str, resolved: ResolvedMode) -> str:
-    if slot == "transformer":
-        return resolved.transformer
-    return resolved.encoder if slot.startswith("text_encoder") else "bfloat16"
-
-
-def prepare(
-    model_id: str,
-    resolved: ResolvedMode,
-    device: str,
-    tokenizer_dir: Path,
-    overrides: Overrides | None = None,
-) -> DiffusionPipeline:
-    """The synthetic pipeline on `device`, its weights in the precisions `resolved` names, placed as
-    `fluxd serve` places a loaded one (pipelines.loading.place). Offloaded modes are materialised in CPU
-    memory first, which the offload then streams from. `overrides` shrinks the configs, for tests."""
-    import torch
-
-    from pipelines.loading import place
-    from pipelines.synthetic import build_pipeline, materialise
-
-    if "nf4" in (resolved.transformer, resolved.encoder):
-        raise NotMeasurable("nf4 needs a checkpoint loaded through bitsandbytes; synthetic nf4 is not wired")
-    home = device if resolved.offload == "none" else "cpu"
-    pipe = build_pipeline(model_id, None, torch.bfloat16, tokenizer_dir, overrides=overrides)
-    for index, (slot, model) in enumerate(pipe.components.items()):
-        if not isinstance(model, torch.nn.Module):
-            continue
-        if _precision(slot, resolved) == "float8":
-            _materialise_float8(model, home, seed=1000 * index)
-        else:
-            materialise(model, home, torch.bfloat16, seed=1000 * index)
-    pipe.set_progress_bar_config(disable=True)
-    return place(pipe, device, resolved)
-
-
 def _call_kwargs(spec: ModelSpec, width: int, height: int, steps: int, device: str) -> dict[str, Any]:
     import torch
     from PIL import Image
@@ -369,7 +299,10 @@ def measure(
     width, height = args.size
     steps = args.steps or spec.default_steps
     device = "cuda"
-    pipe = prepare(spec.id, resolved, device, tokenizer_root / spec.weights_id)
+    try:
+        pipe = synthetic_pipeline(spec.id, resolved, device, tokenizer_root / spec.weights_id)
+    except NotImplementedError as error:
+        raise NotMeasurable(str(error)) from None
     pipe(**_call_kwargs(spec, width, height, min(steps, WARMUP_STEPS), device))
     watch = _Stopwatch(torch.cuda.synchronize)
     for slot, component in pipe.components.items():

@@ -8,9 +8,10 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,7 +23,10 @@ from pipelines.images import decode_image, limit_reference
 from pipelines.jobs import Progress, RenderedImage, RenderRequest, RenderResult
 from pipelines.modes import ResolvedMode, choose_mode
 from pipelines.prompt_cache import PromptCache
-from pipelines.specs import ModelSpec
+from pipelines.specs import LoraAdapter, ModelSpec
+
+if TYPE_CHECKING:
+    from pipelines.synthetic import Overrides
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,18 @@ CONTROLLED_ARGS = frozenset(
         "_auto_resize",
     }
 )
+
+
+@dataclass(frozen=True)
+class SyntheticWeights:
+    """Serve full-size random weights built from the published configs (pipelines.synthetic) instead of
+    checkpoints: for timing and sizing on a GPU that has no real weights."""
+
+    tokenizers: Path  # a folder per weights id holding tokenizer/ (and tokenizer_2/), e.g. the tiny ones
+    overrides: Overrides | None = None  # shrunk configs, for tests
+    # fal's Turbo file is not reachable here, so its rank is an assumption: 256, on the costly side.
+    lora_rank: int = 256
+
 
 StepHook = Callable[[Progress, Any], bool]
 """Called after every denoising step per request; True means that request no longer wants its images."""
@@ -120,6 +136,7 @@ class Engine:
         memory_budget_bytes: int | None = None,
         prompt_cache_bytes: int = 0,
         modes: Mapping[str, str] | None = None,
+        synthetic: SyntheticWeights | None = None,
     ) -> None:
         self.specs = specs
         self.weights_dir = weights_dir
@@ -129,6 +146,7 @@ class Engine:
         self._adapters: dict[str, set[str]] = {}
         self.prompts = PromptCache(prompt_cache_bytes)
         self.modes = self._resolve_modes(modes or {})
+        self.synthetic = synthetic
 
     def _gpu_bytes(self) -> int | None:
         """GPU memory this worker may use: the device's, or less when a memory budget says so."""
@@ -170,8 +188,7 @@ class Engine:
         pipe = self._pipelines.get(spec.weights_id)
         if pipe is None:
             base = self.specs.get(spec.weights_id, spec)
-            path = loading.locate_checkpoint(base, self.weights_dir)
-            pipe = loading.load_pipeline(path, self.device, self.mode(spec.weights_id))
+            pipe = self._load(base)
             self._pipelines[spec.weights_id] = pipe
             self._adapters[spec.weights_id] = set()
             # Adapters fluxd loads (Turbo) touch only the transformer, so a LoRA'd model shares its base's
@@ -183,16 +200,33 @@ class Engine:
         loaded = self._adapters[spec.weights_id]
         if spec.adapter is not None:
             if spec.adapter.name not in loaded:
-                folder = loading.locate_adapter(spec, spec.adapter, self.weights_dir)
-                pipe.load_lora_weights(
-                    folder, weight_name=spec.adapter.weight_name, adapter_name=spec.adapter.name
-                )
+                self._load_adapter(pipe, spec, spec.adapter)
                 loaded.add(spec.adapter.name)
             pipe.enable_lora()
             pipe.set_adapters([spec.adapter.name])
         elif loaded:
             pipe.disable_lora()
         return pipe
+
+    def _load(self, base: ModelSpec) -> Any:
+        mode = self.mode(base.weights_id)
+        if self.synthetic is not None:
+            from pipelines.synthetic import synthetic_pipeline
+
+            tokenizers = self.synthetic.tokenizers / base.weights_id
+            return synthetic_pipeline(base.id, mode, self.device, tokenizers, self.synthetic.overrides)
+        return loading.load_pipeline(loading.locate_checkpoint(base, self.weights_dir), self.device, mode)
+
+    def _load_adapter(self, pipe: Any, spec: ModelSpec, adapter: LoraAdapter) -> None:
+        if self.synthetic is not None:
+            # A random LoRA of the real file's layout, converted and injected by diffusers as the file is.
+            from pipelines.tiny import turbo_lora_state_dict
+
+            state = turbo_lora_state_dict(pipe.transformer, rank=self.synthetic.lora_rank)
+            pipe.load_lora_weights(state, adapter_name=adapter.name)
+            return
+        folder = loading.locate_adapter(spec, adapter, self.weights_dir)
+        pipe.load_lora_weights(folder, weight_name=adapter.weight_name, adapter_name=adapter.name)
 
     def describe_modes(self) -> dict[str, dict[str, Any]]:
         """Per checkpoint, what it runs as on this device (or why it cannot run), for /v1/models."""

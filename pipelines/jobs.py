@@ -92,6 +92,7 @@ class WorkerConfig:
     memory_budget_bytes: int | None = None
     prompt_cache_bytes: int = 0
     modes: dict[str, str] = field(default_factory=dict)  # requested mode per checkpoint; others are auto
+    synthetic: bool = False  # full-size random weights from the published configs instead of checkpoints
     parent_pid: int | None = None  # the server; the worker exits when it is gone
     log_level: str = "INFO"
     specs: dict[str, Any] = field(default_factory=dict)  # ModelSpec per id, as the front resolved them

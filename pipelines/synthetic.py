@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
+
+    from pipelines.modes import ResolvedMode
 
 logger = logging.getLogger(__name__)
 
@@ -227,3 +229,67 @@ def build_pipeline(
     logger.info("built synthetic %s (%s) on %s in %s", spec.id, spec.pipeline_class, device or "meta", dtype)
     pipeline_class = getattr(diffusers, spec.pipeline_class)
     return pipeline_class(scheduler=scheduler, **models, **tokenizers)
+
+
+def block_lists(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Blocks of the outermost ModuleLists: the repeated layers that hold nearly all the weights."""
+    import torch
+
+    taken: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and not any(name.startswith(f"{t}.") for t in taken):
+            taken.append(name)
+            yield from module
+
+
+def materialise_float8(model: torch.nn.Module, device: str, seed: int) -> None:
+    """bf16 then fp8 one block at a time, so bf16 never holds the whole model, in the torchao recipe that
+    `fluxd serve` loads with (pipelines.loading.float8_config). Weights outside the repeated blocks
+    (embeddings, the lm_head, norms) stay bf16."""
+    import torch
+    from torchao.quantization import quantize_
+
+    from pipelines.loading import float8_config
+
+    config = float8_config(device)
+    for index, block in enumerate(list(block_lists(model))):
+        materialise(block, device, torch.bfloat16, seed + index)
+        quantize_(block, config)
+    materialise(model, device, torch.bfloat16, seed)
+
+
+def _precision(slot: str, resolved: ResolvedMode) -> str:
+    if slot == "transformer":
+        return resolved.transformer
+    return resolved.encoder if slot.startswith("text_encoder") else "bfloat16"
+
+
+def synthetic_pipeline(
+    model_id: str,
+    resolved: ResolvedMode,
+    device: str,
+    tokenizer_dir: Path,
+    overrides: Overrides | None = None,
+) -> DiffusionPipeline:
+    """The synthetic pipeline on `device`, its weights in the precisions `resolved` names, placed as
+    `fluxd serve` places a loaded one (pipelines.loading.place). Offloaded modes are materialised in CPU
+    memory first, which the offload then streams from. `overrides` shrinks the configs, for tests."""
+    import torch
+
+    from pipelines.loading import place
+
+    if "nf4" in (resolved.transformer, resolved.encoder):
+        raise NotImplementedError(
+            "nf4 needs a checkpoint loaded through bitsandbytes; synthetic nf4 is not wired"
+        )
+    home = device if resolved.offload == "none" else "cpu"
+    pipe = build_pipeline(model_id, None, torch.bfloat16, tokenizer_dir, overrides=overrides)
+    for index, (slot, model) in enumerate(pipe.components.items()):
+        if not isinstance(model, torch.nn.Module):
+            continue
+        if _precision(slot, resolved) == "float8":
+            materialise_float8(model, home, seed=1000 * index)
+        else:
+            materialise(model, home, torch.bfloat16, seed=1000 * index)
+    pipe.set_progress_bar_config(disable=True)
+    return place(pipe, device, resolved)

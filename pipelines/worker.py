@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import tempfile
 import threading
 import time
 from multiprocessing.queues import Queue
@@ -54,10 +55,19 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
     )
     import torch
 
-    from pipelines.engine import Engine, passthrough_signatures
+    from pipelines.engine import Engine, SyntheticWeights, passthrough_signatures
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    synthetic = None
+    if config.synthetic:
+        from pipelines.tiny import write_tiny
+
+        # Tokenizers only set token ids and every prompt is padded to a fixed length: tiny ones give the
+        # real shapes.
+        tokenizers = Path(tempfile.mkdtemp(prefix="fluxd-tokenizers-"))
+        write_tiny(tokenizers)
+        synthetic = SyntheticWeights(tokenizers)
     engine = Engine(
         config.specs,
         Path(config.weights_dir),
@@ -65,6 +75,7 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
         config.memory_budget_bytes,
         config.prompt_cache_bytes,
         config.modes,
+        synthetic,
     )
     for model_id in config.preload:
         try:

@@ -37,6 +37,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--demo", action="store_true", default=None, help="serve tiny random weights (images are noise)"
     )
+    serve.add_argument(
+        "--weights",
+        choices=("disk", "synthetic"),
+        help="disk (default): checkpoints from --weights-dir; synthetic: full-size random weights built on "
+        "each CUDA device from the published configs, for benchmarks (images are noise)",
+    )
     serve.add_argument("--default-model", help="model used when a request names none (default flux.2-dev)")
     serve.add_argument("--public-url", help="absolute base of returned image URLs, e.g. http://gpu-box:8000")
     serve.add_argument("--api-key", action="append", dest="api_keys", help="accepted bearer key (repeatable)")
@@ -108,6 +114,13 @@ def serve(args: argparse.Namespace) -> int:
             "serving %s WITHOUT authentication (--no-auth): anyone on the network can use it", settings.host
         )
 
+    if settings.weights == "synthetic" and not all(d.startswith("cuda") for d in settings.devices):
+        print(
+            "fluxd: --weights synthetic builds every model at full size (FLUX.2 [dev] alone is ~112 GB in "
+            "bf16) on its worker's GPU; it needs CUDA devices, e.g. --devices cuda:0.",
+            file=sys.stderr,
+        )
+        return 2
     if settings.demo:
         _ensure_tiny(settings.weights_dir)
 
@@ -133,6 +146,8 @@ def serve(args: argparse.Namespace) -> int:
         f"""-d '{{"prompt": "a red fox", "response_format": "b64_json"}}'""",
         flush=True,
     )
+    if settings.weights == "synthetic":
+        print("SYNTHETIC WEIGHTS: full-size models with RANDOM weights, for benchmarks. Images are noise.\n")
     if settings.demo:
         print(
             "DEMO MODE: these models have tiny RANDOM weights. Every image is noise; "

@@ -6,7 +6,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,6 +59,7 @@ class Settings(BaseModel):
     preload: list[str] = Field(default_factory=list)
     memory_budget_gb: float | None = Field(None, gt=0)
     mode: Mode = "auto"
+    weights: Literal["disk", "synthetic"] = "disk"
     prompt_cache_mb: float = Field(512.0, ge=0)
     worker_start_timeout_s: float = Field(600.0, gt=0)
     log_prompts: bool = False

@@ -78,6 +78,9 @@ def configured_specs(settings: Settings) -> dict[str, ModelSpec]:
 def served_specs(settings: Settings) -> dict[str, ModelSpec]:
     """The configured models whose checkpoint (and adapter) are present."""
     served = {}
+    if settings.weights == "synthetic":
+        # Built from the family's published configs; a registry folder of the user's has no such config here.
+        return {m: s for m, s in configured_specs(settings).items() if s.checkpoint_path is None}
     for model_id, spec in configured_specs(settings).items():
         if checkpoint_present(spec, settings.weights_dir) and adapter_present(spec, settings.weights_dir):
             served[model_id] = spec

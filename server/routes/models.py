@@ -6,13 +6,16 @@ from fastapi import APIRouter, Request
 
 from pipelines.sizes import fit
 from pipelines.specs import ModelSpec, get_spec
+from server.config import Settings
 from server.normalize import NORMALISATION
 from server.protocol import Model, ModelList
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def describe(spec: ModelSpec, created: int, demo: bool, run_modes: list[dict], detail: bool = False) -> Model:
+def describe(
+    spec: ModelSpec, created: int, settings: Settings, run_modes: list[dict], detail: bool = False
+) -> Model:
     info: dict = {
         "title": spec.title,
         "family": spec.family,
@@ -43,10 +46,12 @@ def describe(spec: ModelSpec, created: int, demo: bool, run_modes: list[dict], d
         # Per worker: resident / fast / lowvram / offload / cpu, the weights' storage and why; empty until the
         # workers have started.
         "run_modes": run_modes,
-        "random_weights": demo,
+        "random_weights": settings.demo or settings.weights == "synthetic",
     }
-    if demo:
+    if settings.demo:
         info["note"] = "demo: tiny random weights, images are noise; small default size"
+    elif settings.weights == "synthetic":
+        info["note"] = "synthetic: full-size random weights for benchmarks, images are noise"
     if detail:
         info["normalisation"] = {
             name: {"behaviour": b, "detail": d} for name, (b, d) in NORMALISATION.items()
@@ -66,7 +71,7 @@ async def list_models(request: Request) -> ModelList:
     state = request.app.state
     return ModelList(
         data=[
-            describe(s, state.started, state.settings.demo, _run_modes(request, s))
+            describe(s, state.started, state.settings, _run_modes(request, s))
             for s in state.specs.values()
         ]
     )
@@ -77,4 +82,4 @@ async def retrieve_model(model_id: str, request: Request) -> Model:
     """One model, with the parameter normalisation table."""
     state = request.app.state
     spec = get_spec(model_id, state.specs)
-    return describe(spec, state.started, state.settings.demo, _run_modes(request, spec), detail=True)
+    return describe(spec, state.started, state.settings, _run_modes(request, spec), detail=True)

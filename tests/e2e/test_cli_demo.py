@@ -91,3 +91,16 @@ def test_first_demo_run_writes_the_tiny_weights_itself(tmp_path: Path) -> None:
         assert any((cache / "fluxd" / "images").iterdir()), "the url image was not stored under the cache"
     finally:
         stop_server(server)
+
+
+def test_synthetic_weights_without_a_gpu_are_refused_plainly(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [console_script(), "serve", "--weights", "synthetic", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=user_env(),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "needs CUDA devices" in done.stderr and "--devices cuda:0" in done.stderr

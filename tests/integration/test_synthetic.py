@@ -213,10 +213,9 @@ def test_a_shrunk_kontext_pipeline_edits(tiny_weights: Path) -> None:
 
 
 def test_the_bench_quantises_the_repeated_blocks() -> None:
-    from pipelines.bench_gpu import _block_lists
 
-    transformer = list(_block_lists(build_meta("flux2-transformer")))
-    encoder = list(_block_lists(build_meta("mistral3-text-encoder")))
+    transformer = list(synthetic.block_lists(build_meta("flux2-transformer")))
+    encoder = list(synthetic.block_lists(build_meta("mistral3-text-encoder")))
 
     assert len(transformer) == 8 + 48
     assert len(encoder) == 40 + 24  # the language model's layers and the vision tower's
@@ -235,11 +234,12 @@ def test_the_bench_prepares_a_mode_as_serve_places_it(
 ) -> None:
     from torchao.quantization import Float8Tensor
 
-    from pipelines.bench_gpu import prepare
     from pipelines.modes import ResolvedMode
 
     mode = ResolvedMode("resident", transformer, "bfloat16", offload, False, 0, "test")  # type: ignore[arg-type]
-    pipe = prepare("flux.2-dev", mode, "cpu", tiny_weights / "flux.2-dev", overrides=SMALL)
+    pipe = synthetic.synthetic_pipeline(
+        "flux.2-dev", mode, "cpu", tiny_weights / "flux.2-dev", overrides=SMALL
+    )
     weight = pipe.transformer.transformer_blocks[0].attn.to_q.weight
     assert isinstance(weight, Float8Tensor) == (transformer == "float8")
     assert pipe.transformer.x_embedder.weight.dtype == torch.bfloat16  # outside the blocks: bf16
@@ -253,3 +253,21 @@ def test_the_bench_prepares_a_mode_as_serve_places_it(
         output_type="np",
     )
     assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
+
+
+def test_the_engine_serves_synthetic_weights_turbo_included(tiny_weights: Path) -> None:
+    from pipelines.engine import Engine, SyntheticWeights
+    from pipelines.jobs import RenderRequest
+    from pipelines.specs import SPECS
+
+    engine = Engine(
+        SPECS, tiny_weights / "absent", synthetic=SyntheticWeights(tiny_weights, SMALL, lora_rank=2)
+    )
+    results = {}
+    for model, steps in (("flux.2-dev", 2), ("flux.2-dev-turbo", 8), ("flux.1-kontext-dev", 2)):
+        request = RenderRequest("r", model, "a red fox", 64, 48, steps, SPECS[model].default_guidance, [1])
+        [result] = engine.render([request])
+        results[model] = result.images[0]
+        assert (result.images[0].width, result.images[0].height) == (64, 48)
+    assert results["flux.2-dev"].pixels != results["flux.2-dev-turbo"].pixels  # the random LoRA is live
+    assert engine.loaded() == ["flux.1-kontext-dev", "flux.2-dev"]

@@ -231,3 +231,11 @@ def test_a_mode_on_an_id_without_its_own_weights_names_the_checkpoint(tmp_path: 
 def test_an_unknown_mode_is_refused(tmp_path: Path, config: str) -> None:
     with pytest.raises(ValidationError, match="mode"):
         load_settings(environ={}, config_file=toml(tmp_path, config))
+
+
+def test_synthetic_weights_serve_every_built_in_model_without_a_checkpoint(tmp_path: Path) -> None:
+    folder = checkpoint(tmp_path / "my-finetune")
+    config = toml(tmp_path, f'[models.my-finetune]\nbase = "flux.1-dev"\npath = "{folder}"\n')
+    settings = load_settings({"weights_dir": tmp_path / "empty", "weights": "synthetic"}, {}, config)
+    assert set(served_specs(settings)) == set(SPECS)  # a user's own folder has no published config to build
+    assert not served_specs(load_settings({"weights_dir": tmp_path / "empty"}, {}, None))
