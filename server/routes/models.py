@@ -71,8 +71,7 @@ async def list_models(request: Request) -> ModelList:
     state = request.app.state
     return ModelList(
         data=[
-            describe(s, state.started, state.settings, _run_modes(request, s))
-            for s in state.specs.values()
+            describe(s, state.started, state.settings, _run_modes(request, s)) for s in state.specs.values()
         ]
     )
 
