@@ -359,7 +359,10 @@ class Engine:
 
         results: list[RenderResult] = []
         offset = 0
-        for request, revised_prompt in zip(batch, revised, strict=True):
+        # The cache works on the batch's prompts as a whole: its counts go with the first result only, so a
+        # sum over results counts each lookup once.
+        lookups = [(self.prompts.hits - hits, self.prompts.misses - misses)] + [(0, 0)] * (len(batch) - 1)
+        for request, revised_prompt, (cache_hits, cache_misses) in zip(batch, revised, lookups, strict=True):
             rendered = [
                 RenderedImage(images[offset + i].tobytes(), images.shape[2], images.shape[1], seed)
                 for i, seed in enumerate(request.seeds)
@@ -375,8 +378,8 @@ class Engine:
                         "run": run_ms,
                         "previews": preview_ms,
                         "batch_images": len(prompts),
-                        "prompt_cache_hits": self.prompts.hits - hits,
-                        "prompt_cache_misses": self.prompts.misses - misses,
+                        "prompt_cache_hits": cache_hits,
+                        "prompt_cache_misses": cache_misses,
                     },
                 )
             )

@@ -30,6 +30,12 @@ class Metrics:
             buckets=(1, 2, 3, 4, 6, 8, 12, 16),
             registry=r,
         )
+        self.prompt_cache = Counter(
+            "fluxd_prompt_cache_lookups",
+            "Prompts looked up in the workers' text-encoder cache, by result",
+            ["model", "result"],
+            registry=r,
+        )
         self.errors = Counter("fluxd_errors", "Error answers by code", ["status", "code"], registry=r)
         self.worker_restarts = Counter(
             "fluxd_worker_restarts", "Worker processes replaced", ["worker"], registry=r

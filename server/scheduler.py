@@ -200,6 +200,8 @@ class Scheduler:
                 rendered.timings_ms["queue"] = (started - job.enqueued_at) * 1000
                 self.metrics.run_time.labels(model).observe(elapsed)
                 self.metrics.images.labels(model).inc(len(rendered.images))
+                for result, key in (("hit", "prompt_cache_hits"), ("miss", "prompt_cache_misses")):
+                    self.metrics.prompt_cache.labels(model, result).inc(rendered.timings_ms.get(key, 0))
                 if job.worker is not None:
                     self.metrics.device_memory.labels(job.worker.name).set(rendered.device_memory_bytes)
                 job.future.set_result(rendered)

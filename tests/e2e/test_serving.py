@@ -258,3 +258,22 @@ def test_out_of_memory_fails_the_batch_and_the_worker_goes_on(tiny_weights: Path
         assert "out of memory rendering" in oom.logs()
     finally:
         stop_server(oom)
+
+
+def prompt_cache(server: Server, model: str) -> dict[str, float]:
+    counts = {"hit": 0.0, "miss": 0.0}
+    for line in HTTP.get(f"{server.url}/metrics").text.splitlines():
+        for result in counts:
+            if line.startswith(f'fluxd_prompt_cache_lookups_total{{model="{model}",result="{result}"}}'):
+                counts[result] = float(line.split()[-1])
+    return counts
+
+
+def test_a_seed_sweep_over_one_prompt_encodes_it_once(server: Server) -> None:
+    model = "flux.1-dev"
+    before = prompt_cache(server, model)
+    prompt = f"a seed sweep {time.time_ns()}"
+    for seed in range(3):
+        assert generate(server, model=model, prompt=prompt, seed=seed).status_code == 200
+    after = prompt_cache(server, model)
+    assert (after["miss"] - before["miss"], after["hit"] - before["hit"]) == (1, 2)
