@@ -277,3 +277,14 @@ def test_a_seed_sweep_over_one_prompt_encodes_it_once(server: Server) -> None:
         assert generate(server, model=model, prompt=prompt, seed=seed).status_code == 200
     after = prompt_cache(server, model)
     assert (after["miss"] - before["miss"], after["hit"] - before["hit"]) == (1, 2)
+
+
+@pytest.mark.parametrize("fresh", [("--mode", "fast", "--prompt-cache-mb", "0")], indirect=True)
+def test_a_requested_mode_is_reported_as_what_this_machine_can_run(fresh: Server) -> None:
+    client = fresh.client(max_retries=0)
+    [mode] = client.models.retrieve("flux.2-dev").model_extra["run_modes"]
+    assert mode["mode"] == "cpu" and "'fast' needs a CUDA GPU" in mode["reason"]
+    before = prompt_cache(fresh, "flux.2-dev")
+    for seed in range(2):
+        assert generate(fresh, model="flux.2-dev", prompt="same", seed=seed).status_code == 200
+    assert prompt_cache(fresh, "flux.2-dev") == before  # --prompt-cache-mb 0: no lookups at all

@@ -16,6 +16,7 @@ import torch
 
 from pipelines import loading
 from pipelines.engine import Engine
+from pipelines.errors import ModeUnfit
 from pipelines.modes import ResolvedMode
 from pipelines.specs import SPECS
 from tests.integration.test_engine import pixels, request
@@ -100,3 +101,15 @@ def test_nf4_asks_diffusers_for_bitsandbytes_on_each_quantised_component(tiny_we
     assert all(c.bnb_4bit_quant_type == "nf4" and c.load_in_4bit for c in mapping.values())
     assert all(c.bnb_4bit_compute_dtype == torch.bfloat16 for c in mapping.values())
     assert loading.quantization_config(tiny_weights / "flux.1-dev", CPU, "cpu") is None
+
+
+def test_an_explicit_mode_that_cannot_fit_leaves_that_model_unavailable(
+    tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Engine, "_gpu_bytes", lambda self: 16 * 10**9)  # a 16 GB card
+    engine = Engine(SPECS, tiny_weights, modes={"flux.2-dev": "resident"})
+    modes = engine.describe_modes()
+    assert modes["flux.2-dev"]["mode"] is None and "16.0 GB" in modes["flux.2-dev"]["error"]
+    assert modes["flux.1-dev"]["mode"] == "lowvram"  # auto: resident fits neither in bf16 nor fp8
+    with pytest.raises(ModeUnfit, match="'resident' needs about"):
+        engine.render([request("flux.2-dev-turbo", [1], steps=8)])
