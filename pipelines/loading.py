@@ -135,8 +135,8 @@ def load_pipeline(path: Path, device: str, mode: ResolvedMode) -> DiffusionPipel
 
 def place(pipe: DiffusionPipeline, device: str, mode: ResolvedMode) -> DiffusionPipeline:
     """Put a loaded pipeline to work on `device`: resident, offloaded a component at a time (`model`) or
-    streamed block by block (`group`), with FlashAttention-3 where present and its repeated blocks compiled
-    when `mode` says so. `fluxd bench gpu` places its synthetic pipelines through here too."""
+    streamed block by block (`group`) with a sliced and tiled VAE, with FlashAttention-3 where present and
+    its repeated blocks compiled when `mode` says so. `fluxd bench gpu` places its synthetic pipelines through here too."""
     if mode.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif mode.offload == "group":
@@ -152,6 +152,10 @@ def place(pipe: DiffusionPipeline, device: str, mode: ResolvedMode) -> Diffusion
         )
     else:
         pipe.to(device)
+    if mode.offload != "none":
+        # Memory-bound modes also bound the VAE's peak: images one at a time, tiles above 1024 px a side.
+        pipe.vae.enable_slicing()
+        pipe.vae.enable_tiling()
     backend = attention_backend(device)
     if backend is not None:
         pipe.transformer.set_attention_backend(backend)
