@@ -161,7 +161,8 @@ class Engine:
         modes: dict[str, ResolvedMode | ModeUnfit] = {}
         for weights_id in sorted({spec.weights_id for spec in self.specs.values()}):
             try:
-                modes[weights_id] = choose_mode(weights_id, gpu_bytes, requested.get(weights_id, "auto"))
+                asked = requested.get(weights_id, "auto")
+                modes[weights_id] = choose_mode(weights_id, gpu_bytes, asked, self.specs)
             except ValueError as exc:
                 modes[weights_id] = ModeUnfit(weights_id, str(exc))
             resolved = modes[weights_id]

@@ -136,7 +136,7 @@ def load_pipeline(path: Path, device: str, mode: ResolvedMode) -> DiffusionPipel
 def place(pipe: DiffusionPipeline, device: str, mode: ResolvedMode) -> DiffusionPipeline:
     """Put a loaded pipeline to work on `device`: resident, offloaded a component at a time (`model`) or
     streamed block by block (`group`) with a sliced and tiled VAE, with FlashAttention-3 where present and
-    its repeated blocks compiled when `mode` says so. `fluxd bench gpu` places its synthetic pipelines through here too."""
+    its repeated blocks compiled when `mode` says so. Synthetic pipelines are placed through here too."""
     if mode.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif mode.offload == "group":

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
-from pipelines.specs import get_spec
+from pipelines.specs import SPECS, ModelSpec, get_spec
 
 logger = logging.getLogger(__name__)
 
@@ -119,15 +120,18 @@ def _candidates(requested: Mode, footprint: Footprint, gpu_memory_bytes: int) ->
     return plans[requested]
 
 
-def choose_mode(model_id: str, gpu_memory_bytes: int | None, requested: str) -> ResolvedMode:
-    """Resolve `requested` for `model_id` on a GPU with `gpu_memory_bytes` the process may use (None: no GPU).
+def choose_mode(
+    model_id: str, gpu_memory_bytes: int | None, requested: str, specs: Mapping[str, ModelSpec] = SPECS
+) -> ResolvedMode:
+    """Resolve `requested` for `model_id` (in `specs`: the registry's own checkpoints count by their family)
+    on a GPU with `gpu_memory_bytes` the process may use (None: no GPU).
 
     `auto` takes the first that fits of: resident bf16, resident fp8, lowvram, offload. An explicit mode that
     cannot fit is refused rather than silently swapped for another.
     """
     if requested not in MODES:
         raise ValueError(f"mode: unknown value {requested!r}; expected one of {', '.join(MODES)}.")
-    spec = get_spec(model_id)
+    spec = get_spec(model_id, specs)
     footprint = FOOTPRINTS[spec.family]
     if gpu_memory_bytes is None:
         asked = "" if requested == "auto" else f" ({requested!r} needs a CUDA GPU)"

@@ -288,3 +288,26 @@ def test_a_requested_mode_is_reported_as_what_this_machine_can_run(fresh: Server
     for seed in range(2):
         assert generate(fresh, model="flux.2-dev", prompt="same", seed=seed).status_code == 200
     assert prompt_cache(fresh, "flux.2-dev") == before  # --prompt-cache-mb 0: no lookups at all
+
+
+def test_a_registry_checkpoint_is_served_from_its_own_folder(tiny_weights: Path, tmp_path: Path) -> None:
+    config = tmp_path / "fluxd.toml"
+    config.write_text(
+        f'[models.my-finetune]\nbase = "flux.1-dev"\npath = "{tiny_weights / "flux.1-dev"}"\n'
+        'mode = "offload"\n'
+    )
+    server = start_server(tiny_weights, tmp_path, "--config", str(config))
+    try:
+        client = server.client(max_retries=0)
+        [mode] = client.models.retrieve("my-finetune").model_extra["run_modes"]
+        assert mode["mode"] == "cpu" and "'offload' needs a CUDA GPU" in mode["reason"]
+        result = client.images.generate(
+            model="my-finetune",
+            prompt="a red fox",
+            size="64x48",
+            response_format="b64_json",
+            extra_body={"num_inference_steps": 2},
+        )
+        assert Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).size == (64, 48)
+    finally:
+        stop_server(server)

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from pipelines.modes import FOOTPRINTS, MODES, ResolvedMode, choose_mode
+from pipelines.specs import SPECS
 
 GB = 10**9
 H100 = 80 * GB
@@ -117,3 +118,9 @@ def test_resolved_mode_is_frozen() -> None:
 def test_importing_modes_leaves_torch_out() -> None:
     code = "import sys, pipelines.modes; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_registry_checkpoint_is_sized_by_its_family() -> None:
+    own = SPECS["flux.1-dev"].with_overrides(id="my-finetune", checkpoint_path="/data/my-finetune")
+    specs = {**SPECS, "my-finetune": own}
+    assert choose_mode("my-finetune", H100, "auto", specs) == choose_mode("flux.1-dev", H100, "auto")
