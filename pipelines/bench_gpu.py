@@ -266,10 +266,6 @@ class _Stopwatch:
         return None if not values else 1000.0 * sum(values) / len(values)
 
 
-class NotMeasurable(Exception):
-    """The bench cannot set up this mode here; the row says why."""
-
-
 def _call_kwargs(spec: ModelSpec, width: int, height: int, steps: int, device: str) -> dict[str, Any]:
     import torch
     from PIL import Image
@@ -299,10 +295,7 @@ def measure(
     width, height = args.size
     steps = args.steps or spec.default_steps
     device = "cuda"
-    try:
-        pipe = synthetic_pipeline(spec.id, resolved, device, tokenizer_root / spec.weights_id)
-    except NotImplementedError as error:
-        raise NotMeasurable(str(error)) from None
+    pipe = synthetic_pipeline(spec.id, resolved, device, tokenizer_root / spec.weights_id)
     pipe(**_call_kwargs(spec, width, height, min(steps, WARMUP_STEPS), device))
     watch = _Stopwatch(torch.cuda.synchronize)
     for slot, component in pipe.components.items():
@@ -345,8 +338,6 @@ def _row(spec: ModelSpec, mode: str, gpu_bytes: int, args: argparse.Namespace, t
     weights = f"{resolved.transformer}/{resolved.encoder}"
     try:
         return measure(spec, mode, resolved, args, tokenizer_root)
-    except NotMeasurable as error:
-        return Row(spec.id, mode, weights, note=f"not measured: {error}")
     except Exception as error:  # an OOM or a kernel error ends this row, not the benchmark
         logger.exception("bench of %s in %s failed", spec.id, mode)
         return Row(spec.id, mode, weights, note=f"failed: {type(error).__name__}: {error}"[:200])

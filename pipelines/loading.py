@@ -82,7 +82,7 @@ def float8_config(device: str) -> Any:
     return Float8WeightOnlyConfig()
 
 
-def _quantizer(library: str, precision: Precision, device: str) -> Any:
+def quantizer(library: str, precision: Precision, device: str) -> Any:
     """The diffusers or transformers quantisation config for one component."""
     module = importlib.import_module(library)
     if precision == "float8":
@@ -108,7 +108,7 @@ def quantization_config(path: Path, mode: ResolvedMode, device: str) -> Pipeline
         else:
             continue
         if precision in ("float8", "nf4"):
-            mapping[slot] = _quantizer(entry[0], precision, device)
+            mapping[slot] = quantizer(entry[0], precision, device)
     return PipelineQuantizationConfig(quant_mapping=mapping) if mapping else None
 
 

@@ -258,6 +258,34 @@ def materialise_float8(model: torch.nn.Module, device: str, seed: int) -> None:
     materialise(model, device, torch.bfloat16, seed)
 
 
+def materialise_nf4(model: torch.nn.Module, device: str, seed: int) -> None:
+    """The repeated blocks' linear layers as bitsandbytes nf4, the rest bf16, one block at a time.
+
+    Each block's linears become diffusers' bnb `Linear4bit` modules (the layers a checkpoint loaded with the
+    same BitsAndBytesConfig gets), whose random bf16 weights bitsandbytes quantises when they reach
+    `device`, so bf16 never holds more than one block.
+    """
+    import bitsandbytes as bnb
+    import torch
+    from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
+
+    from pipelines.loading import quantizer
+
+    config = quantizer("diffusers", "nf4", device)
+    generator = torch.Generator(device=device)
+    for index, block in enumerate(list(block_lists(model))):
+        replace_with_bnb_linear(block, modules_to_not_convert=[], quantization_config=config)
+        generator.manual_seed(seed + index)
+        for linear in block.modules():
+            if isinstance(linear, bnb.nn.Linear4bit) and linear.weight.is_meta:
+                data = torch.empty(linear.weight.shape, dtype=torch.bfloat16, device=device)
+                data.normal_(0.0, 0.02, generator=generator)
+                settings = linear.weight.__dict__
+                linear.weight = bnb.nn.Params4bit(data, requires_grad=False, **settings).to(device)
+        materialise(block, device, torch.bfloat16, seed + index)
+    materialise(model, device, torch.bfloat16, seed)
+
+
 def _precision(slot: str, resolved: ResolvedMode) -> str:
     if slot == "transformer":
         return resolved.transformer
@@ -278,17 +306,18 @@ def synthetic_pipeline(
 
     from pipelines.loading import place
 
-    if "nf4" in (resolved.transformer, resolved.encoder):
-        raise NotImplementedError(
-            "nf4 needs a checkpoint loaded through bitsandbytes; synthetic nf4 is not wired"
-        )
     home = device if resolved.offload == "none" else "cpu"
     pipe = build_pipeline(model_id, None, torch.bfloat16, tokenizer_dir, overrides=overrides)
     for index, (slot, model) in enumerate(pipe.components.items()):
         if not isinstance(model, torch.nn.Module):
             continue
-        if _precision(slot, resolved) == "float8":
+        precision = _precision(slot, resolved)
+        if precision == "float8":
             materialise_float8(model, home, seed=1000 * index)
+        elif precision == "nf4":
+            # Quantised where the kernels are (fast on a GPU), then moved to where the offload keeps it.
+            materialise_nf4(model, device, seed=1000 * index)
+            model.to(home)
         else:
             materialise(model, home, torch.bfloat16, seed=1000 * index)
     pipe.set_progress_bar_config(disable=True)

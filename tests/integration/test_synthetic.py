@@ -227,7 +227,9 @@ def test_importing_synthetic_and_bench_leaves_torch_out() -> None:
 
 
 @pytest.mark.parametrize(
-    ("transformer", "offload"), [("float8", "none"), ("bfloat16", "group")], ids=["float8", "group-offload"]
+    ("transformer", "offload"),
+    [("float8", "none"), ("nf4", "none"), ("bfloat16", "group")],
+    ids=["float8", "nf4", "group-offload"],
 )
 def test_the_bench_prepares_a_mode_as_serve_places_it(
     tiny_weights: Path, transformer: str, offload: str
@@ -242,6 +244,7 @@ def test_the_bench_prepares_a_mode_as_serve_places_it(
     )
     weight = pipe.transformer.transformer_blocks[0].attn.to_q.weight
     assert isinstance(weight, Float8Tensor) == (transformer == "float8")
+    assert (type(weight).__name__ == "Params4bit" and weight.bnb_quantized) == (transformer == "nf4")
     assert pipe.transformer.x_embedder.weight.dtype == torch.bfloat16  # outside the blocks: bf16
     assert (getattr(pipe.transformer, "_diffusers_hook", None) is not None) == (offload == "group")
     out = pipe(
