@@ -101,12 +101,7 @@ def quantization_config(path: Path, mode: ResolvedMode, device: str) -> Pipeline
     index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
     mapping: dict[str, Any] = {}
     for slot, entry in index.items():
-        if slot == "transformer":
-            precision = mode.transformer
-        elif slot.startswith("text_encoder"):
-            precision = mode.encoder
-        else:
-            continue
+        precision = mode.precision(slot)
         if precision in ("float8", "nf4"):
             mapping[slot] = quantizer(entry[0], precision, device)
     return PipelineQuantizationConfig(quant_mapping=mapping) if mapping else None

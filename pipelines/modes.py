@@ -65,6 +65,12 @@ class ResolvedMode:
     gpu_bytes: int
     reason: str
 
+    def precision(self, slot: str) -> Precision:
+        """The storage of a pipeline component by its slot; the VAE and the rest keep bf16."""
+        if slot == "transformer":
+            return self.transformer
+        return self.encoder if slot.startswith("text_encoder") else "bfloat16"
+
     def describe(self) -> str:
         return f"{self.mode} (transformer {self.transformer}, encoder {self.encoder}, offload {self.offload})"
 

@@ -286,12 +286,6 @@ def materialise_nf4(model: torch.nn.Module, device: str, seed: int) -> None:
     materialise(model, device, torch.bfloat16, seed)
 
 
-def _precision(slot: str, resolved: ResolvedMode) -> str:
-    if slot == "transformer":
-        return resolved.transformer
-    return resolved.encoder if slot.startswith("text_encoder") else "bfloat16"
-
-
 def synthetic_pipeline(
     model_id: str,
     resolved: ResolvedMode,
@@ -311,7 +305,7 @@ def synthetic_pipeline(
     for index, (slot, model) in enumerate(pipe.components.items()):
         if not isinstance(model, torch.nn.Module):
             continue
-        precision = _precision(slot, resolved)
+        precision = resolved.precision(slot)
         if precision == "float8":
             materialise_float8(model, home, seed=1000 * index)
         elif precision == "nf4":

@@ -124,3 +124,9 @@ def test_a_registry_checkpoint_is_sized_by_its_family() -> None:
     own = SPECS["flux.1-dev"].with_overrides(id="my-finetune", checkpoint_path="/data/my-finetune")
     specs = {**SPECS, "my-finetune": own}
     assert choose_mode("my-finetune", H100, "auto", specs) == choose_mode("flux.1-dev", H100, "auto")
+
+
+def test_each_component_is_stored_as_its_mode_says() -> None:
+    lowvram = choose_mode("flux.1-dev", 24 * GB, "lowvram")
+    slots = ("transformer", "text_encoder", "text_encoder_2", "vae", "scheduler")
+    assert [lowvram.precision(slot) for slot in slots] == ["nf4", "nf4", "nf4", "bfloat16", "bfloat16"]
