@@ -16,11 +16,21 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.modes import MODES, ResolvedMode, choose_mode
 from pipelines.specs import SIZE_MULTIPLE, ModelSpec, get_spec
-from pipelines.synthetic import FAMILY_COMPONENTS, load_config, synthetic_pipeline
+from pipelines.synthetic import (
+    FAMILY_COMPONENTS,
+    LORA_RANK,
+    Overrides,
+    add_random_lora,
+    load_config,
+    synthetic_pipeline,
+)
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -286,47 +296,87 @@ def _call_kwargs(spec: ModelSpec, width: int, height: int, steps: int, device: s
     return kwargs
 
 
-def measure(
-    spec: ModelSpec, mode: str, resolved: ResolvedMode, args: argparse.Namespace, tokenizer_root: Path
-) -> Row:
-    """Build, warm up, then time one call of `spec` in `resolved`."""
+def _timed_call(
+    pipe: DiffusionPipeline,
+    watch: _Stopwatch,
+    spec: ModelSpec,
+    steps: int,
+    size: tuple[int, int],
+    device: str,
+) -> tuple[float, dict[str, float | None], float | None]:
+    """A warm-up call (compilation, allocator), then one timed call: end-to-end s, the stopwatch's
+    text-encode / per-step / VAE ms, and the peak GPU memory reserved in GB (None off CUDA)."""
     import torch
 
-    width, height = args.size
-    steps = args.steps or spec.default_steps
-    device = "cuda"
-    pipe = synthetic_pipeline(spec.id, resolved, device, tokenizer_root / spec.weights_id)
+    width, height = size
+    cuda = device.startswith("cuda")
     pipe(**_call_kwargs(spec, width, height, min(steps, WARMUP_STEPS), device))
-    watch = _Stopwatch(torch.cuda.synchronize)
+    watch.seconds.clear()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    watch.synchronize()
+    start = time.perf_counter()
+    pipe(**_call_kwargs(spec, width, height, steps, device))
+    watch.synchronize()
+    total = time.perf_counter() - start
+    parts = {"text": watch.total_ms("text"), "step": watch.mean_ms("step"), "vae": watch.total_ms("vae")}
+    return total, parts, torch.cuda.max_memory_reserved() / 1e9 if cuda else None
+
+
+def measure(
+    spec: ModelSpec,
+    mode: str,
+    resolved: ResolvedMode,
+    args: argparse.Namespace,
+    tokenizer_root: Path,
+    device: str = "cuda",
+    overrides: Overrides | None = None,
+) -> list[Row]:
+    """Build `spec` in `resolved`, then time it; an adapter is timed unfused, as fluxd serves it, and then
+    fused into the base, the alternative the unfused cost is weighed against. `device` and `overrides`
+    (shrunk configs) let tests run the same steps on the CPU."""
+    import torch
+
+    steps = args.steps or spec.default_steps
+    pipe = synthetic_pipeline(spec.id, resolved, device, tokenizer_root / spec.weights_id, overrides)
+    variants = [""]
+    if spec.adapter is not None:
+        add_random_lora(pipe, spec.adapter.name)
+        variants = [f"LoRA unfused (as served), rank {LORA_RANK}", "LoRA fused into the base (not served)"]
+    watch = _Stopwatch(torch.cuda.synchronize if device.startswith("cuda") else lambda: None)
     for slot, component in pipe.components.items():
         if slot.startswith("text_encoder"):
             watch.wrap(component, "forward", "text")
     watch.wrap(pipe.transformer, "forward", "step")
     watch.wrap(pipe.vae, "decode", "vae")
-    torch.cuda.reset_peak_memory_stats()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    pipe(**_call_kwargs(spec, width, height, steps, device))
-    torch.cuda.synchronize()
-    total = time.perf_counter() - start
-    return Row(
-        model=spec.id,
-        mode=mode if mode == resolved.mode else f"{mode} -> {resolved.mode}",
-        weights=f"{resolved.transformer}/{resolved.encoder}",
-        steps=steps,
-        size=f"{width}x{height}",
-        text_encode_ms=watch.total_ms("text"),
-        step_ms=watch.mean_ms("step"),
-        vae_ms=watch.total_ms("vae"),
-        total_s=total,
-        step_flops=flops_for(spec.id, width, height),
-        fp8_linears=resolved.transformer == "float8",
-        peak_gb=torch.cuda.max_memory_reserved() / 1e9,
-        note="Turbo: base weights, LoRA fused (no per-step cost)" if spec.adapter else "",
-    )
+    rows = []
+    for index, note in enumerate(variants):
+        if index == 1:
+            pipe.fuse_lora()
+        total, parts, peak = _timed_call(pipe, watch, spec, steps, args.size, device)
+        rows.append(
+            Row(
+                model=spec.id,
+                mode=mode if mode == resolved.mode else f"{mode} -> {resolved.mode}",
+                weights=f"{resolved.transformer}/{resolved.encoder}",
+                steps=steps,
+                size="{}x{}".format(*args.size),
+                text_encode_ms=parts["text"],
+                step_ms=parts["step"],
+                vae_ms=parts["vae"],
+                total_s=total,
+                step_flops=flops_for(spec.id, *args.size),
+                fp8_linears=resolved.transformer == "float8",
+                peak_gb=peak,
+                note=note,
+            )
+        )
+    return rows
 
 
-def _row(spec: ModelSpec, mode: str, gpu_bytes: int, args: argparse.Namespace, tokenizer_root: Path) -> Row:
+def _rows(
+    spec: ModelSpec, mode: str, gpu_bytes: int, args: argparse.Namespace, tokenizer_root: Path
+) -> list[Row]:
     import gc
 
     import torch
@@ -334,13 +384,13 @@ def _row(spec: ModelSpec, mode: str, gpu_bytes: int, args: argparse.Namespace, t
     try:
         resolved = choose_mode(spec.id, gpu_bytes, mode)
     except ValueError as error:
-        return Row(spec.id, mode, note=f"not measured: {error}")
+        return [Row(spec.id, mode, note=f"not measured: {error}")]
     weights = f"{resolved.transformer}/{resolved.encoder}"
     try:
         return measure(spec, mode, resolved, args, tokenizer_root)
     except Exception as error:  # an OOM or a kernel error ends this row, not the benchmark
         logger.exception("bench of %s in %s failed", spec.id, mode)
-        return Row(spec.id, mode, weights, note=f"failed: {type(error).__name__}: {error}"[:200])
+        return [Row(spec.id, mode, weights, note=f"failed: {type(error).__name__}: {error}"[:200])]
     finally:
         gc.collect()
         torch.cuda.empty_cache()
@@ -366,9 +416,10 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer_root = Path(scratch)
             write_tiny(tokenizer_root)
         rows = [
-            _row(get_spec(model), mode, gpu_bytes, args, tokenizer_root)
+            row
             for model in args.models
             for mode in args.modes
+            for row in _rows(get_spec(model), mode, gpu_bytes, args, tokenizer_root)
         ]
     device = f"{torch.cuda.get_device_name(0)} ({total / 2**30:.0f} GiB"
     device += f", capped at {gpu_bytes / 1e9:.0f} GB)" if gpu_bytes < total else ")"

@@ -76,8 +76,7 @@ class SyntheticWeights:
 
     tokenizers: Path  # a folder per weights id holding tokenizer/ (and tokenizer_2/), e.g. the tiny ones
     overrides: Overrides | None = None  # shrunk configs, for tests
-    # fal's Turbo file is not reachable here, so its rank is an assumption: 256, on the costly side.
-    lora_rank: int = 256
+    lora_rank: int | None = None  # the synthetic Turbo LoRA's rank; None: pipelines.synthetic.LORA_RANK
 
 
 StepHook = Callable[[Progress, Any], bool]
@@ -220,11 +219,9 @@ class Engine:
 
     def _load_adapter(self, pipe: Any, spec: ModelSpec, adapter: LoraAdapter) -> None:
         if self.synthetic is not None:
-            # A random LoRA of the real file's layout, converted and injected by diffusers as the file is.
-            from pipelines.tiny import turbo_lora_state_dict
+            from pipelines.synthetic import LORA_RANK, add_random_lora
 
-            state = turbo_lora_state_dict(pipe.transformer, rank=self.synthetic.lora_rank)
-            pipe.load_lora_weights(state, adapter_name=adapter.name)
+            add_random_lora(pipe, adapter.name, self.synthetic.lora_rank or LORA_RANK)
             return
         folder = loading.locate_adapter(spec, adapter, self.weights_dir)
         pipe.load_lora_weights(folder, weight_name=adapter.weight_name, adapter_name=adapter.name)

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# fal's Turbo file could not be read here, so the rank of its synthetic stand-in is an assumption, on the
+# costly side.
+LORA_RANK = 256
 SCHEDULER_CONFIG = "flow-match-scheduler"
 
 Component = Literal[
@@ -316,3 +319,11 @@ def synthetic_pipeline(
             materialise(model, home, torch.bfloat16, seed=1000 * index)
     pipe.set_progress_bar_config(disable=True)
     return place(pipe, device, resolved)
+
+
+def add_random_lora(pipe: DiffusionPipeline, adapter_name: str, rank: int = LORA_RANK) -> None:
+    """A random LoRA laid out as fal's Turbo file (BFL keys) on the pipeline's transformer, converted and
+    injected by diffusers exactly as the file would be."""
+    from pipelines.tiny import turbo_lora_state_dict
+
+    pipe.load_lora_weights(turbo_lora_state_dict(pipe.transformer, rank=rank), adapter_name=adapter_name)
