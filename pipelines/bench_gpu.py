@@ -352,7 +352,13 @@ def measure(
     rows = []
     for index, note in enumerate(variants):
         if index == 1:
-            pipe.fuse_lora()
+            try:
+                pipe.fuse_lora()
+            except Exception as error:  # e.g. a quantised base that cannot take the merge: keep the rest
+                rows.append(
+                    Row(spec.id, rows[0].mode, rows[0].weights, note=f"{note}: failed: {error}"[:200])
+                )
+                break
         total, parts, peak = _timed_call(pipe, watch, spec, steps, args.size, device)
         rows.append(
             Row(
