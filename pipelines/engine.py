@@ -174,14 +174,24 @@ class Engine:
             raise resolved
         return resolved
 
-    def warm_up(self, spec: ModelSpec) -> None:
-        """Load `spec` and run two steps at its default size: compilation happens here, at start-up, and
-        never on a client's first request."""
-        pipe = self.pipeline(spec)
-        width, height = spec.default_size
-        started = time.perf_counter()
-        pipe(prompt="warm-up", width=width, height=height, num_inference_steps=2, output_type="latent")
-        logger.info("warmed up %s at %dx%d in %.1f s", spec.id, width, height, time.perf_counter() - started)
+    def warm_up(self) -> None:
+        """Run two steps of every model whose transformer is compiled, at its default size, each adapter on
+        its own: compilation happens here, at start-up, and never on a client's first request. Adapters are
+        all loaded first, because injecting a LoRA changes the modules the compiled graphs were traced on."""
+        specs = [
+            spec
+            for spec in self.specs.values()
+            if not spec.alias and getattr(self.modes[spec.weights_id], "compile", False)
+        ]
+        for spec in specs:
+            self.pipeline(spec)
+        for spec in specs:
+            pipe = self.pipeline(spec)
+            width, height = spec.default_size
+            started = time.perf_counter()
+            pipe(prompt="warm-up", width=width, height=height, num_inference_steps=2, output_type="latent")
+            elapsed = time.perf_counter() - started
+            logger.info("warmed up %s at %dx%d in %.1f s", spec.id, width, height, elapsed)
 
     def pipeline(self, spec: ModelSpec) -> Any:
         """The loaded pipeline for `spec`, with its adapter (and only its adapter) switched on."""
@@ -234,15 +244,6 @@ class Engine:
             else {"mode": None, "error": resolved.message}
             for weights_id, resolved in self.modes.items()
         }
-
-    def warm_ups(self) -> list[ModelSpec]:
-        """Models to run once at start-up: those whose transformer is compiled, each adapter on its own (a
-        LoRA switched on changes the compiled graph)."""
-        return [
-            spec
-            for spec in self.specs.values()
-            if not spec.alias and getattr(self.modes[spec.weights_id], "compile", False)
-        ]
 
     def loaded(self) -> list[str]:
         return sorted(self._pipelines)

@@ -82,8 +82,7 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
             engine.pipeline(config.specs[model_id])
         except ModeUnfit as exc:
             logger.error("not preloading %s: %s", model_id, exc.message)
-    for spec in engine.warm_ups():
-        engine.warm_up(spec)
+    engine.warm_up()
     cancelled: set[str] = set()
     threading.Thread(target=_watch_cancellations, args=(control, cancelled), daemon=True).start()
     signatures = passthrough_signatures(config.specs)

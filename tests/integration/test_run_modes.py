@@ -81,19 +81,26 @@ def test_group_offload_streams_blocks_and_changes_no_pixel(tiny_weights: Path, r
     assert np.array_equal(got, want)
 
 
-def test_compiled_mode_warms_up_at_start_and_renders_the_same(tiny_weights: Path, reference: Engine) -> None:
-    small = SPECS["flux.1-dev"].with_overrides(default_size=(256, 256))
-    engine = Engine({**SPECS, "flux.1-dev": small}, tiny_weights)
-    engine.modes["flux.1-dev"] = dataclasses.replace(CPU, mode="fast", compile=True)
-    warm = [spec.id for spec in engine.warm_ups()]
-    assert warm == ["flux.1-dev"]  # the alias flux1.1-pro shares it: no second warm-up
-    engine.warm_up(small)
-    transformer = engine.pipeline(small).transformer
+def test_compiled_mode_warms_up_base_and_turbo_so_no_request_compiles(
+    tiny_weights: Path, reference: Engine
+) -> None:
+    from torch._dynamo.utils import counters
+
+    small = {m: SPECS[m].with_overrides(default_size=(128, 128)) for m in ("flux.2-dev", "flux.2-dev-turbo")}
+    engine = Engine({**SPECS, **small}, tiny_weights)
+    engine.modes["flux.2-dev"] = dataclasses.replace(CPU, mode="fast", compile=True)
+    engine.warm_up()
+    transformer = engine.pipeline(small["flux.2-dev"]).transformer
     blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
     assert all(block._compiled_call_impl is not None for block in blocks)
-    want = pixels(reference, request("flux.1-dev", [5], width=256, height=256))[0]
-    got = pixels(engine, request("flux.1-dev", [5], width=256, height=256))[0]
-    assert np.abs(as_int(got) - as_int(want)).max() <= 2
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > 0
+    got = {}
+    for model, steps in (("flux.2-dev", 3), ("flux.2-dev-turbo", 8), ("flux.2-dev", 3)):
+        got[model] = pixels(engine, request(model, [5], width=128, height=128, steps=steps))[0]
+    assert counters["stats"]["unique_graphs"] == compiled  # warm-up compiled every graph requests need
+    want = pixels(reference, request("flux.2-dev", [5], width=128, height=128, steps=3))[0]
+    assert np.abs(as_int(got["flux.2-dev"]) - as_int(want)).max() <= 2
 
 
 def test_nf4_asks_diffusers_for_bitsandbytes_on_each_quantised_component(tiny_weights: Path) -> None:
