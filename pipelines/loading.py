@@ -153,7 +153,12 @@ def place(pipe: DiffusionPipeline, device: str, mode: ResolvedMode) -> Diffusion
         pipe.vae.enable_tiling()
     backend = attention_backend(device)
     if backend is not None:
-        pipe.transformer.set_attention_backend(backend)
+        try:
+            pipe.transformer.set_attention_backend(backend)
+        except (ImportError, RuntimeError, ValueError) as exc:
+            # An optimisation only: a flash_attn_interface build that diffusers cannot use must not cost
+            # the model.
+            logger.warning("keeping PyTorch attention: %s failed: %s", backend, exc)
     if mode.compile:
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
     return pipe
