@@ -21,7 +21,7 @@ from pipelines.errors import InvalidParameter, ModeUnfit
 from pipelines.families import flux1, flux2
 from pipelines.images import decode_image, limit_reference
 from pipelines.jobs import Progress, RenderedImage, RenderRequest, RenderResult
-from pipelines.modes import ResolvedMode, choose_mode
+from pipelines.modes import HEADROOM_BYTES, ResolvedMode, choose_mode
 from pipelines.prompt_cache import PromptCache
 from pipelines.specs import LoraAdapter, ModelSpec
 
@@ -198,6 +198,7 @@ class Engine:
         pipe = self._pipelines.get(spec.weights_id)
         if pipe is None:
             base = self.specs.get(spec.weights_id, spec)
+            self._make_room(spec.weights_id)
             pipe = self._load(base)
             self._pipelines[spec.weights_id] = pipe
             self._adapters[spec.weights_id] = set()
@@ -248,6 +249,20 @@ class Engine:
     def loaded(self) -> list[str]:
         return sorted(self._pipelines)
 
+    def _make_room(self, incoming: str) -> None:
+        """On a GPU, unload least recently used checkpoints until the incoming one's estimated memory fits
+        beside the others' weights: loaded first, it would run out of memory before anything could go."""
+        budget = self._gpu_bytes()
+        if budget is None:
+            return
+        need = self.mode(incoming).gpu_bytes  # its weights and the activation headroom of one call
+        while (
+            self._pipelines
+            and need + sum(self.mode(weights_id).gpu_bytes - HEADROOM_BYTES for weights_id in self._pipelines)
+            > budget
+        ):
+            self._unload(next(iter(self._pipelines)), "to make room on the GPU for " + incoming)
+
     def _evict_beyond_budget(self, keep: str) -> None:
         """Least recently used checkpoints leave first; the one just loaded always stays."""
         if self.memory_budget_bytes is None:
@@ -256,11 +271,13 @@ class Engine:
             len(self._pipelines) > 1
             and sum(map(pipeline_bytes, self._pipelines.values())) > self.memory_budget_bytes
         ):
-            victim = next(name for name in self._pipelines if name != keep)
-            del self._pipelines[victim]
-            del self._adapters[victim]
-            self.prompts.drop(victim)
-            logger.info("unloaded %s to stay within the memory budget", victim)
+            self._unload(next(name for name in self._pipelines if name != keep), "to stay within the budget")
+
+    def _unload(self, weights_id: str, why: str) -> None:
+        del self._pipelines[weights_id]
+        del self._adapters[weights_id]
+        self.prompts.drop(weights_id)
+        logger.info("unloaded %s %s", weights_id, why)
         gc.collect()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()

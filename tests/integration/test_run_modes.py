@@ -126,3 +126,18 @@ def test_an_explicit_mode_that_cannot_fit_leaves_that_model_unavailable(
     assert modes["flux.1-dev"]["mode"] == "lowvram"  # auto: resident fits neither in bf16 nor fp8
     with pytest.raises(ModeUnfit, match="'resident' needs about"):
         engine.render([request("flux.2-dev-turbo", [1], steps=8)])
+
+
+def test_a_checkpoint_that_would_not_fit_beside_the_loaded_ones_unloads_them_first(
+    tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Engine, "_gpu_bytes", lambda self: 80 * 10**9)  # an 80 GB card
+    engine = Engine(SPECS, tiny_weights)
+    estimates = {"flux.2-dev": 59, "flux.1-dev": 37, "flux.1-kontext-dev": 37}  # GB, 3 of them headroom
+    for weights_id, gb in estimates.items():
+        engine.modes[weights_id] = dataclasses.replace(CPU, gpu_bytes=gb * 10**9)
+    engine.render([request("flux.2-dev", [1])])
+    engine.render([request("flux.1-dev", [1])])
+    assert engine.loaded() == ["flux.1-dev"]  # 37 + 56 GB would not fit: flux.2-dev went first
+    engine.render([request("flux.1-kontext-dev", [1])])
+    assert engine.loaded() == ["flux.1-dev", "flux.1-kontext-dev"]  # 37 + 34 GB fit
