@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import tempfile
 import threading
 import time
@@ -48,6 +49,9 @@ def _exit_with_parent(parent: int) -> None:
 def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> None:
     # The server's pid comes with the config: a server that died before this line ran would otherwise
     # leave getppid() already pointing at init.
+    # Ctrl-C in a terminal reaches the whole process group: the server handles it and stops its workers in
+    # order, after failing their queued requests cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = config.parent_pid or os.getppid()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     logging.basicConfig(

@@ -90,6 +90,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        # First, so a worker that the same signal stopped (a terminal's Ctrl-C reaches the whole process
+        # group) is not restarted while the server shuts down.
+        pool.closing()
         waiting.cancel()
         await scheduler.stop()
         pool.stop()

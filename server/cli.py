@@ -154,9 +154,22 @@ def serve(args: argparse.Namespace) -> int:
             "use `fluxd weights pull` for real ones.\n",
             flush=True,
         )
-    uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), access_log=False
+    level = settings.log_level.lower()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=settings.host, port=settings.port, log_level=level, access_log=False)
     )
+    stop = server.handle_exit
+
+    def handle_exit(sig: int, frame: object) -> None:
+        # A signal to the whole process group (a terminal's Ctrl-C, `timeout`, systemd) also reaches the
+        # workers; from the moment it arrives, a worker that exits is not replaced.
+        pool = getattr(app.state, "pool", None)
+        if pool is not None:
+            pool.closing()
+        stop(sig, frame)
+
+    server.handle_exit = handle_exit  # type: ignore[method-assign]
+    server.run()
     return 0
 
 

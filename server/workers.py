@@ -97,8 +97,12 @@ class WorkerHandle:
     def holds(self, model_weights: str) -> bool:
         return self.info is not None and model_weights in self.info.loaded
 
-    def stop(self) -> None:
+    def closing(self) -> None:
+        """The server is shutting down: a worker that exits from now on is not replaced."""
         self._stopping = True
+
+    def stop(self) -> None:
+        self.closing()
         if self.process.is_alive():
             self._inbox.put(None)
             self._control.put(None)
@@ -210,6 +214,10 @@ class WorkerPool:
             for handle in self.workers
             if handle.info is not None and weights_id in handle.info.modes
         ]
+
+    def closing(self) -> None:
+        for handle in self.workers:
+            handle.closing()
 
     def stop(self) -> None:
         for handle in self.workers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,11 +41,30 @@ class Server:
         return self.log.read_text()
 
 
+def _as_from_a_terminal() -> None:
+    # Its own process group, as a shell's foreground job, with Ctrl-C's default meaning even when the test
+    # runner was started with SIGINT ignored (a background job of a non-interactive shell).
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def launch(
-    command: list[str], port: int, log: Path, env: dict[str, str] | None = None, timeout_s: float = 120
+    command: list[str],
+    port: int,
+    log: Path,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 120,
+    terminal: bool = False,
 ) -> Server:
-    """Start `command` (a `fluxd serve` listening on `port`) and wait until /ready answers 200."""
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    """Start `command` (a `fluxd serve` listening on `port`) and wait until /ready answers 200; `terminal`
+    starts it as a shell starts a foreground job."""
+    process = subprocess.Popen(
+        command,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        preexec_fn=_as_from_a_terminal if terminal else None,
+    )
     server = Server(f"http://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

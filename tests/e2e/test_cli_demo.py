@@ -10,7 +10,9 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +61,7 @@ def test_demo_on_existing_weights_prints_its_banner_and_serves(tiny_weights: Pat
     port = free_port()
     command = [console_script(), "serve", "--demo", "--port", str(port)]
     command += ["--store-dir", str(tmp_path / "store"), "--weights-dir", str(tiny_weights)]
-    server = launch(command, port, tmp_path / "fluxd.log", user_env(), timeout_s=180)
+    server = launch(command, port, tmp_path / "fluxd.log", user_env(), timeout_s=180, terminal=True)
     try:
         log = server.logs()
         assert f"http://127.0.0.1:{port}/v1" in log
@@ -72,6 +74,16 @@ def test_demo_on_existing_weights_prints_its_banner_and_serves(tiny_weights: Pat
         [image] = json.loads(pasted.stdout)["data"]
         assert Image.open(io.BytesIO(base64.b64decode(image["b64_json"]))).size == DEMO_SIZE
         assert_generates_an_image(server)
+        # A stop signal to the whole process group, as `timeout` or systemd sends it (a terminal's Ctrl-C
+        # likewise): a clean exit, the worker gone and not restarted on the way out.
+        [worker] = {int(pid) for pid in re.findall(r"\[worker (\d+)\]", server.logs())}
+        os.killpg(server.process.pid, signal.SIGTERM)
+        # uvicorn shuts down, then re-raises the signal it caught: -SIGTERM is the clean exit here.
+        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in server.logs()
+        assert "restarting" not in server.logs()
+        with pytest.raises(ProcessLookupError):
+            os.kill(worker, 0)
     finally:
         stop_server(server)
 
