@@ -85,6 +85,7 @@ def final_image_size(page: Page) -> list[int]:
 def test_generates_an_image_of_the_requested_size(page: Page) -> None:
     expect(page.locator("#random-banner")).to_be_visible()
     expect(page.locator("#guidance")).not_to_have_value("")
+    expect(page.locator("#model-hint")).to_have_text("Runs on the CPU in float32 (no CUDA GPU)")
     fill_request(page, "a red fox in the snow", "64x48")
     page.click("#generate")
 
@@ -175,3 +176,30 @@ def test_a_crlf_stream_is_parsed_too(page: Page) -> None:
     assert final_image_size(page) == [64, 48]
     states = [state for state, _ in page.evaluate("window.seen")]
     assert states.index("partial") < states.index("final")
+
+
+def test_a_gpu_workers_mode_is_shown_for_the_model(page: Page) -> None:
+    """What an H100 worker reports, put in the real /v1/models answer (no GPU here to report it)."""
+
+    def with_gpu_modes(route: Route) -> None:
+        answer = route.fetch().json()
+        for model in answer["data"]:
+            model["run_modes"] = [
+                {
+                    "device": "cuda:0",
+                    "mode": "fast",
+                    "transformer": "float8",
+                    "encoder": "float8",
+                    "offload": "none",
+                    "compile": True,
+                },
+                {"device": "cuda:1", "mode": None, "error": "mode: 'resident' needs about 115.6 GB"},
+            ]
+        route.fulfill(json=answer)
+
+    page.route("**/v1/models", with_gpu_modes)
+    page.reload()
+    expect(page.locator("#model-hint")).to_have_text(
+        "Runs on cuda:0 in fast mode: float8, compiled"
+        " · cuda:1: unavailable — mode: 'resident' needs about 115.6 GB"
+    )
