@@ -57,6 +57,11 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s"
     )
+    # diffusers' FLUX.2 prompt encoding passes tokenizer options the way transformers now warns about, once
+    # per encode: noise in every server log that no fluxd setting can act on.
+    logging.getLogger("transformers.processing_utils").addFilter(
+        lambda record: "processor_kwargs" not in record.getMessage()
+    )
     import torch
 
     from pipelines.engine import Engine, SyntheticWeights, passthrough_signatures

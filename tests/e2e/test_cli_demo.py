@@ -74,6 +74,7 @@ def test_demo_on_existing_weights_prints_its_banner_and_serves(tiny_weights: Pat
         [image] = json.loads(pasted.stdout)["data"]
         assert Image.open(io.BytesIO(base64.b64decode(image["b64_json"]))).size == DEMO_SIZE
         assert_generates_an_image(server)
+        assert "processor_kwargs" not in server.logs()  # a third-party warning silenced on purpose
         # A stop signal to the whole process group, as `timeout` or systemd sends it (a terminal's Ctrl-C
         # likewise): a clean exit, the worker gone and not restarted on the way out.
         [worker] = {int(pid) for pid in re.findall(r"\[worker (\d+)\]", server.logs())}
