@@ -130,24 +130,36 @@ def load_pipeline(path: Path, device: str, mode: ResolvedMode) -> DiffusionPipel
 
 def place(pipe: DiffusionPipeline, device: str, mode: ResolvedMode) -> DiffusionPipeline:
     """Put a loaded pipeline to work on `device`: resident, offloaded a component at a time (`model`) or
-    streamed block by block (`group`) with a sliced and tiled VAE, with FlashAttention-3 where present and
-    its repeated blocks compiled when `mode` says so. Synthetic pipelines are placed through here too."""
+    streamed block by block (`group`; only the text encoders: `encoder`), the VAE sliced and tiled when
+    memory is that tight, FlashAttention-3 where present, the repeated blocks compiled when `mode` says so.
+    Synthetic pipelines are placed through here too."""
+    # CUDA streams overlap the next block's copy with this block's compute; the CPU has none.
+    cuda = device.startswith("cuda")
+    streaming: dict[str, Any] = {
+        "onload_device": torch.device(device),
+        "offload_device": torch.device("cpu"),
+        "offload_type": "block_level",
+        "num_blocks_per_group": 1,
+        "use_stream": cuda,
+        "low_cpu_mem_usage": cuda,
+    }
     if mode.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif mode.offload == "group":
-        # CUDA streams overlap the next block's copy with this block's compute; the CPU has none.
-        streamed = device.startswith("cuda")
-        pipe.enable_group_offload(
-            onload_device=torch.device(device),
-            offload_device=torch.device("cpu"),
-            offload_type="block_level",
-            num_blocks_per_group=1,
-            use_stream=streamed,
-            low_cpu_mem_usage=streamed,
-        )
+        pipe.enable_group_offload(**streaming)
+    elif mode.offload == "encoder":
+        from diffusers.hooks import apply_group_offloading
+
+        for slot, component in pipe.components.items():
+            if not isinstance(component, torch.nn.Module):
+                continue
+            if mode.streamed(slot):
+                apply_group_offloading(component, **streaming)
+            else:
+                component.to(device)
     else:
         pipe.to(device)
-    if mode.offload != "none":
+    if mode.offload in ("model", "group"):
         # Memory-bound modes also bound the VAE's peak: images one at a time, tiles above 1024 px a side.
         pipe.vae.enable_slicing()
         pipe.vae.enable_tiling()

@@ -20,9 +20,11 @@ logger = logging.getLogger(__name__)
 Mode = Literal["resident", "fast", "lowvram", "offload", "auto"]
 RunMode = Literal["resident", "fast", "lowvram", "offload", "cpu"]
 Precision = Literal["bfloat16", "float8", "nf4", "float32"]
-Offload = Literal["none", "model", "group"]
+Offload = Literal["none", "model", "encoder", "group"]
 """none: every component stays on the GPU. model: one whole component on the GPU at a time (diffusers'
-model CPU offload). group: weights stream from CPU RAM block by block (diffusers' group offload)."""
+model CPU offload). encoder: the transformer and VAE stay on the GPU while the text encoders stream from CPU
+RAM block by block (paid only on a prompt-cache miss). group: every component streams (diffusers' group
+offload)."""
 
 MODES: tuple[Mode, ...] = get_args(Mode)
 GB = 1e9
@@ -65,6 +67,12 @@ class ResolvedMode:
     gpu_bytes: int
     reason: str
 
+    def streamed(self, slot: str) -> bool:
+        """Whether a component's weights live in CPU memory, moved to the GPU only to run."""
+        if self.offload in ("model", "group"):
+            return True
+        return self.offload == "encoder" and slot.startswith("text_encoder")
+
     def precision(self, slot: str) -> Precision:
         """The storage of a pipeline component by its slot; the VAE and the rest keep bf16."""
         if slot == "transformer":
@@ -96,6 +104,8 @@ class _Plan:
             weights = transformer + encoders
         elif self.offload == "model":
             weights = max(transformer, encoders)
+        elif self.offload == "encoder":
+            weights = transformer
         else:
             weights = 0.0  # streamed: only a block or two is ever resident, counted in the headroom
         return int(weights + vae + HEADROOM_BYTES)
@@ -119,7 +129,11 @@ def _candidates(requested: Mode, footprint: Footprint, gpu_memory_bytes: int) ->
         "resident": resident,
         "fast": [_Plan("fast", "float8", fitting_encoder, compile=True)],
         "lowvram": [_Plan("lowvram", "nf4", "nf4", offload="model")],
-        "offload": [_Plan("offload", "bfloat16", "bfloat16", offload="group")],
+        # Stream only the encoders when the bf16 transformer fits (FLUX.2 on 80 GB), else everything.
+        "offload": [
+            _Plan("offload", "bfloat16", "bfloat16", offload="encoder"),
+            _Plan("offload", "bfloat16", "bfloat16", offload="group"),
+        ],
     }
     if requested == "auto":
         return [*plans["resident"], *plans["lowvram"], *plans["offload"]]

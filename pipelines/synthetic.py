@@ -303,11 +303,11 @@ def synthetic_pipeline(
 
     from pipelines.loading import place
 
-    home = device if resolved.offload == "none" else "cpu"
     pipe = build_pipeline(model_id, None, torch.bfloat16, tokenizer_dir, overrides=overrides)
     for index, (slot, model) in enumerate(pipe.components.items()):
         if not isinstance(model, torch.nn.Module):
             continue
+        home = "cpu" if resolved.streamed(slot) else device
         precision = resolved.precision(slot)
         if precision == "float8":
             materialise_float8(model, home, seed=1000 * index)

@@ -27,7 +27,8 @@ MODES = {
     "resident-fp8": dataclasses.replace(BF16, transformer="float8", encoder="float8"),
     "fast": dataclasses.replace(BF16, mode="fast", transformer="float8", encoder="float8", compile=True),
     "lowvram": dataclasses.replace(BF16, mode="lowvram", transformer="nf4", encoder="nf4", offload="model"),
-    "offload": dataclasses.replace(BF16, mode="offload", offload="group"),
+    "offload-encoder": dataclasses.replace(BF16, mode="offload", offload="encoder"),
+    "offload-group": dataclasses.replace(BF16, mode="offload", offload="group"),
 }
 
 

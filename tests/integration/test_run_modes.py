@@ -81,6 +81,18 @@ def test_group_offload_streams_blocks_and_changes_no_pixel(tiny_weights: Path, r
     assert np.array_equal(got, want)
 
 
+def test_encoder_offload_streams_the_text_encoders_only_and_changes_no_pixel(
+    tiny_weights: Path, reference: Engine
+) -> None:
+    engine = engine_in(tiny_weights, "flux.1-dev", mode="offload", offload="encoder")
+    pipe = engine.pipeline(SPECS["flux.1-dev"])
+    hooked = {slot for slot, c in pipe.components.items() if getattr(c, "_diffusers_hook", None) is not None}
+    assert hooked == {"text_encoder", "text_encoder_2"}
+    assert not pipe.vae.use_tiling  # the VAE is resident: no need to tile
+    want = pixels(reference, request("flux.1-dev", [6]))[0]
+    assert np.array_equal(pixels(engine, request("flux.1-dev", [6]))[0], want)
+
+
 def test_compiled_mode_warms_up_base_and_turbo_so_no_request_compiles(
     tiny_weights: Path, reference: Engine
 ) -> None:

@@ -228,8 +228,8 @@ def test_importing_synthetic_and_bench_leaves_torch_out() -> None:
 
 @pytest.mark.parametrize(
     ("transformer", "offload"),
-    [("float8", "none"), ("nf4", "none"), ("bfloat16", "group")],
-    ids=["float8", "nf4", "group-offload"],
+    [("float8", "none"), ("nf4", "none"), ("bfloat16", "group"), ("bfloat16", "encoder")],
+    ids=["float8", "nf4", "group-offload", "encoder-offload"],
 )
 def test_the_bench_prepares_a_mode_as_serve_places_it(
     tiny_weights: Path, transformer: str, offload: str
@@ -247,6 +247,7 @@ def test_the_bench_prepares_a_mode_as_serve_places_it(
     assert (type(weight).__name__ == "Params4bit" and weight.bnb_quantized) == (transformer == "nf4")
     assert pipe.transformer.x_embedder.weight.dtype == torch.bfloat16  # outside the blocks: bf16
     assert (getattr(pipe.transformer, "_diffusers_hook", None) is not None) == (offload == "group")
+    assert (getattr(pipe.text_encoder, "_diffusers_hook", None) is not None) == (offload != "none")
     out = pipe(
         prompt="a red fox",
         width=64,

@@ -130,3 +130,11 @@ def test_each_component_is_stored_as_its_mode_says() -> None:
     lowvram = choose_mode("flux.1-dev", 24 * GB, "lowvram")
     slots = ("transformer", "text_encoder", "text_encoder_2", "vae", "scheduler")
     assert [lowvram.precision(slot) for slot in slots] == ["nf4", "nf4", "nf4", "bfloat16", "bfloat16"]
+
+
+def test_offload_streams_only_the_encoder_when_the_bf16_transformer_fits() -> None:
+    on_h100 = choose_mode("flux.2-dev", H100, "offload")
+    assert (on_h100.transformer, on_h100.offload) == ("bfloat16", "encoder")
+    assert 67 * GB < on_h100.gpu_bytes < 68 * GB  # 64.4 GB transformer + VAE + headroom
+    assert [on_h100.streamed(slot) for slot in ("transformer", "text_encoder", "vae")] == [False, True, False]
+    assert choose_mode("flux.2-dev", 24 * GB, "offload").offload == "group"
