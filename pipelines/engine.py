@@ -144,6 +144,7 @@ class Engine:
         self._pipelines: dict[str, Any] = {}  # insertion order = least recently used first
         self._adapters: dict[str, set[str]] = {}
         self.prompts = PromptCache(prompt_cache_bytes)
+        self.gpu_bytes = self._gpu_bytes()
         self.modes = self._resolve_modes(modes or {})
         self.synthetic = synthetic
 
@@ -156,12 +157,11 @@ class Engine:
 
     def _resolve_modes(self, requested: Mapping[str, str]) -> dict[str, ResolvedMode | ModeUnfit]:
         """Each checkpoint's mode on this device (`auto` unless `requested` names one), or why none fits."""
-        gpu_bytes = self._gpu_bytes()
         modes: dict[str, ResolvedMode | ModeUnfit] = {}
         for weights_id in sorted({spec.weights_id for spec in self.specs.values()}):
             try:
                 asked = requested.get(weights_id, "auto")
-                modes[weights_id] = choose_mode(weights_id, gpu_bytes, asked, self.specs)
+                modes[weights_id] = choose_mode(weights_id, self.gpu_bytes, asked, self.specs)
             except ValueError as exc:
                 modes[weights_id] = ModeUnfit(weights_id, str(exc))
             resolved = modes[weights_id]
@@ -252,7 +252,7 @@ class Engine:
     def _make_room(self, incoming: str) -> None:
         """On a GPU, unload least recently used checkpoints until the incoming one's estimated memory fits
         beside the others' weights: loaded first, it would run out of memory before anything could go."""
-        budget = self._gpu_bytes()
+        budget = self.gpu_bytes
         if budget is None:
             return
         need = self.mode(incoming).gpu_bytes  # its weights and the activation headroom of one call
