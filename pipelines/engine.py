@@ -256,22 +256,29 @@ class Engine:
         if budget is None:
             return
         need = self.mode(incoming).gpu_bytes  # its weights and the activation headroom of one call
-        while (
-            self._pipelines
-            and need + sum(self.mode(weights_id).gpu_bytes - HEADROOM_BYTES for weights_id in self._pipelines)
-            > budget
-        ):
-            self._unload(next(iter(self._pipelines)), "to make room on the GPU for " + incoming)
+        self._unload_while(
+            lambda: need + sum(self.mode(w).gpu_bytes - HEADROOM_BYTES for w in self._pipelines) > budget,
+            "to make room on the GPU for " + incoming,
+        )
 
     def _evict_beyond_budget(self, keep: str) -> None:
-        """Least recently used checkpoints leave first; the one just loaded always stays."""
-        if self.memory_budget_bytes is None:
+        """After a load, on any device: the loaded weights' actual bytes stay within --memory-budget-gb."""
+        budget = self.memory_budget_bytes
+        if budget is None:
             return
-        while (
-            len(self._pipelines) > 1
-            and sum(map(pipeline_bytes, self._pipelines.values())) > self.memory_budget_bytes
-        ):
-            self._unload(next(name for name in self._pipelines if name != keep), "to stay within the budget")
+        self._unload_while(
+            lambda: sum(map(pipeline_bytes, self._pipelines.values())) > budget,
+            "to stay within the budget",
+            keep,
+        )
+
+    def _unload_while(self, over: Callable[[], bool], why: str, keep: str | None = None) -> None:
+        """Least recently used checkpoints leave first, never `keep`, until `over()` is false."""
+        while over():
+            victims = [weights_id for weights_id in self._pipelines if weights_id != keep]
+            if not victims:
+                return
+            self._unload(victims[0], why)
 
     def _unload(self, weights_id: str, why: str) -> None:
         del self._pipelines[weights_id]

@@ -114,7 +114,7 @@ def serve(args: argparse.Namespace) -> int:
             "serving %s WITHOUT authentication (--no-auth): anyone on the network can use it", settings.host
         )
 
-    if settings.weights == "synthetic" and not all(d.startswith("cuda") for d in settings.devices):
+    if settings.synthetic_weights and not all(d.startswith("cuda") for d in settings.devices):
         print(
             "fluxd: --weights synthetic builds every model at full size (FLUX.2 [dev] alone is ~112 GB in "
             "bf16) on its worker's GPU; it needs CUDA devices, e.g. --devices cuda:0.",
@@ -146,7 +146,7 @@ def serve(args: argparse.Namespace) -> int:
         f"""-d '{{"prompt": "a red fox", "response_format": "b64_json"}}'""",
         flush=True,
     )
-    if settings.weights == "synthetic":
+    if settings.synthetic_weights:
         print("SYNTHETIC WEIGHTS: full-size models with RANDOM weights, for benchmarks. Images are noise.\n")
     if settings.demo:
         print(

@@ -66,6 +66,10 @@ class Settings(BaseModel):
     log_level: str = "INFO"
     models: dict[str, ModelEntry] = Field(default_factory=dict)
 
+    @property
+    def synthetic_weights(self) -> bool:
+        return self.weights == "synthetic"
+
     def all_api_keys(self) -> list[str]:
         keys = [key.strip() for key in self.api_keys if key.strip()]  # --api-key "" must not open the door
         if self.api_key_file is not None:

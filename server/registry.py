@@ -78,7 +78,7 @@ def configured_specs(settings: Settings) -> dict[str, ModelSpec]:
 def served_specs(settings: Settings) -> dict[str, ModelSpec]:
     """The configured models whose checkpoint (and adapter) are present."""
     served = {}
-    if settings.weights == "synthetic":
+    if settings.synthetic_weights:
         # Built from the family's published configs; a registry folder of the user's has no such config here.
         return {m: s for m, s in configured_specs(settings).items() if s.checkpoint_path is None}
     for model_id, spec in configured_specs(settings).items():

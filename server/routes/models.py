@@ -46,11 +46,11 @@ def describe(
         # Per worker: resident / fast / lowvram / offload / cpu, the weights' storage and why; empty until the
         # workers have started.
         "run_modes": run_modes,
-        "random_weights": settings.demo or settings.weights == "synthetic",
+        "random_weights": settings.demo or settings.synthetic_weights,
     }
     if settings.demo:
         info["note"] = "demo: tiny random weights, images are noise; small default size"
-    elif settings.weights == "synthetic":
+    elif settings.synthetic_weights:
         info["note"] = "synthetic: full-size random weights for benchmarks, images are noise"
     if detail:
         info["normalisation"] = {

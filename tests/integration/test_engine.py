@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.engine import Engine, passthrough_signatures
+from pipelines.engine import Engine, passthrough_signatures, pipeline_bytes
 from pipelines.errors import InvalidParameter, WeightsMissing
 from pipelines.jobs import RenderRequest
 from pipelines.specs import SPECS
 from tests.imagery import png
 
 STEPS = 3
+LOADED = ("flux.1-dev", "flux.1-kontext-dev", "flux.2-dev")
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,23 @@ def test_turbo_changes_output_and_leaves_the_base_alone(tiny_weights: Path) -> N
     assert engine.loaded() == ["flux.2-dev"]
     assert engine.pipeline(SPECS["flux.2-dev-turbo"]).transformer is transformer
     assert base_storage(transformer) == storage
+
+
+def test_a_memory_budget_unloads_the_least_recently_used_checkpoint(tiny_weights: Path) -> None:
+    size = {model: pipeline_bytes(Engine(SPECS, tiny_weights).pipeline(SPECS[model])) for model in LOADED}
+    # Room for FLUX.2 beside one FLUX.1 checkpoint, and for both FLUX.1 ones, not for all three.
+    budget = size["flux.2-dev"] + size["flux.1-dev"]
+    assert size["flux.1-dev"] + size["flux.1-kontext-dev"] <= budget < sum(size.values())
+    engine = Engine(SPECS, tiny_weights, memory_budget_bytes=budget)
+    engine.pipeline(SPECS["flux.1-dev"])
+    engine.pipeline(SPECS["flux.1-kontext-dev"])
+    engine.pipeline(SPECS["flux1.1-pro"])  # flux.1-dev's weights, used again: kontext is least recently used
+    assert engine.loaded() == ["flux.1-dev", "flux.1-kontext-dev"]
+    engine.pipeline(SPECS["flux.2-dev"])
+    assert engine.loaded() == ["flux.1-dev", "flux.2-dev"]
+    [image] = pixels(engine, request("flux.1-kontext-dev", [1]))  # an unloaded checkpoint loads again
+    assert image.shape == (48, 64, 3)
+    assert engine.loaded() == ["flux.1-kontext-dev", "flux.2-dev"]
 
 
 def test_alias_runs_the_root_checkpoint(engine: Engine) -> None:
