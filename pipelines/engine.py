@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipelines import loading
-from pipelines.errors import InvalidParameter, ModeUnfit
+from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit
 from pipelines.families import flux1, flux2
 from pipelines.images import decode_image, limit_reference
 from pipelines.jobs import Progress, RenderedImage, RenderRequest, RenderResult
@@ -350,10 +350,11 @@ class Engine:
                 }
                 preview_ms += (time.perf_counter() - decode_started) * 1000
             stops = [on_step(Progress(rid, done, total, previews.get(rid)), pipeline) for rid in rows]
-            # A batch stops early only when every request in it was cancelled; mates keep running.
+            # A batch stops early only when every request in it was cancelled; mates keep running. Raising
+            # (rather than diffusers' `_interrupt`, which still decodes the latents) frees the worker now.
             if all(stops):
-                pipeline._interrupt = True
                 logger.info("stopping %s after step %d of %d: cancelled", list(rows), done, total)
+                raise Cancelled(list(rows))
             return {}
 
         kwargs = {
@@ -371,6 +372,9 @@ class Engine:
         denoise_started = time.perf_counter()
         try:
             images = to_uint8(pipe(**kwargs).images)
+        except Cancelled:
+            pipe.maybe_free_model_hooks()  # what the call would have done at its end: offload hooks reset
+            raise
         except (ValueError, TypeError) as exc:
             if not first.extra:
                 raise

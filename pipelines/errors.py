@@ -50,3 +50,11 @@ class ModeUnfit(FluxdError, RuntimeError):
         super().__init__(reason)
         self.weights_id = weights_id
         self.message = reason
+
+
+class Cancelled(FluxdError):
+    """Every request of a running batch went away: its remaining steps and its decode are skipped."""
+
+    def __init__(self, ids: list[str]) -> None:
+        super().__init__(f"cancelled: {', '.join(ids)}")
+        self.ids = ids

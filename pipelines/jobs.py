@@ -59,7 +59,7 @@ class Progress:
     preview: RenderedImage | None = None
 
 
-FailureKind = Literal["invalid", "unavailable", "out_of_memory", "internal"]
+FailureKind = Literal["invalid", "unavailable", "out_of_memory", "internal", "cancelled"]
 
 
 @dataclass

@@ -17,7 +17,7 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import InvalidParameter, ModeUnfit, WeightsMissing
+from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit, WeightsMissing
 from pipelines.jobs import Failure, Progress, Ready, RenderRequest, WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,8 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
                 result.loaded = engine.loaded()
                 result.device_memory_bytes = engine.device_memory()
                 outbox.put(result)
+        except Cancelled:
+            outbox.put(Failure(ids, "cancelled", "Every client of this batch went away."))
         except InvalidParameter as exc:
             outbox.put(Failure(ids, "invalid", exc.message, exc.param, exc.code))
         except (WeightsMissing, ModeUnfit) as exc:
