@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.jobs import WorkerConfig
 from server.config import Settings
-from server.errors import APIError, error_response, install_error_handlers
+from server.errors import APIError, BodyTooLarge, body_too_large, error_response, install_error_handlers
 from server.metrics import Metrics
 from server.registry import requested_modes, served_specs
 from server.routes import files, health, images, models
@@ -172,8 +172,20 @@ class Guard:
                     self.metrics.errors.labels(str(status), headers.get("x-error-code", "unknown")).inc()
             await send(message)
 
+        received = 0
+
+        async def receive_within_limit() -> Message:
+            # Content-Length is checked before anything is read; a chunked body is counted as it arrives.
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise BodyTooLarge(self.max_body)
+            return message
+
         refusal = _refuse(request, self.keys, self.max_body)
-        await (refusal or self.app)(scope, receive, send_with_id)
+        await (refusal or self.app)(scope, receive_within_limit, send_with_id)
         job = getattr(request.state, "job", None)
         logger.info(
             "%s %s %s %d %.0fms%s",
@@ -209,13 +221,5 @@ def _refuse(request: Request, keys: list[bytes], max_body: int) -> Response | No
             )
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_body:
-        return error_response(
-            APIError(
-                413,
-                f"Request body is larger than {max_body // 2**20} MB.",
-                param="body",
-                code="request_too_large",
-                headers={"x-should-retry": "false"},
-            )
-        )
+        return error_response(body_too_large(max_body))
     return None

@@ -72,17 +72,48 @@ def error_response(error: APIError) -> JSONResponse:
 def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
     """Pydantic's first error as a 400 naming the field: for JSON bodies and multipart forms alike."""
     first = errors[0] if errors else {}
-    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-    param = ".".join(location) or None
     kind = first.get("type", "")
-    if kind == "extra_forbidden":
+    # ("body", "field", ...): every field is top-level; what follows it names a union member, not a field.
+    location = [part for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    param = str(location[0]) if location and kind != "json_invalid" else None
+    if kind == "json_invalid":
+        error = first.get("ctx", {}).get("error", "")
+        message, code = (
+            f"The request body is not valid JSON ({error} at character {location[0]}).",
+            "invalid_json",
+        )
+    elif kind == "extra_forbidden":
         message, code = f"Unrecognized request argument supplied: {param}", "unknown_parameter"
+    elif kind == "missing" and param is None:
+        message, code = (
+            "The request has no body: send a JSON object with a 'prompt'.",
+            "missing_required_parameter",
+        )
     elif kind == "missing":
         message, code = f"Missing required parameter: '{param}'.", "missing_required_parameter"
     else:
         detail = first.get("msg", "Invalid request.")
         message, code = (f"Invalid value for '{param}': {detail}" if param else detail), "invalid_value"
     return APIError(400, message, param=param, code=code, headers={"x-should-retry": "false"})
+
+
+def body_too_large(max_body: int) -> APIError:
+    return APIError(
+        413,
+        f"Request body is larger than {max_body / 2**20:g} MB.",
+        param="body",
+        code="request_too_large",
+        headers={"x-should-retry": "false"},
+    )
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while a body is read, past the limit: an HTTPException, because FastAPI turns any other
+    exception raised while it reads a JSON body into a generic 400."""
+
+    def __init__(self, max_body: int) -> None:
+        super().__init__(413)
+        self.error = body_too_large(max_body)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -92,6 +123,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, BodyTooLarge):
+            return error_response(exc.error)
         kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
         return error_response(APIError(exc.status_code, str(exc.detail), kind, headers=exc.headers))
 

@@ -122,6 +122,8 @@ class Scheduler:
                         f"The request waited more than {self.queue_timeout_s:g} s in the queue.",
                         "timeout",
                         code="queue_timeout",
+                        # The SDK would queue it twice more, tripling the wait the server is set to bound.
+                        headers={"x-should-retry": "false"},
                     ) from None
             return await job.future
         except asyncio.CancelledError:

@@ -104,7 +104,9 @@ class ImageService:
     def spec(self, model: str | None, default: str) -> ModelSpec:
         return get_spec(model or default, self.specs)
 
-    async def prepare(self, body: _ImageFields, images: list[bytes] | None = None) -> Prepared:
+    async def prepare(
+        self, body: _ImageFields, images: list[bytes] | None = None, prompt_required: bool = True
+    ) -> Prepared:
         if images is None:
             spec = self.spec(body.model, self.settings.default_model)
             render, reply = build_request(body, spec, self.signatures.get(spec.pipeline_class, {}))
@@ -120,6 +122,7 @@ class ImageService:
             self.signatures.get(spec.pipeline_class, {}),
             images,
             decoded[0].size if decoded else None,
+            prompt_required=prompt_required,
         )
         return Prepared(render, reply, spec)
 
@@ -233,6 +236,8 @@ class ImageService:
             error = exc if isinstance(exc, APIError) else to_api_error(exc)
             if not isinstance(exc, APIError):
                 logger.exception("stream %s failed", render.id)
+            # The response already began as a 200: count the error here, as the middleware counts the others.
+            http.app.state.metrics.errors.labels(str(error.status), error.code or error.type).inc()
             yield _sse(
                 "error",
                 {

@@ -31,5 +31,7 @@ async def ready(request: Request) -> JSONResponse:
     ]
     ok = pool.all_ready()
     return JSONResponse(
-        {"status": "ready" if ok else "starting", "workers": workers}, status_code=200 if ok else 503
+        {"status": "ready" if ok else "starting", "workers": workers},
+        status_code=200 if ok else 503,
+        headers=None if ok else {"x-error-code": "not_ready"},  # its label in fluxd_errors_total
     )

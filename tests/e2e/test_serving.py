@@ -109,6 +109,7 @@ def test_queue_limits_answer_429_when_full_and_504_past_the_deadline(fresh: Serv
     assert 1 <= int(rejected.headers["retry-after"]) <= 120
     late = next(a for a in answers if a.status_code == 504)
     assert late.json()["error"]["code"] == "queue_timeout"
+    assert late.headers["x-should-retry"] == "false"  # the SDK's retries would triple the bounded wait
 
 
 def test_a_client_that_goes_away_frees_the_worker(plain: Server) -> None:

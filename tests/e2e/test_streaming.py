@@ -119,6 +119,9 @@ def test_a_fault_after_streaming_began_raises_api_error(faulty: Server) -> None:
     assert [type(event) for event in received] == [ImageGenPartialImageEvent]
     assert info.value.body["type"] == "server_error" and info.value.message
     assert "Traceback" not in info.value.message and FAULT_AFTER_STEP not in info.value.message
+    # Sent inside a 200 stream, the error is counted all the same.
+    metrics = HTTP.get(f"{faulty.url}/metrics").text
+    assert f'fluxd_errors_total{{code="{info.value.body["code"]}",status="500"}} 1.0' in metrics
     # The worker survived: a job too short to reach the fault still renders.
     result = client.images.generate(
         prompt="x", size="32x32", response_format="b64_json", extra_body={"num_inference_steps": 1}
@@ -129,6 +132,7 @@ def test_a_fault_after_streaming_began_raises_api_error(faulty: Server) -> None:
 def test_a_client_that_goes_away_cancels_the_job(client: openai.OpenAI, server: Server) -> None:
     stopped = re.compile(r"stopping \['(\w+)'\] after step (\d+) of 100: cancelled")
     before = len(stopped.findall(server.logs()))
+    log_start = len(server.logs())
     stream = client.images.generate(
         prompt="x", size="256x256", stream=True, partial_images=3, extra_body={"num_inference_steps": 100}
     )
@@ -147,6 +151,9 @@ def test_a_client_that_goes_away_cancels_the_job(client: openai.OpenAI, server: 
         prompt="next", size="32x32", response_format="b64_json", extra_body={"num_inference_steps": 2}
     )
     assert size_of(result.data[0].b64_json) == (32, 32)
+    # The worker, which runs one batch at a time, rendered the next request without first finishing (or
+    # decoding) the cancelled one.
+    assert "256x256, 100 steps" not in server.logs()[log_start:]
 
 
 def test_enhancement_returns_a_revised_prompt(client: openai.OpenAI) -> None:
