@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 from PIL import Image
@@ -48,7 +49,9 @@ def decode_image(data: bytes, param: str = "image") -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidParameter(param, f"'{param}' is too large to decode safely.") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InvalidParameter(param, f"'{param}' could not be decoded ({fmt.lower()}): {exc}") from None
+        # Pillow names the buffer it read from ("<_io.BytesIO object at 0x...>"): nothing for a client.
+        reason = re.sub(r"\s*<[^>]* at 0x[0-9a-f]+>", "", str(exc)) or "truncated or corrupt"
+        raise InvalidParameter(param, f"'{param}' could not be decoded ({fmt.lower()}): {reason}") from None
     return image.convert("RGB")
 
 

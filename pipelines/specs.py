@@ -169,7 +169,10 @@ class ModelSpec:
 
 FLUX2_LIMITS = Limits(2048, 2048 * 2048, "seeds (FLUX.2 [dev] FAQ): images up to 2048x2048")
 FLUX1_LIMITS = Limits(
-    1440, 1440 * 1440, "BFL API limits for FLUX.1 [dev] / FLUX1.1 [pro]: 256-1440 px per side"
+    1440,
+    1440 * 1440,
+    "BFL API limits for FLUX.1 [dev] / FLUX1.1 [pro]: at most 1440 px per side (their 256 px minimum is not "
+    "applied: smaller sizes run, as on the FLUX.2 models)",
 )
 KONTEXT_LIMITS = Limits(
     1568, 1568 * 672, "largest of diffusers' PREFERRED_KONTEXT_RESOLUTIONS; Kontext is trained around 1 MP"

@@ -7,18 +7,21 @@ the README from NORMALISATION below.
 
 from __future__ import annotations
 
+import re
 import secrets
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pydantic import TypeAdapter, ValidationError
+
 from pipelines.errors import InvalidParameter
 from pipelines.jobs import RenderRequest
 from pipelines.sizes import resolve_size
 from pipelines.specs import PASSTHROUGH_BOUNDS, ModelSpec
 from server.encode import LOSSY
-from server.protocol import MAX_SEED, ImageGenerationRequest, _ImageFields
+from server.protocol import MAX_SEED, _ImageFields
 
 Behaviour = Literal["native", "renamed", "converted", "emulated", "accepted", "passthrough"]
 
@@ -73,7 +76,6 @@ NORMALISATION: dict[str, tuple[Behaviour, str]] = {
 
 STREAM_FORMATS = frozenset({"png", "jpeg", "webp"})
 ENHANCE_FIELDS = ("prompt_enhancement", "enhance_prompt", "enable_prompt_expansion", "prompt_upsampling")
-_PASSTHROUGH_TYPES = (str, int, float, bool)
 
 
 @dataclass(frozen=True)
@@ -90,49 +92,75 @@ class Reply:
 
 
 def _enhancement(body: _ImageFields, spec: ModelSpec) -> bool:
-    for name in ENHANCE_FIELDS:
-        value = getattr(body, name)
-        if value in (True, "on"):
-            if not spec.enhances_prompt:
-                raise InvalidParameter(name, f"'{spec.id}' has no language model to enhance prompts with.")
-            return True
-    return False
+    given = {
+        name: getattr(body, name) in (True, "on")
+        for name in ENHANCE_FIELDS
+        if getattr(body, name) is not None
+    }
+    if len(set(given.values())) > 1:
+        raise InvalidParameter(
+            next(reversed(given)), f"{' and '.join(given)} disagree: they are one switch, give one of them."
+        )
+    for name, on in given.items():
+        if on and not spec.enhances_prompt:
+            raise InvalidParameter(name, f"'{spec.id}' has no language model to enhance prompts with.")
+    return any(given.values())
+
+
+# Pipeline arguments fluxd sets from its own parameters: a client naming one is told which to use instead.
+SET_BY_FLUXD = {
+    "guidance_scale": "cfg_scale",
+    "num_images_per_prompt": "n",
+    "generator": "seed",
+    "latents": "seed",
+    "sigmas": "num_inference_steps",
+    "timesteps": "num_inference_steps",
+    "output_type": "output_format",
+    "caption_upsample_temperature": "prompt_enhancement",
+}
+# A passthrough argument that does nothing unless another one is set past a threshold (diffusers' FluxPipeline
+# runs true CFG only when true_cfg_scale > 1): without it the request would silently lose what it asked for.
+NEEDS = {"negative_prompt": ("true_cfg_scale", 1.0), "negative_prompt_2": ("true_cfg_scale", 1.0)}
+_SCALARS: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str}
 
 
 def _passthrough(body: _ImageFields, signature: Mapping[str, str]) -> dict[str, Any]:
     extra: dict[str, Any] = {}
+    strict = bool(body.model_config.get("strict"))
     for name, value in (body.model_extra or {}).items():
         if name not in signature:
+            instead = f" fluxd sets it: use '{SET_BY_FLUXD[name]}'." if name in SET_BY_FLUXD else ""
             raise InvalidParameter(
-                name, f"Unrecognized request argument supplied: {name}", "unknown_parameter"
+                name, f"Unrecognized request argument supplied: {name}.{instead}", "unknown_parameter"
             )
         if value is None:
             continue
-        if not isinstance(value, _PASSTHROUGH_TYPES):
-            raise InvalidParameter(name, f"'{name}' must be a string, number or boolean.")
-        extra[name] = _coerce(name, value, signature[name])
+        extra[name] = _argument(name, value, signature[name], strict)
         bounds = PASSTHROUGH_BOUNDS.get(name)
-        if bounds is not None and not (
-            isinstance(extra[name], int | float) and bounds[0] <= extra[name] <= bounds[1]
-        ):
+        if bounds is not None and not bounds[0] <= extra[name] <= bounds[1]:
             raise InvalidParameter(
                 name, f"'{name}' must be a number between {bounds[0]:g} and {bounds[1]:g}."
+            )
+    for name, (needed, threshold) in NEEDS.items():
+        if name in extra and name in signature and not extra.get(needed, threshold) > threshold:
+            raise InvalidParameter(
+                name, f"'{name}' has no effect unless '{needed}' is above {threshold:g}: send both."
             )
     return extra
 
 
-def _coerce(name: str, value: Any, annotation: str) -> Any:
-    """Multipart sends every field as text: coerce to the pipeline argument's annotated type."""
-    if not isinstance(value, str):
-        return value
+def _argument(name: str, value: Any, annotation: str, strict: bool) -> Any:
+    """A passthrough value as the pipeline argument's scalar type (the annotation arrives as text, e.g.
+    "<class 'int'>" or "str | list[str] | None"); JSON values must already have it, form text is parsed."""
+    match = re.search(r"\b(bool|int|float|str)\b", annotation)
+    scalar = _SCALARS[match.group(1)] if match else str
     try:
-        if annotation.startswith("int"):
-            return int(value)
-        if annotation.startswith("float"):
-            return float(value)
-    except ValueError:
-        raise InvalidParameter(name, f"'{name}' must be a number.") from None
-    return value
+        return TypeAdapter(scalar).validate_python(value, strict=strict)
+    except ValidationError:
+        raise InvalidParameter(name, f"'{name}' must be a {_KIND_NAMES[scalar]}.") from None
+
+
+_KIND_NAMES = {bool: "boolean", int: "whole number", float: "number", str: "string"}
 
 
 def _size(body: _ImageFields, spec: ModelSpec, input_size: tuple[int, int] | None) -> tuple[int, int]:
@@ -161,8 +189,13 @@ def _reply(body: _ImageFields) -> Reply:
         raise InvalidParameter(
             "output_compression", f"output_compression applies to jpeg, webp and avif, not {fmt}."
         )
-    if compression is None and body.output_quality is not None and fmt in LOSSY:
-        compression = body.output_quality
+    if body.output_quality is not None:
+        if compression is not None and compression != body.output_quality:
+            raise InvalidParameter(
+                "output_quality", "output_quality is output_compression under another name: give one of them."
+            )
+        if fmt in LOSSY:
+            compression = body.output_quality
     if body.background == "transparent":
         raise InvalidParameter("background", "FLUX images have no alpha channel: use 'opaque' or 'auto'.")
     if body.stream and (body.n or 1) > 1:
@@ -171,6 +204,10 @@ def _reply(body: _ImageFields) -> Reply:
         raise InvalidParameter(
             "output_format",
             f"Streamed images can be {', '.join(sorted(STREAM_FORMATS))} (the SDK's event types).",
+        )
+    if body.stream and body.response_format == "url":
+        raise InvalidParameter(
+            "response_format", "Streamed images arrive as b64_json in the events: leave response_format out."
         )
     if body.partial_images and not body.stream:
         raise InvalidParameter("partial_images", "partial_images needs stream=true.")
@@ -192,9 +229,11 @@ def build_request(
     images: list[bytes] | None = None,
     input_size: tuple[int, int] | None = None,
     enhance_temperature: float = 0.15,
+    prompt_required: bool = True,
 ) -> tuple[RenderRequest, Reply]:
-    """Validate everything and apply every default; raise InvalidParameter naming the first bad field."""
-    if not body.prompt.strip() and isinstance(body, ImageGenerationRequest):
+    """Validate everything and apply every default; raise InvalidParameter naming the first bad field.
+    Only variations go without a prompt."""
+    if prompt_required and not body.prompt.strip():
         raise InvalidParameter("prompt", "prompt must not be empty.", "missing_required_parameter")
     for name in body.model_fields_set:
         if name in NORMALISATION and name not in _OPENAI_FIELDS and not spec.takes(name):

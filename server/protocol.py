@@ -16,6 +16,7 @@ MAX_PROMPT_CHARS = 32_000
 OutputFormat = Literal["png", "jpeg", "webp", "avif", "gif"]
 Quality = Literal["low", "medium", "high", "auto", "standard", "hd"]
 Background = Literal["transparent", "opaque", "auto"]
+Text = Annotated[str, Field(min_length=1)]  # "" is neither a value nor "use the default": that is null
 
 
 class _ImageFields(BaseModel):
@@ -24,9 +25,9 @@ class _ImageFields(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
-    model: str | None = None
+    model: Text | None = None
     n: Annotated[int, Field(ge=1, le=10)] | None = None
-    size: str | None = None
+    size: Text | None = None
     quality: Quality | None = None
     background: Background | None = None
     output_format: OutputFormat | None = None
@@ -37,8 +38,8 @@ class _ImageFields(BaseModel):
     user: str | None = None
     # The seeds' parameters.
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
-    aspect_ratio: str | None = None
-    resolution: str | None = None
+    aspect_ratio: Text | None = None
+    resolution: Text | None = None
     resolution_mode: Literal["auto", "match_input"] | None = None
     width: Annotated[int, Field(ge=1, le=14142)] | None = None
     height: Annotated[int, Field(ge=1, le=14142)] | None = None
@@ -58,7 +59,10 @@ class _ImageFields(BaseModel):
 
 
 class ImageGenerationRequest(_ImageFields):
-    """Body of POST /v1/images/generations."""
+    """Body of POST /v1/images/generations. JSON carries types, so none is converted: `"n": true` or
+    `"stream": "yes"` is a 400, not 1 image or a stream. Multipart edits arrive as text and are parsed."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
     moderation: Literal["low", "auto"] | None = None
     style: Literal["vivid", "natural"] | None = None

@@ -11,11 +11,12 @@ from server.errors import APIError
 router = APIRouter(prefix="/v1/files/images", tags=["files"])
 
 
-@router.get("/{name}")
+@router.api_route("/{name}", methods=["GET", "HEAD"])
 async def get_image(name: str, request: Request) -> FileResponse:
-    """A generated image; unknown or expired ids are 404."""
-    stored = request.app.state.store.get(name.split(".", 1)[0], CONTENT_TYPES)
-    if stored is None:
+    """A generated image as `<id>.<ext>` (the URL fluxd gave) or `<id>`; unknown or expired ids are 404."""
+    image_id, _, extension = name.partition(".")
+    stored = request.app.state.store.get(image_id, CONTENT_TYPES)
+    if stored is None or extension not in ("", stored.path.suffix.lstrip(".")):
         raise APIError(404, "No such image, or it has expired.", "not_found", "name", "image_not_found")
     return FileResponse(
         stored.path, media_type=stored.content_type, headers={"Cache-Control": "private, max-age=3600"}

@@ -40,7 +40,7 @@ async def create_image(body: ImageGenerationRequest, request: Request) -> Respon
     return await _answer(request, prepared, "image_generation")
 
 
-async def _read_edit_form(request: Request, require_prompt: bool) -> tuple[ImageEditRequest, list[bytes]]:
+async def _read_edit_form(request: Request) -> tuple[ImageEditRequest, list[bytes]]:
     form = await request.form(max_files=MAX_FILES, max_fields=256)
     fields: dict[str, str] = {}
     images: list[bytes] = []
@@ -58,12 +58,13 @@ async def _read_edit_form(request: Request, require_prompt: bool) -> tuple[Image
             raise InvalidParameter(
                 "mask", "No served model inpaints: send the image and a prompt without a mask."
             )
+        elif key in fields:
+            raise InvalidParameter(key, f"'{key}' was sent more than once; only 'image' repeats.")
         else:
             fields[key] = value
     if not images:
         raise InvalidParameter("image", "Missing required parameter: 'image'.", "missing_required_parameter")
-    if not require_prompt:
-        fields.setdefault("prompt", "")
+    fields.setdefault("prompt", "")  # a missing prompt is refused with an empty one, by build_request
     try:
         return ImageEditRequest.model_validate(fields), images
     except ValidationError as exc:
@@ -73,7 +74,7 @@ async def _read_edit_form(request: Request, require_prompt: bool) -> tuple[Image
 @router.post("/edits", response_model=ImagesResponse, response_model_exclude_none=True)
 async def edit_image(request: Request) -> Response | ImagesResponse:
     """Edit or compose from 1-4 reference images (multipart: `image`, `image[]`), OpenAI `images.edit`."""
-    body, images = await _read_edit_form(request, require_prompt=True)
+    body, images = await _read_edit_form(request)
     prepared = await _service(request).prepare(body, images)
     return await _answer(request, prepared, "image_edit")
 
@@ -81,10 +82,12 @@ async def edit_image(request: Request) -> Response | ImagesResponse:
 @router.post("/variations", response_model=ImagesResponse, response_model_exclude_none=True)
 async def create_variation(request: Request) -> Response | ImagesResponse:
     """Variations (legacy): an edit with an empty instruction on the default edit model."""
-    body, images = await _read_edit_form(request, require_prompt=False)
+    body, images = await _read_edit_form(request)
     if body.prompt:
         raise InvalidParameter(
             "prompt", "Variations take no prompt; use /v1/images/edits.", "unknown_parameter"
         )
-    prepared = await _service(request).prepare(body, images[:1])
+    if len(images) > 1:
+        raise InvalidParameter("image", "Variations take one image; use /v1/images/edits for several.")
+    prepared = await _service(request).prepare(body, images, prompt_required=False)
     return await _answer(request, prepared, "image_edit")

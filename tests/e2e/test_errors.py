@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 
 import openai
 import pytest
@@ -53,6 +54,25 @@ GENERATION_CASES = [
     ({"model": "flux.1-dev", "prompt_enhancement": "on"}, "prompt_enhancement"),
     ({"model": "flux1.1-pro", "enhance_prompt": True}, "enhance_prompt"),
     ({"model": "flux.2-dev-turbo", "num_inference_steps": 20}, "num_inference_steps"),
+    # JSON carries types: none is converted behind the client's back.
+    ({"n": True}, "n"),
+    ({"seed": True}, "seed"),
+    ({"cfg_scale": False}, "cfg_scale"),
+    ({"stream": "yes"}, "stream"),
+    ({"max_sequence_length": True}, "max_sequence_length"),
+    ({"max_sequence_length": "256"}, "max_sequence_length"),
+    # "" is not null: it does not mean "the default".
+    ({"size": ""}, "size"),
+    ({"model": ""}, "model"),
+    ({"aspect_ratio": ""}, "aspect_ratio"),
+    # Two names for one setting that disagree.
+    ({"model": "flux.2-dev", "enhance_prompt": False, "prompt_enhancement": "on"}, "enhance_prompt"),
+    ({"output_format": "jpeg", "output_compression": 50, "output_quality": 60}, "output_quality"),
+    # Nothing that would be silently dropped.
+    ({"stream": True, "response_format": "url"}, "response_format"),
+    ({"model": "flux.1-dev", "negative_prompt": "blur"}, "negative_prompt"),
+    ({"guidance_scale": 3.0}, "guidance_scale"),
+    ({"prompt_enhancement": "maybe"}, "prompt_enhancement"),
 ]
 
 
@@ -69,12 +89,29 @@ def test_bad_generation_fields(server: Server, fields: dict, param: str) -> None
 def test_missing_prompt_and_bad_json(server: Server) -> None:
     response = HTTP.post(f"{server.url}/v1/images/generations", json={"size": "16x16"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
-    garbage = HTTP.post(
-        f"{server.url}/v1/images/generations",
-        content=b"{not json",
-        headers={"content-type": "application/json"},
+    for body, words in (
+        (b"{not json", "not valid JSON"),
+        (b'{"prompt": "x"', "not valid JSON"),
+        (b"", "no body"),
+    ):
+        answer = HTTP.post(
+            f"{server.url}/v1/images/generations", content=body, headers={"content-type": "application/json"}
+        )
+        error = answer.json()["error"]
+        assert answer.status_code == 400 and words in error["message"] and error["param"] is None, body
+
+
+def test_set_by_fluxd_arguments_name_the_parameter_to_use(server: Server) -> None:
+    response = HTTP.post(f"{server.url}/v1/images/generations", json={"prompt": "x", "guidance_scale": 3.0})
+    assert "use 'cfg_scale'" in response.json()["error"]["message"]
+
+
+def test_a_negative_prompt_runs_with_true_cfg(client: openai.OpenAI) -> None:
+    extra = {**FAST, "negative_prompt": "blur", "true_cfg_scale": 2.0}
+    result = client.images.generate(
+        model="flux.1-dev", prompt="x", size="16x16", response_format="b64_json", extra_body=extra
     )
-    assert garbage.status_code == 400 and "error" in garbage.json()
+    assert result.data[0].b64_json
 
 
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:
@@ -94,6 +131,14 @@ EDIT_CASES = [
     ({"image": ("a.png", png(), "image/png")}, {"model": "flux.1-dev"}, "model"),
     ({"image": ("a.png", png(), "image/png")}, {"n": "eleven"}, "n"),
     ({"image": ("a.png", png(), "image/png")}, {"input_fidelity": "max"}, "input_fidelity"),
+    ({"image": ("a.png", png(), "image/png")}, {"prompt": ""}, "prompt"),
+    ({"image": ("a.png", png(), "image/png")}, {"prompt": "  "}, "prompt"),
+    ({"image": ("a.png", png(), "image/png")}, {"size": ""}, "size"),
+    (
+        {"image": ("a.png", png(), "image/png")},
+        {"model": "flux.1-kontext-dev", "max_sequence_length": "x"},
+        "max_sequence_length",
+    ),
 ]
 
 
@@ -105,6 +150,7 @@ def test_bad_edits(server: Server, files: dict, fields: dict, param: str) -> Non
     response = HTTP.post(f"{server.url}/v1/images/edits", data=data, files=files)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+    assert " at 0x" not in response.json()["error"]["message"]  # no Python object reprs
 
 
 def test_too_many_references(server: Server) -> None:
@@ -115,6 +161,18 @@ def test_too_many_references(server: Server) -> None:
         f"{server.url}/v1/images/edits", data={"prompt": "x", "model": "flux.1-kontext-dev"}, files=files[:2]
     )
     assert kontext.status_code == 400 and kontext.json()["error"]["param"] == "image"
+
+
+def test_a_field_sent_twice_is_refused_not_overwritten(server: Server) -> None:
+    files = [("image", ("a.png", png(), "image/png")), ("seed", (None, "1")), ("seed", (None, "2"))]
+    response = HTTP.post(f"{server.url}/v1/images/edits", data={"prompt": "x"}, files=files)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "seed"
+
+
+def test_variations_take_one_image(server: Server) -> None:
+    files = [("image", ("a.png", png(), "image/png")), ("image", ("b.png", png(), "image/png"))]
+    response = HTTP.post(f"{server.url}/v1/images/variations", files=files)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "image"
 
 
 def test_missing_image(server: Server) -> None:
@@ -144,5 +202,30 @@ def test_body_over_the_limit_is_413(tiny_weights, tmp_path) -> None:
             files={"image": ("a.png", b"\x89PNG" + b"0" * 20000, "image/png")},
         )
         assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+        # Without a Content-Length (chunked), the body is counted as it arrives.
+        def chunks(head: bytes, tail: bytes) -> Iterator[bytes]:
+            yield head
+            for _ in range(8):
+                yield b"x" * 4096
+            yield tail
+
+        chunked = {
+            "/v1/images/generations": (chunks(b'{"prompt": "x", "user": "', b'"}'), "application/json"),
+            "/v1/images/edits": (
+                chunks(b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n', b"\r\n--b--\r\n"),
+                "multipart/form-data; boundary=b",
+            ),
+        }
+        for path, (body, content_type) in chunked.items():
+            response = HTTP.post(f"{small.url}{path}", content=body, headers={"content-type": content_type})
+            assert response.status_code == 413, (path, response.text)
+            assert response.json()["error"]["code"] == "request_too_large"
+        within = HTTP.post(
+            f"{small.url}/v1/images/generations",
+            content=iter([b'{"prompt": "x", "size": "16x16", ', b'"num_inference_steps": 2}']),
+            headers={"content-type": "application/json"},
+        )
+        assert within.status_code == 200, within.text
     finally:
         stop_server(small)

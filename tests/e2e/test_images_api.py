@@ -112,6 +112,10 @@ def test_url_downloads_the_same_image_and_expires(client: openai.OpenAI, server:
     downloaded = HTTP.get(url)
     assert downloaded.status_code == 200 and downloaded.headers["content-type"] == "image/png"
     assert downloaded.content == base64.b64decode(as_b64.data[0].b64_json)
+    head = HTTP.head(url)
+    assert head.status_code == 200 and head.headers["content-type"] == "image/png" and not head.content
+    assert HTTP.get(url.removesuffix(".png")).content == downloaded.content
+    assert HTTP.get(url.removesuffix(".png") + ".jpeg").status_code == 404  # not a JPEG under another name
     time.sleep(3.5)  # the test server's TTL is 3 s
     expired = HTTP.get(url)
     assert expired.status_code == 404 and expired.json()["error"]["code"] == "image_not_found"
@@ -202,6 +206,19 @@ def test_passthrough_of_a_pipeline_argument(client: openai.OpenAI) -> None:
         prompt="x", size="16x16", response_format="b64_json", extra_body={**FAST, "max_sequence_length": 64}
     )
     assert decode(result.data[0].b64_json).size == (16, 16)
+
+
+def test_passthrough_in_an_edit_arrives_as_text_and_is_parsed(client: openai.OpenAI) -> None:
+    # The SDK sends extra_body of an edit as multipart text parts: "64", not 64.
+    result = client.images.edit(
+        model="flux.1-kontext-dev",
+        image=png_bytes(),
+        prompt="x",
+        size="64x64",
+        response_format="b64_json",
+        extra_body={**FAST, "max_sequence_length": 64, "true_cfg_scale": 1.5, "negative_prompt": "blur"},
+    )
+    assert decode(result.data[0].b64_json).size == (64, 64)
 
 
 def test_torch_stays_out_of_the_http_process() -> None:
