@@ -96,13 +96,24 @@ def passthrough_signatures(specs: Mapping[str, ModelSpec]) -> dict[str, dict[str
     return signatures
 
 
-def pipeline_bytes(pipe: Any) -> int:
-    """Bytes of every parameter and buffer of a pipeline's torch modules."""
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor really stores: a quantised tensor subclass (torchao's Float8Tensor reports the bf16
+    dtype it stands for) is counted by the inner tensors it is made of."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        inner, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in inner)
+    return tensor.numel() * tensor.element_size()
+
+
+def pipeline_bytes(pipe: Any, device: str = "cpu") -> int:
+    """Bytes of the parameters and buffers of a pipeline's torch modules that are on `device`'s kind (weights
+    an offloading mode keeps in CPU memory do not count against a GPU's budget)."""
+    kind = torch.device(device).type
     total = 0
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             tensors = [*component.parameters(), *component.buffers()]
-            total += sum(t.numel() * t.element_size() for t in tensors)
+            total += sum(tensor_bytes(t) for t in tensors if t.device.type == kind)
     return total
 
 
@@ -267,7 +278,7 @@ class Engine:
         if budget is None:
             return
         self._unload_while(
-            lambda: sum(map(pipeline_bytes, self._pipelines.values())) > budget,
+            lambda: sum(pipeline_bytes(pipe, self.device) for pipe in self._pipelines.values()) > budget,
             "to stay within the budget",
             keep,
         )
@@ -316,6 +327,13 @@ class Engine:
                 if not spec.enhances_prompt:
                     raise InvalidParameter(
                         "prompt_enhancement", f"'{spec.id}' has no language model to enhance prompts."
+                    )
+                if self.mode(spec.weights_id).offload in ("encoder", "group"):
+                    # Streamed, the encoder would cross PCIe once per generated token: minutes a prompt.
+                    raise InvalidParameter(
+                        "prompt_enhancement",
+                        f"'{spec.id}' runs with its text encoder streamed from CPU memory on this server "
+                        f"({self.mode(spec.weights_id).mode} mode), too slow to generate a prompt with.",
                     )
                 prompt = family.enhance(
                     pipe, prompt, references, request.enhance_temperature, request.seeds[0]

@@ -70,15 +70,16 @@ def locate_adapter(spec: ModelSpec, adapter: LoraAdapter, weights_dir: Path) -> 
 
 def float8_config(device: str) -> Any:
     """torchao's fp8 recipe: dynamic row-wise activations and weights, the fast kernels of an H100 (SM 8.9+);
-    weight-only elsewhere (the CPU has no fp8 matmul, so tests exercise the same loading path with it)."""
+    weight-only elsewhere (the CPU has no fp8 matmul either; tests exercise the same loading path with it)."""
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Float8WeightOnlyConfig,
         PerRow,
     )
 
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and torch.cuda.get_device_capability(torch.device(device)) >= (8, 9):
         return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    # Older GPUs (A100, A10, RTX 3090) have no fp8 matmul: torchao asserts SM 8.9 for the dynamic recipe.
     return Float8WeightOnlyConfig()
 
 
@@ -108,9 +109,11 @@ def quantization_config(path: Path, mode: ResolvedMode, device: str) -> Pipeline
 
 
 def attention_backend(device: str) -> str | None:
-    """FlashAttention-3 on a CUDA device where its package (flash_attn_interface, built for Hopper) is
-    installed; None keeps PyTorch's scaled-dot-product attention."""
-    if device.startswith("cuda") and importlib.util.find_spec("flash_attn_interface") is not None:
+    """FlashAttention-3 on a CUDA device where diffusers finds its package (`flash_attn_3`, built for Hopper);
+    None keeps PyTorch's scaled-dot-product attention."""
+    from diffusers.utils import is_flash_attn_3_available
+
+    if device.startswith("cuda") and is_flash_attn_3_available():
         return "_flash_3"
     return None
 
@@ -118,14 +121,59 @@ def attention_backend(device: str) -> str | None:
 def load_pipeline(path: Path, device: str, mode: ResolvedMode) -> DiffusionPipeline:
     """The checkpoint at `path` on `device` as `mode` says, quantised while loading, then placed."""
     logger.info("loading %s on %s: %s", path, device, mode.describe())
-    pipe = DiffusionPipeline.from_pretrained(
-        path,
-        dtype=dtype_for(device),
-        quantization_config=quantization_config(path, mode, device),
-        local_files_only=True,
-    )
+    config = quantization_config(path, mode, device)
+    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    # Quantised components load one at a time: bitsandbytes quantises on the GPU and leaves the result there,
+    # so loaded as one pipeline every nf4 component would be on the GPU at once (FLUX.2: ~34 GB) before
+    # offloading could move any of them back.
+    loaded = {
+        slot: load_component(path, slot, index[slot][0], index[slot][1], quantizer_config, device, mode)
+        for slot, quantizer_config in (config.quant_mapping.items() if config else ())
+    }
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype_for(device), local_files_only=True, **loaded)
     pipe.set_progress_bar_config(disable=True)
     return place(pipe, device, mode)
+
+
+def load_component(
+    path: Path, slot: str, library: str, class_name: str, config: Any, device: str, mode: ResolvedMode
+) -> torch.nn.Module:
+    """One quantised component, built where its quantiser works (bitsandbytes: the GPU; torchao: the CPU),
+    then moved to the CPU if `mode` streams it from there."""
+    cls = getattr(importlib.import_module(library), class_name)
+    nf4 = mode.precision(slot) == "nf4"
+    # bitsandbytes is told the worker's GPU (it would take the current one); torchao quantises wherever the
+    # weights load, by default the CPU (diffusers skips torchao quantisation given a device_map).
+    placement = {"device_map": {"": device}} if nf4 else {}
+    component = cls.from_pretrained(
+        path / slot, dtype=dtype_for(device), quantization_config=config, local_files_only=True, **placement
+    )
+    if nf4 and mode.streamed(slot):
+        component.to("cpu")
+    return component
+
+
+def offload_blocks(module: torch.nn.Module) -> list[str]:
+    """The children to descend into so that block-level group offload finds a module's repeated layers.
+
+    diffusers splits only a module's own ModuleList/Sequential children and onloads everything else as one
+    group; a transformers text encoder keeps its layers deeper (Mistral3: model.language_model.layers, T5:
+    encoder.block, CLIP: encoder.layers), so without this the 24 B Mistral encoder would move to
+    the GPU as one 48 GB group. Lists inside lists (a block's own layers) are left to their block."""
+    names: set[str] = set()
+
+    def leads_to_a_list(parent: torch.nn.Module) -> bool:
+        found = False
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.ModuleList | torch.nn.Sequential):
+                found = True
+            elif leads_to_a_list(child):
+                names.add(name)
+                found = True
+        return found
+
+    leads_to_a_list(module)
+    return sorted(names)
 
 
 def place(pipe: DiffusionPipeline, device: str, mode: ResolvedMode) -> DiffusionPipeline:
@@ -133,32 +181,34 @@ def place(pipe: DiffusionPipeline, device: str, mode: ResolvedMode) -> Diffusion
     streamed block by block (`group`; only the text encoders: `encoder`), the VAE sliced and tiled when
     memory is that tight, FlashAttention-3 where present, the repeated blocks compiled when `mode` says so.
     Synthetic pipelines are placed through here too."""
+    from diffusers.hooks import apply_group_offloading
+
     # CUDA streams overlap the next block's copy with this block's compute; the CPU has none.
     cuda = device.startswith("cuda")
-    streaming: dict[str, Any] = {
-        "onload_device": torch.device(device),
-        "offload_device": torch.device("cpu"),
-        "offload_type": "block_level",
-        "num_blocks_per_group": 1,
-        "use_stream": cuda,
-        "low_cpu_mem_usage": cuda,
-    }
     if mode.offload == "model":
+        # The VAE (84 M parameters) stays on the GPU, out of the offload chain: in it, decoding a preview
+        # between two steps would first send the transformer back to the CPU.
+        chain = [slot for slot in pipe.model_cpu_offload_seq.split("->") if slot != "vae"]
+        pipe.model_cpu_offload_seq = "->".join(chain)
+        pipe._exclude_from_cpu_offload = [*pipe._exclude_from_cpu_offload, "vae"]
         pipe.enable_model_cpu_offload(device=device)
-    elif mode.offload == "group":
-        pipe.enable_group_offload(**streaming)
-    elif mode.offload == "encoder":
-        from diffusers.hooks import apply_group_offloading
-
+    else:
         for slot, component in pipe.components.items():
             if not isinstance(component, torch.nn.Module):
                 continue
             if mode.streamed(slot):
-                apply_group_offloading(component, **streaming)
+                apply_group_offloading(
+                    component,
+                    onload_device=torch.device(device),
+                    offload_device=torch.device("cpu"),
+                    offload_type="block_level",
+                    num_blocks_per_group=1,
+                    use_stream=cuda,
+                    low_cpu_mem_usage=cuda,
+                    block_modules=offload_blocks(component),
+                )
             else:
                 component.to(device)
-    else:
-        pipe.to(device)
     if mode.offload in ("model", "group"):
         # Memory-bound modes also bound the VAE's peak: images one at a time, tiles above 1024 px a side.
         pipe.vae.enable_slicing()
@@ -168,7 +218,7 @@ def place(pipe: DiffusionPipeline, device: str, mode: ResolvedMode) -> Diffusion
         try:
             pipe.transformer.set_attention_backend(backend)
         except (ImportError, RuntimeError, ValueError) as exc:
-            # An optimisation only: a flash_attn_interface build that diffusers cannot use must not cost
+            # An optimisation only: a FlashAttention-3 build that diffusers cannot use must not cost
             # the model.
             logger.warning("keeping PyTorch attention: %s failed: %s", backend, exc)
     if mode.compile:

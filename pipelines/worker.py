@@ -68,6 +68,9 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.device.startswith("cuda"):
+        # Libraries that place by "the current device" (bitsandbytes while quantising) follow this worker's.
+        torch.cuda.set_device(config.device)
     synthetic = None
     if config.synthetic:
         from pipelines.tiny import write_tiny

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from pipelines import loading
-from pipelines.engine import Engine
-from pipelines.errors import ModeUnfit
+from pipelines.engine import Engine, tensor_bytes
+from pipelines.errors import InvalidParameter, ModeUnfit
 from pipelines.modes import ResolvedMode
 from pipelines.specs import SPECS
+from pipelines.synthetic import build_meta
 from tests.integration.test_engine import pixels, request
 
 CPU = ResolvedMode("cpu", "float32", "float32", "none", False, 0, "test")
@@ -44,7 +45,12 @@ def test_float8_quantises_transformer_and_encoder_while_loading(tiny_weights: Pa
 
     engine = engine_in(tiny_weights, "flux.2-dev", transformer="float8", encoder="float8")
     pipe = engine.pipeline(SPECS["flux.2-dev"])
-    assert isinstance(pipe.transformer.transformer_blocks[0].attn.to_q.weight, Float8Tensor)
+    weight = pipe.transformer.transformer_blocks[0].attn.to_q.weight
+    assert isinstance(weight, Float8Tensor)
+    # A byte per weight and a scale per row, though the tensor reports the dtype it stands for.
+    assert (
+        tensor_bytes(weight) == weight.numel() + 4 * weight.shape[0] < weight.numel() * weight.element_size()
+    )
     assert isinstance(pipe.text_encoder.model.language_model.layers[0].mlp.up_proj.weight, Float8Tensor)
     assert not isinstance(pipe.vae.decoder.conv_in.weight, Float8Tensor)
     [image] = pixels(engine, request("flux.2-dev", [1]))
@@ -79,6 +85,83 @@ def test_group_offload_streams_blocks_and_changes_no_pixel(tiny_weights: Path, r
     want = pixels(resident, request("flux.1-dev", [4]))[0]
     got = pixels(engine, request("flux.1-dev", [4]))[0]
     assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("component", "descend", "lists"),
+    [
+        ("mistral3-text-encoder", {"model", "language_model"}, ["model.language_model.layers"]),
+        ("t5-xxl-encoder", {"encoder"}, ["encoder.block"]),
+        ("clip-l-text-encoder", {"encoder"}, ["encoder.layers"]),
+        ("flux2-transformer", set(), ["transformer_blocks", "single_transformer_blocks"]),
+    ],
+)
+def test_group_offload_finds_each_real_encoders_layers(component: str, descend: set, lists: list) -> None:
+    model = build_meta(component)  # the published configuration, on the meta device
+    blocks = loading.offload_blocks(model)
+    assert descend <= set(blocks)
+    assert not {"transformer_blocks", "single_transformer_blocks", "layers", "block"} & set(blocks)
+    for path in lists:
+        assert isinstance(model.get_submodule(path), torch.nn.ModuleList)
+
+
+def group_hooked(module: torch.nn.Module) -> bool:
+    return "group_offloading" in getattr(getattr(module, "_diffusers_hook", None), "hooks", {})
+
+
+def test_streamed_encoders_move_a_layer_at_a_time(tiny_weights: Path) -> None:
+    # diffusers splits only a module's own lists: without offload_blocks each encoder was one group, which
+    # for the real Mistral encoder is 48 GB at once.
+    for weights_id, layers in (
+        ("flux.2-dev", lambda p: [*p.text_encoder.model.language_model.layers]),
+        (
+            "flux.1-dev",
+            lambda p: [*p.text_encoder.encoder.layers, *p.text_encoder_2.encoder.block],
+        ),
+    ):
+        engine = engine_in(tiny_weights, weights_id, mode="offload", offload="encoder")
+        pipe = engine.pipeline(SPECS[weights_id])
+        assert all(group_hooked(layer) for layer in layers(pipe)), weights_id
+
+
+def test_enhancement_is_refused_when_the_encoder_streams(tiny_weights: Path) -> None:
+    engine = engine_in(tiny_weights, "flux.2-dev", mode="offload", offload="encoder")
+    enhance = request("flux.2-dev", [1], enhance_prompt=True)
+    with pytest.raises(InvalidParameter) as info:
+        engine.render([enhance])
+    assert info.value.param == "prompt_enhancement" and "streamed" in info.value.message
+
+
+def test_model_offload_keeps_the_vae_on_the_device_so_previews_leave_the_transformer(
+    tiny_weights: Path,
+) -> None:
+    engine = engine_in(tiny_weights, "flux.1-dev", mode="lowvram", offload="model")
+    pipe = engine.pipeline(SPECS["flux.1-dev"])
+    assert "vae" not in pipe.model_cpu_offload_seq and not hasattr(pipe.vae, "_hf_hook")
+    [transformer_hook] = [hook for hook in pipe._all_hooks if hook.model is pipe.transformer]
+    offloads = []
+    transformer_hook.offload = lambda: offloads.append(1)
+    previews = []
+    job = request("flux.1-dev", [7], steps=4, partial_images=2)
+    [result] = engine.render([job], lambda progress, _: previews.append(progress.preview) or False)
+    assert sum(preview is not None for preview in previews) == 2
+    assert offloads == []  # neither the previews nor the final decode sent the transformer away
+    tiled = Engine(SPECS, tiny_weights)  # the tiny VAE tiles above 32 px, as model offload has it do
+    tiled.pipeline(SPECS["flux.1-dev"]).vae.enable_tiling()
+    want = pixels(tiled, request("flux.1-dev", [7], steps=4))[0]
+    got = np.frombuffer(result.images[0].pixels, np.uint8).reshape(want.shape)
+    assert np.abs(as_int(got) - as_int(want)).max() <= 1
+
+
+def test_float8_without_fp8_matmuls_is_weight_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig
+
+    for capability, recipe in (
+        ((8, 0), Float8WeightOnlyConfig),
+        ((9, 0), Float8DynamicActivationFloat8WeightConfig),
+    ):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert isinstance(loading.float8_config("cuda:0"), recipe), capability
 
 
 def test_encoder_offload_streams_the_text_encoders_only_and_changes_no_pixel(
