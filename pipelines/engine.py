@@ -23,7 +23,7 @@ from pipelines.images import decode_image, limit_reference
 from pipelines.jobs import Progress, RenderedImage, RenderRequest, RenderResult
 from pipelines.modes import HEADROOM_BYTES, ResolvedMode, choose_mode
 from pipelines.prompt_cache import PromptCache
-from pipelines.specs import LoraAdapter, ModelSpec
+from pipelines.specs import SIZE_MULTIPLE, LoraAdapter, ModelSpec
 
 if TYPE_CHECKING:
     from pipelines.synthetic import Overrides
@@ -130,6 +130,16 @@ def preview_steps(total: int, count: int) -> set[int]:
     return {round(total * (j + 1) / (count + 1)) for j in range(count)} - {0, total}
 
 
+def warm_up_shapes(default_size: tuple[int, int]) -> list[tuple[int, int, int]]:
+    """(width, height, images) of the compile warm-up. The first call compiles for the default size; a
+    second size makes dynamo recompile with the sequence length dynamic, and a batch of two does the same
+    for the batch dimension (dynamo specialises sizes of 1), after which no other size, `n` or reference
+    image compiles again (tests/integration/test_run_modes.py counts the graphs)."""
+    width, height = default_size
+    narrow = max(4 * SIZE_MULTIPLE, width // 2 // SIZE_MULTIPLE * SIZE_MULTIPLE)
+    return [(width, height, 1), (narrow, height, 1), (narrow, height, 2)]
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """diffusers' own float->uint8 rounding, so pixels equal what its PIL output would hold."""
     return (images * 255).round().clip(0, 255).astype(np.uint8)
@@ -186,9 +196,9 @@ class Engine:
         return resolved
 
     def warm_up(self) -> None:
-        """Run two steps of every model whose transformer is compiled, at its default size, each adapter on
-        its own: compilation happens here, at start-up, and never on a client's first request. Adapters are
-        all loaded first, because injecting a LoRA changes the modules the compiled graphs were traced on."""
+        """Run two steps of every model whose transformer is compiled, each adapter on its own, at the shapes
+        of `warm_up_shapes`: compilation happens here, at start-up, and never on a client's request. Adapters
+        are all loaded first: injecting a LoRA changes the modules the compiled graphs were traced on."""
         specs = [
             spec
             for spec in self.specs.values()
@@ -198,11 +208,16 @@ class Engine:
             self.pipeline(spec)
         for spec in specs:
             pipe = self.pipeline(spec)
-            width, height = spec.default_size
             started = time.perf_counter()
-            pipe(prompt="warm-up", width=width, height=height, num_inference_steps=2, output_type="latent")
-            elapsed = time.perf_counter() - started
-            logger.info("warmed up %s at %dx%d in %.1f s", spec.id, width, height, elapsed)
+            for width, height, n in warm_up_shapes(spec.default_size):
+                pipe(
+                    prompt=["warm-up"] * n,
+                    width=width,
+                    height=height,
+                    num_inference_steps=2,
+                    output_type="latent",
+                )
+            logger.info("warmed up %s in %.1f s", spec.id, time.perf_counter() - started)
 
     def pipeline(self, spec: ModelSpec) -> Any:
         """The loaded pipeline for `spec`, with its adapter (and only its adapter) switched on."""

@@ -20,6 +20,7 @@ from pipelines.errors import InvalidParameter, ModeUnfit
 from pipelines.modes import ResolvedMode
 from pipelines.specs import SPECS
 from pipelines.synthetic import build_meta
+from tests.imagery import png
 from tests.integration.test_engine import pixels, request
 
 CPU = ResolvedMode("cpu", "float32", "float32", "none", False, 0, "test")
@@ -193,6 +194,11 @@ def test_compiled_mode_warms_up_base_and_turbo_so_no_request_compiles(
     got = {}
     for model, steps in (("flux.2-dev", 3), ("flux.2-dev-turbo", 8), ("flux.2-dev", 3)):
         got[model] = pixels(engine, request(model, [5], width=128, height=128, steps=steps))[0]
+    # Other sizes, batches and a reference image (a longer sequence) reuse the warm-up's dynamic graphs.
+    for model, steps in (("flux.2-dev", 2), ("flux.2-dev-turbo", 8)):
+        pixels(engine, request(model, [1], width=64, height=48, steps=steps))
+        pixels(engine, request(model, [1, 2, 3], width=80, height=112, steps=steps))
+        pixels(engine, request(model, [1], width=64, height=48, steps=steps, images=[png(64, 64)]))
     assert counters["stats"]["unique_graphs"] == compiled  # warm-up compiled every graph requests need
     want = pixels(reference, request("flux.2-dev", [5], width=128, height=128, steps=3))[0]
     assert np.abs(as_int(got["flux.2-dev"]) - as_int(want)).max() <= 2
