@@ -170,11 +170,13 @@ class Engine:
         self.synthetic = synthetic
 
     def _gpu_bytes(self) -> int | None:
-        """GPU memory this worker may use: the device's, or less when a memory budget says so."""
+        """GPU memory this worker may use for models: the device's, or less when a memory budget says so,
+        less what the prompt cache may hold (it keeps its embeddings on the device)."""
         if not self.device.startswith("cuda"):
             return None
         total = int(torch.cuda.get_device_properties(torch.device(self.device)).total_memory)
-        return min(total, self.memory_budget_bytes) if self.memory_budget_bytes else total
+        available = min(total, self.memory_budget_bytes) if self.memory_budget_bytes else total
+        return available - self.prompts.budget_bytes
 
     def _resolve_modes(self, requested: Mapping[str, str]) -> dict[str, ResolvedMode | ModeUnfit]:
         """Each checkpoint's mode on this device (`auto` unless `requested` names one), or why none fits."""

@@ -38,18 +38,23 @@ HEADROOM_BYTES = 3 * GB
 
 @dataclass(frozen=True)
 class Footprint:
-    """Parameter counts of one family's components."""
+    """Parameter counts of one family's components. `streamed`: what is on the GPU at once when every
+    component streams (group offload): the largest component's weights outside its repeated blocks plus
+    two blocks, the one running and the one prefetched."""
 
     transformer: float
     encoders: float
     vae: float
+    streamed: float
 
 
 FOOTPRINTS: dict[str, Footprint] = {
-    # 32.2 B transformer, Mistral-Small-3.1 24.0 B (lm_head and vision tower included), 84 M VAE.
-    "flux2": Footprint(transformer=32.2e9, encoders=24.0e9, vae=0.084e9),
-    # 11.9 B transformer, T5-XXL encoder 4.76 B + CLIP-L text 0.123 B, 84 M VAE.
-    "flux1": Footprint(transformer=11.9e9, encoders=4.76e9 + 0.123e9, vae=0.084e9),
+    # 32.2 B transformer, Mistral-Small-3.1 24.0 B (lm_head and vision tower included), 84 M VAE. Streamed:
+    # the transformer's 0.80 B outside its blocks + two 0.98 B double blocks (Mistral's comes to 2.49 B).
+    "flux2": Footprint(transformer=32.2e9, encoders=24.0e9, vae=0.084e9, streamed=2.78e9),
+    # 11.9 B transformer, T5-XXL encoder 4.76 B + CLIP-L text 0.123 B, 84 M VAE. Streamed: the transformer's
+    # 0.06 B outside its blocks + two 0.34 B double blocks (T5's comes to 0.52 B).
+    "flux1": Footprint(transformer=11.9e9, encoders=4.76e9 + 0.123e9, vae=0.084e9, streamed=0.744e9),
 }
 FOOTPRINTS["flux1-kontext"] = FOOTPRINTS["flux1"]
 
@@ -107,7 +112,7 @@ class _Plan:
         elif self.offload == "encoder":
             weights = transformer
         else:
-            weights = 0.0  # streamed: only a block or two is ever resident, counted in the headroom
+            weights = footprint.streamed * BYTES_PER_PARAM[self.transformer]
         return int(weights + vae + HEADROOM_BYTES)
 
     def resolve(self, footprint: Footprint, reason: str) -> ResolvedMode:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -242,3 +243,12 @@ def test_a_checkpoint_that_would_not_fit_beside_the_loaded_ones_unloads_them_fir
     assert engine.loaded() == ["flux.1-dev"]  # 37 + 56 GB would not fit: flux.2-dev went first
     engine.render([request("flux.1-kontext-dev", [1])])
     assert engine.loaded() == ["flux.1-dev", "flux.1-kontext-dev"]  # 37 + 34 GB fit
+
+
+def test_modes_leave_room_for_the_prompt_cache(tiny_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    card = SimpleNamespace(total_memory=80 * 10**9)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    engine = Engine(SPECS, tiny_weights, device="cuda:0", prompt_cache_bytes=512 * 2**20)
+    assert engine.gpu_bytes == 80 * 10**9 - 512 * 2**20
+    budgeted = Engine(SPECS, tiny_weights, "cuda:0", memory_budget_bytes=40 * 10**9, prompt_cache_bytes=2**20)
+    assert budgeted.gpu_bytes == 40 * 10**9 - 2**20

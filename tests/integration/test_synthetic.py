@@ -90,6 +90,15 @@ def test_mode_footprints_agree_with_the_configs() -> None:
         )
         assert abs(encoders - footprint.encoders) <= 0.01 * footprint.encoders
         assert abs(parameter_count(slots["vae"]) - footprint.vae) <= 0.01 * footprint.vae
+        streamed = max(streamed_at_once(component) for component in slots.values())
+        assert abs(streamed - footprint.streamed) <= 0.01 * footprint.streamed
+
+
+def streamed_at_once(component: synthetic.Component) -> int:
+    """Parameters outside the repeated blocks plus the two largest blocks: resident while streaming."""
+    model = build_meta(component)
+    blocks = sorted(sum(p.numel() for p in block.parameters()) for block in synthetic.block_lists(model))
+    return sum(p.numel() for p in model.parameters()) - sum(blocks) + sum(blocks[-2:])
 
 
 def test_every_config_names_its_source() -> None:
