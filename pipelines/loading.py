@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+from diffusers import DiffusionPipeline
 
 from pipelines.errors import WeightsMissing
 from pipelines.modes import Precision, ResolvedMode
@@ -96,16 +96,20 @@ def quantizer(library: str, precision: Precision, device: str) -> Any:
     )
 
 
-def quantization_config(path: Path, mode: ResolvedMode, device: str) -> PipelineQuantizationConfig | None:
-    """What diffusers quantises while loading: the transformer and every text encoder, each in the precision
-    `mode` names; the VAE (84 M parameters, precision-sensitive) stays in its dtype."""
-    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
-    mapping: dict[str, Any] = {}
-    for slot, entry in index.items():
-        precision = mode.precision(slot)
-        if precision in ("float8", "nf4"):
-            mapping[slot] = quantizer(entry[0], precision, device)
-    return PipelineQuantizationConfig(quant_mapping=mapping) if mapping else None
+def model_index(path: Path) -> dict[str, Any]:
+    """A checkpoint's model_index.json: each component slot's [library, class name]."""
+    return json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+
+
+def quantizers(index: dict[str, Any], mode: ResolvedMode, device: str) -> dict[str, Any]:
+    """Per component slot, the library's own quantisation config that it is loaded with: the transformer and
+    every text encoder, each in the precision `mode` names; the VAE (84 M parameters, precision-sensitive)
+    stays in its dtype."""
+    return {
+        slot: quantizer(entry[0], mode.precision(slot), device)
+        for slot, entry in index.items()
+        if mode.precision(slot) in ("float8", "nf4")
+    }
 
 
 def attention_backend(device: str) -> str | None:
@@ -121,14 +125,13 @@ def attention_backend(device: str) -> str | None:
 def load_pipeline(path: Path, device: str, mode: ResolvedMode) -> DiffusionPipeline:
     """The checkpoint at `path` on `device` as `mode` says, quantised while loading, then placed."""
     logger.info("loading %s on %s: %s", path, device, mode.describe())
-    config = quantization_config(path, mode, device)
-    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    index = model_index(path)
     # Quantised components load one at a time: bitsandbytes quantises on the GPU and leaves the result there,
     # so loaded as one pipeline every nf4 component would be on the GPU at once (FLUX.2: ~34 GB) before
     # offloading could move any of them back.
     loaded = {
-        slot: load_component(path, slot, index[slot][0], index[slot][1], quantizer_config, device, mode)
-        for slot, quantizer_config in (config.quant_mapping.items() if config else ())
+        slot: load_component(path, slot, *index[slot], config, device, mode)
+        for slot, config in quantizers(index, mode, device).items()
     }
     pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype_for(device), local_files_only=True, **loaded)
     pipe.set_progress_bar_config(disable=True)

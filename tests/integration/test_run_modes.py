@@ -207,15 +207,15 @@ def test_compiled_mode_warms_up_base_and_turbo_so_no_request_compiles(
 
 def test_nf4_asks_diffusers_for_bitsandbytes_on_each_quantised_component(tiny_weights: Path) -> None:
     nf4 = dataclasses.replace(CPU, mode="lowvram", transformer="nf4", encoder="nf4", offload="model")
-    config = loading.quantization_config(tiny_weights / "flux.1-dev", nf4, "cuda:0")
-    assert config is not None
-    mapping = config.quant_mapping
+    index = loading.model_index(tiny_weights / "flux.1-dev")
+    mapping = loading.quantizers(index, nf4, "cuda:0")
+    assert mapping
     assert set(mapping) == {"transformer", "text_encoder", "text_encoder_2"}
     assert type(mapping["transformer"]).__module__.startswith("diffusers")
     assert type(mapping["text_encoder_2"]).__module__.startswith("transformers")
     assert all(c.bnb_4bit_quant_type == "nf4" and c.load_in_4bit for c in mapping.values())
     assert all(c.bnb_4bit_compute_dtype == torch.bfloat16 for c in mapping.values())
-    assert loading.quantization_config(tiny_weights / "flux.1-dev", CPU, "cpu") is None
+    assert loading.quantizers(index, CPU, "cpu") == {}
 
 
 def test_an_explicit_mode_that_cannot_fit_leaves_that_model_unavailable(
