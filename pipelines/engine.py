@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -32,42 +31,6 @@ logger = logging.getLogger(__name__)
 
 FAMILIES: dict[str, ModuleType] = {"flux2": flux2, "flux1": flux1, "flux1-kontext": flux1}
 
-# Call arguments fluxd sets itself; every other argument of a pipeline's __call__ may be passed through.
-CONTROLLED_ARGS = frozenset(
-    {
-        "self",
-        "prompt",
-        "image",
-        "height",
-        "width",
-        "num_inference_steps",
-        "sigmas",
-        "timesteps",
-        "guidance_scale",
-        "num_images_per_prompt",
-        "generator",
-        "latents",
-        "prompt_embeds",
-        "pooled_prompt_embeds",
-        "negative_prompt_embeds",
-        "negative_pooled_prompt_embeds",
-        "ip_adapter_image",
-        "ip_adapter_image_embeds",
-        "negative_ip_adapter_image",
-        "negative_ip_adapter_image_embeds",
-        "output_type",
-        "return_dict",
-        "attention_kwargs",
-        "joint_attention_kwargs",
-        "callback_on_step_end",
-        "callback_on_step_end_tensor_inputs",
-        "caption_upsample_temperature",
-        "text_encoder_out_layers",
-        "max_area",
-        "_auto_resize",
-    }
-)
-
 
 @dataclass(frozen=True)
 class SyntheticWeights:
@@ -81,19 +44,6 @@ class SyntheticWeights:
 
 StepHook = Callable[[Progress, Any], bool]
 """Called after every denoising step per request; True means that request no longer wants its images."""
-
-
-def passthrough_signatures(specs: Mapping[str, ModelSpec]) -> dict[str, dict[str, str]]:
-    """Per pipeline class: the call arguments a client may pass through, with their annotation as text."""
-    import diffusers
-
-    signatures: dict[str, dict[str, str]] = {}
-    for class_name in {spec.pipeline_class for spec in specs.values()}:
-        params = inspect.signature(getattr(diffusers, class_name).__call__).parameters
-        signatures[class_name] = {
-            name: str(param.annotation) for name, param in params.items() if name not in CONTROLLED_ARGS
-        }
-    return signatures
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:

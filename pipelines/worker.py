@@ -64,7 +64,8 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
     )
     import torch
 
-    from pipelines.engine import Engine, SyntheticWeights, passthrough_signatures
+    from pipelines.arguments import passthrough_signatures
+    from pipelines.engine import Engine, SyntheticWeights
 
     if config.threads:
         torch.set_num_threads(config.threads)

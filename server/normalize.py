@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
+from pipelines.arguments import SET_BY_FLUXD
 from pipelines.errors import InvalidParameter
 from pipelines.jobs import RenderRequest
 from pipelines.sizes import resolve_size
@@ -107,17 +108,6 @@ def _enhancement(body: _ImageFields, spec: ModelSpec) -> bool:
     return any(given.values())
 
 
-# Pipeline arguments fluxd sets from its own parameters: a client naming one is told which to use instead.
-SET_BY_FLUXD = {
-    "guidance_scale": "cfg_scale",
-    "num_images_per_prompt": "n",
-    "generator": "seed",
-    "latents": "seed",
-    "sigmas": "num_inference_steps",
-    "timesteps": "num_inference_steps",
-    "output_type": "output_format",
-    "caption_upsample_temperature": "prompt_enhancement",
-}
 # A passthrough argument that does nothing unless another one is set past a threshold (diffusers' FluxPipeline
 # runs true CFG only when true_cfg_scale > 1): without it the request would silently lose what it asked for.
 NEEDS = {"negative_prompt": ("true_cfg_scale", 1.0), "negative_prompt_2": ("true_cfg_scale", 1.0)}
@@ -129,7 +119,7 @@ def _passthrough(body: _ImageFields, signature: Mapping[str, str]) -> dict[str, 
     strict = bool(body.model_config.get("strict"))
     for name, value in (body.model_extra or {}).items():
         if name not in signature:
-            instead = f" fluxd sets it: use '{SET_BY_FLUXD[name]}'." if name in SET_BY_FLUXD else ""
+            instead = f" fluxd sets it: use '{SET_BY_FLUXD[name]}'." if SET_BY_FLUXD.get(name) else ""
             raise InvalidParameter(
                 name, f"Unrecognized request argument supplied: {name}.{instead}", "unknown_parameter"
             )

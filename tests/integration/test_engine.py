@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.engine import Engine, passthrough_signatures, pipeline_bytes
+from pipelines.arguments import passthrough_signatures
+from pipelines.engine import Engine, pipeline_bytes
 from pipelines.errors import InvalidParameter, WeightsMissing
 from pipelines.jobs import RenderRequest
 from pipelines.specs import SPECS

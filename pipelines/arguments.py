@@ -1,0 +1,59 @@
+"""Which arguments of a pipeline's __call__ a client may pass through, and which fluxd sets itself.
+
+Importing this module imports neither torch nor diffusers: the HTTP process names, in its 400s, the request
+parameter to use instead of an argument fluxd sets.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+
+from pipelines.specs import ModelSpec
+
+# Call arguments fluxd sets itself, each with the request parameter that sets it where a client has one.
+SET_BY_FLUXD: dict[str, str | None] = {
+    "self": None,
+    "prompt": "prompt",
+    "image": "image",
+    "height": "size",
+    "width": "size",
+    "max_area": "size",
+    "_auto_resize": None,
+    "num_inference_steps": "num_inference_steps",
+    "sigmas": "num_inference_steps",
+    "timesteps": "num_inference_steps",
+    "guidance_scale": "cfg_scale",
+    "num_images_per_prompt": "n",
+    "generator": "seed",
+    "latents": "seed",
+    "output_type": "output_format",
+    "caption_upsample_temperature": "prompt_enhancement",
+    "prompt_embeds": None,
+    "pooled_prompt_embeds": None,
+    "negative_prompt_embeds": None,
+    "negative_pooled_prompt_embeds": None,
+    "ip_adapter_image": None,
+    "ip_adapter_image_embeds": None,
+    "negative_ip_adapter_image": None,
+    "negative_ip_adapter_image_embeds": None,
+    "return_dict": None,
+    "attention_kwargs": None,
+    "joint_attention_kwargs": None,
+    "callback_on_step_end": None,
+    "callback_on_step_end_tensor_inputs": None,
+    "text_encoder_out_layers": None,
+}
+
+
+def passthrough_signatures(specs: Mapping[str, ModelSpec]) -> dict[str, dict[str, str]]:
+    """Per pipeline class: the call arguments a client may pass through, with their annotation as text."""
+    import diffusers
+
+    signatures: dict[str, dict[str, str]] = {}
+    for class_name in {spec.pipeline_class for spec in specs.values()}:
+        params = inspect.signature(getattr(diffusers, class_name).__call__).parameters
+        signatures[class_name] = {
+            name: str(param.annotation) for name, param in params.items() if name not in SET_BY_FLUXD
+        }
+    return signatures
