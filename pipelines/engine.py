@@ -295,12 +295,13 @@ class Engine:
                     raise InvalidParameter(
                         "prompt_enhancement", f"'{spec.id}' has no language model to enhance prompts."
                     )
-                if self.mode(spec.weights_id).offload in ("encoder", "group"):
-                    # Streamed, the encoder would cross PCIe once per generated token: minutes a prompt.
+                mode = self.mode(spec.weights_id)
+                if mode.offload in ("encoder", "group"):
+                    # Streamed block by block, the encoder would cross PCIe once per generated token.
                     raise InvalidParameter(
                         "prompt_enhancement",
                         f"'{spec.id}' runs with its text encoder streamed from CPU memory on this server "
-                        f"({self.mode(spec.weights_id).mode} mode), too slow to generate a prompt with.",
+                        f"({mode.mode} mode), too slow to generate a prompt with.",
                     )
                 prompt = family.enhance(
                     pipe, prompt, references, request.enhance_temperature, request.seeds[0]

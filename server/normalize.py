@@ -111,7 +111,14 @@ def _enhancement(body: _ImageFields, spec: ModelSpec) -> bool:
 # A passthrough argument that does nothing unless another one is set past a threshold (diffusers' FluxPipeline
 # runs true CFG only when true_cfg_scale > 1): without it the request would silently lose what it asked for.
 NEEDS = {"negative_prompt": ("true_cfg_scale", 1.0), "negative_prompt_2": ("true_cfg_scale", 1.0)}
-_SCALARS: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str}
+# A pipeline argument's scalar type by its name in the annotation: its validator (built once, not per request)
+# and how a 400 names it.
+_SCALARS: dict[str, tuple[TypeAdapter[Any], str]] = {
+    "bool": (TypeAdapter(bool), "boolean"),
+    "int": (TypeAdapter(int), "whole number"),
+    "float": (TypeAdapter(float), "number"),
+    "str": (TypeAdapter(str), "string"),
+}
 
 
 def _passthrough(body: _ImageFields, signature: Mapping[str, str]) -> dict[str, Any]:
@@ -143,14 +150,11 @@ def _argument(name: str, value: Any, annotation: str, strict: bool) -> Any:
     """A passthrough value as the pipeline argument's scalar type (the annotation arrives as text, e.g.
     "<class 'int'>" or "str | list[str] | None"); JSON values must already have it, form text is parsed."""
     match = re.search(r"\b(bool|int|float|str)\b", annotation)
-    scalar = _SCALARS[match.group(1)] if match else str
+    adapter, kind = _SCALARS[match.group(1) if match else "str"]
     try:
-        return TypeAdapter(scalar).validate_python(value, strict=strict)
+        return adapter.validate_python(value, strict=strict)
     except ValidationError:
-        raise InvalidParameter(name, f"'{name}' must be a {_KIND_NAMES[scalar]}.") from None
-
-
-_KIND_NAMES = {bool: "boolean", int: "whole number", float: "number", str: "string"}
+        raise InvalidParameter(name, f"'{name}' must be a {kind}.") from None
 
 
 def _size(body: _ImageFields, spec: ModelSpec, input_size: tuple[int, int] | None) -> tuple[int, int]:
