@@ -23,7 +23,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.jobs import WorkerConfig
 from server.config import Settings
-from server.errors import APIError, BodyTooLarge, body_too_large, error_response, install_error_handlers
+from server.errors import (
+    APIError,
+    BodyTooLarge,
+    answer_unexpected,
+    body_too_large,
+    error_response,
+    install_error_handlers,
+)
 from server.metrics import Metrics
 from server.registry import requested_modes, served_specs
 from server.routes import files, health, images, models
@@ -162,9 +169,12 @@ class Guard:
         started = time.perf_counter()
         status = 500
 
+        started_response = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
+                started_response = True
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
                 headers["x-request-id"] = request_id
@@ -185,7 +195,14 @@ class Guard:
             return message
 
         refusal = _refuse(request, self.keys, self.max_body)
-        await (refusal or self.app)(scope, receive_within_limit, send_with_id)
+        try:
+            await (refusal or self.app)(scope, receive_within_limit, send_with_id)
+        except Exception as exc:
+            if started_response:
+                raise
+            # Answered here rather than by an `Exception` handler, which Starlette re-raises after it
+            # answers: uvicorn then drops the keep-alive connection the client is about to reuse.
+            await answer_unexpected(exc, request.method, scope["path"])(scope, receive, send_with_id)
         job = getattr(request.state, "job", None)
         logger.info(
             "%s %s %s %d %.0fms%s",
@@ -209,16 +226,10 @@ def _refuse(request: Request, keys: list[bytes], max_body: int) -> Response | No
         token = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
         # compare_digest against every key so the time taken does not reveal which key nearly matched.
         if not any([hmac.compare_digest(token, key) for key in keys]):
-            return error_response(
-                APIError(
-                    401,
-                    "Incorrect API key provided."
-                    if token
-                    else "Missing API key: send Authorization: Bearer KEY.",
-                    code="invalid_api_key",
-                    headers={"x-should-retry": "false"},
-                )
+            message = (
+                "Incorrect API key provided." if token else "Missing API key: send Authorization: Bearer KEY."
             )
+            return error_response(APIError("invalid_api_key", message))
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_body:
         return error_response(body_too_large(max_body))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from pipelines.jobs import RenderRequest, RenderResult
 from pipelines.specs import ModelSpec
-from server.errors import APIError, busy
+from server.errors import APIError
 from server.metrics import Metrics
 from server.workers import ProgressListener, WorkerHandle, WorkerPool
 
@@ -98,7 +98,11 @@ class Scheduler:
         """Queue, wait for a worker and the result. Cancelling the awaiting task drops or stops the job."""
         queue = self.queues.setdefault(request.model, deque())
         if len(queue) >= self.queue_size:
-            raise busy(f"The queue for '{request.model}' is full; retry later.", self.retry_after_s())
+            raise APIError(
+                "rate_limit_exceeded",
+                f"The queue for '{request.model}' is full; retry later.",
+                retry_after_s=self.retry_after_s(),
+            )
         loop = asyncio.get_running_loop()
         job = Job(
             request,
@@ -118,12 +122,8 @@ class Scheduler:
                     queue.remove(job)
                     self._update_depth(request.model)
                     raise APIError(
-                        504,
+                        "queue_timeout",
                         f"The request waited more than {self.queue_timeout_s:g} s in the queue.",
-                        "timeout",
-                        code="queue_timeout",
-                        # The SDK would queue it twice more, tripling the wait the server is set to bound.
-                        headers={"x-should-retry": "false"},
                     ) from None
             return await job.future
         except asyncio.CancelledError:

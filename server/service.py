@@ -18,7 +18,7 @@ from pipelines.jobs import Progress, RenderRequest, RenderResult
 from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
 from server.encode import CONTENT_TYPES, encode
-from server.errors import APIError, to_api_error
+from server.errors import APIError, envelope, to_api_error
 from server.normalize import Reply, build_request
 from server.protocol import ImageData, ImagesResponse, InputTokensDetails, Usage, _ImageFields
 from server.scheduler import Scheduler
@@ -32,36 +32,6 @@ _ECHO_FORMATS = {"png", "jpeg", "webp", "gif"}
 
 class ClientGone(Exception):
     """The client disconnected; nothing is sent back."""
-
-
-def worker_error(exc: Exception) -> APIError:
-    if isinstance(exc, WorkerFailure):
-        failure = exc.failure
-        if failure.kind == "invalid":
-            return to_api_error(
-                InvalidParameter(failure.param or "body", failure.message, failure.code or "invalid_value")
-            )
-        if failure.kind == "unavailable":
-            return APIError(
-                503, failure.message, "server_error", failure.param, failure.code, {"x-should-retry": "false"}
-            )
-        if failure.kind == "out_of_memory":
-            return APIError(
-                503,
-                failure.message,
-                "server_error",
-                code="out_of_memory",
-                headers={"Retry-After": "5", "x-should-retry": "true"},
-            )
-    if isinstance(exc, WorkerCrashed):
-        return APIError(
-            503,
-            "The worker running this request crashed and is being restarted; retry.",
-            "server_error",
-            code="worker_restarted",
-            headers={"Retry-After": "1", "x-should-retry": "true"},
-        )
-    return to_api_error(exc)
 
 
 def usage(request: RenderRequest) -> Usage:
@@ -143,7 +113,7 @@ class ImageService:
         try:
             result = task.result()
         except (WorkerFailure, WorkerCrashed) as exc:
-            raise worker_error(exc) from exc
+            raise to_api_error(exc) from exc
         render, timings = prepared.render, result.timings_ms
         http.state.job = (
             f"model={render.model} size={render.width}x{render.height} steps={render.steps} n={render.n} "
@@ -237,19 +207,8 @@ class ImageService:
             if not isinstance(exc, APIError):
                 logger.exception("stream %s failed", render.id)
             # The response already began as a 200: count the error here, as the middleware counts the others.
-            http.app.state.metrics.errors.labels(str(error.status), error.code or error.type).inc()
-            yield _sse(
-                "error",
-                {
-                    "type": "error",
-                    "error": {
-                        "message": error.message,
-                        "type": error.type,
-                        "param": error.param,
-                        "code": error.code,
-                    },
-                },
-            )
+            http.app.state.metrics.errors.labels(str(error.status), error.code).inc()
+            yield _sse("error", {"type": "error", **envelope(error)})
         finally:
             job.cancel()
 

@@ -17,7 +17,7 @@ async def get_image(name: str, request: Request) -> FileResponse:
     image_id, _, extension = name.partition(".")
     stored = request.app.state.store.get(image_id, CONTENT_TYPES)
     if stored is None or extension not in ("", stored.path.suffix.lstrip(".")):
-        raise APIError(404, "No such image, or it has expired.", "not_found", "name", "image_not_found")
+        raise APIError("image_not_found", "No such image, or it has expired.", "name")
     return FileResponse(
         stored.path, media_type=stored.content_type, headers={"Cache-Control": "private, max-age=3600"}
     )
