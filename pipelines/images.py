@@ -56,7 +56,8 @@ def decode_image(data: bytes, param: str = "image") -> Image.Image:
 
 
 def limit_reference(image: Image.Image, max_pixels: int = MAX_REFERENCE_PIXELS) -> Image.Image:
-    """References over the limit are resized down to it, aspect kept (the seeds' pricing notes)."""
+    """References over the limit are resized down to it, aspect kept (Lumenfall's FLUX.2 [dev] page,
+    pricing notes)."""
     pixels = image.width * image.height
     if pixels <= max_pixels:
         return image

@@ -1,4 +1,5 @@
-"""The seeds' size rules as pure functions: (size, aspect_ratio, resolution, input size) -> (width, height).
+"""The Lumenfall model pages' size rules as pure functions:
+(size, aspect_ratio, resolution, input size) -> (width, height).
 
 - `size` "WxH" is exact pixels (snapped, scaled down to the model's limit); "W:H" means `aspect_ratio`.
 - `aspect_ratio` picks the nearest ratio of the model's 1K table; `resolution` the nearest available tier.

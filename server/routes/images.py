@@ -35,7 +35,7 @@ async def _answer(request: Request, prepared: Prepared, kind: str) -> Response |
 
 @router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True)
 async def create_image(body: ImageGenerationRequest, request: Request) -> Response | ImagesResponse:
-    """Create images from a prompt (OpenAI `images.generate`), with the seeds' extra parameters."""
+    """Create images from a prompt (OpenAI `images.generate`), with the gateways' extra parameters."""
     prepared = await _service(request).prepare(body)
     return await _answer(request, prepared, "image_generation")
 
