@@ -113,16 +113,20 @@ class ModelSpec:
             if 1024 * scale <= self.limits.max_side and (1024 * scale) ** 2 <= self.limits.max_pixels
         }
 
-    def check_references(self, sizes: list[tuple[int, int]]) -> None:
-        """Refuse reference images this model cannot take, naming `image`."""
+    def check_reference_count(self, count: int) -> None:
+        """Refuse a number of reference images this model cannot take, naming `image`: before any is read."""
         if "edit" not in self.modes:
             raise InvalidParameter("image", f"'{self.id}' does not edit images; use /v1/images/generations.")
-        if not sizes:
+        if not count:
             raise InvalidParameter("image", "At least one image is required.", "missing_required_parameter")
-        if len(sizes) > self.max_references:
+        if count > self.max_references:
             raise InvalidParameter(
-                "image", f"'{self.id}' takes at most {self.max_references} image(s); {len(sizes)} were sent."
+                "image", f"'{self.id}' takes at most {self.max_references} image(s); {count} were sent."
             )
+
+    def check_references(self, sizes: list[tuple[int, int]]) -> None:
+        """Refuse reference images this model cannot take, naming `image`."""
+        self.check_reference_count(len(sizes))
         for width, height in sizes:
             if min(width, height) < self.min_reference_side:
                 raise InvalidParameter(

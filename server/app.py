@@ -10,7 +10,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from server.errors import (
     install_error_handlers,
 )
 from server.metrics import Metrics
+from server.openapi import install_openapi
 from server.registry import requested_modes, served_specs
 from server.routes import files, health, images, models
 from server.scheduler import Scheduler
@@ -71,7 +72,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
-    pool = WorkerPool(
+    pool = app.state.make_pool(
         worker_configs(settings, app.state.specs), lambda name: metrics.worker_restarts.labels(name).inc()
     )
     scheduler = Scheduler(
@@ -105,7 +106,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool.stop()
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, make_pool: Callable[..., WorkerPool] = WorkerPool) -> FastAPI:
+    """The app; `make_pool(configs, on_restart)` builds what runs the renders (the spawned workers, unless a
+    test stands in for the process boundary)."""
     app = FastAPI(
         title="fluxd",
         summary="FLUX image generation behind the OpenAI Images API",
@@ -113,6 +116,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.make_pool = make_pool
     app.state.specs = served_specs(settings)
     app.state.store = ImageStore(
         settings.store_dir, settings.image_ttl_s, int(settings.store_quota_mb * 2**20)
@@ -123,6 +127,7 @@ def create_app(settings: Settings) -> FastAPI:
     max_body = int(settings.max_body_mb * 2**20)
 
     install_error_handlers(app)
+    install_openapi(app)
     for router in (images.router, models.router, files.router, health.router):
         app.include_router(router)
 

@@ -127,6 +127,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.connections import uvicorn_options
 
     app = create_app(settings)
     if not app.state.specs:
@@ -156,7 +157,14 @@ def serve(args: argparse.Namespace) -> int:
         )
     level = settings.log_level.lower()
     server = uvicorn.Server(
-        uvicorn.Config(app, host=settings.host, port=settings.port, log_level=level, access_log=False)
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=level,
+            access_log=False,
+            **uvicorn_options(settings),
+        )
     )
     stop = server.handle_exit
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipelines.modes import Mode
 
@@ -48,6 +49,20 @@ class Settings(BaseModel):
     no_auth: bool = False
     cors_origins: list[str] = Field(default_factory=list)
     max_body_mb: float = Field(50.0, gt=0)
+    keep_alive_timeout_s: int = Field(
+        5, ge=1, description="seconds an idle keep-alive connection stays open between requests"
+    )
+    request_head_timeout_s: float = Field(
+        30.0, gt=0, description="seconds a connection has to send a request's headers before it is closed"
+    )
+    max_connections: int = Field(
+        1024, ge=1, description="concurrent connections and requests before new ones get a 503"
+    )
+    forwarded_allow_ips: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1"],
+        description="proxies whose X-Forwarded-Proto/Host/Prefix headers shape returned URLs "
+        "(addresses or networks, '*' for any)",
+    )
     store_dir: Path = DEFAULT_CACHE / "images"
     image_ttl_s: float = Field(3600.0, gt=0)
     store_quota_mb: float = Field(2048.0, gt=0)
@@ -66,6 +81,14 @@ class Settings(BaseModel):
     log_level: str = "INFO"
     models: dict[str, ModelEntry] = Field(default_factory=dict)
 
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _addresses(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            if entry != "*":
+                ipaddress.ip_network(entry, strict=False)  # a ValueError names the bad entry
+        return entries
+
     @property
     def synthetic_weights(self) -> bool:
         return self.weights == "synthetic"
@@ -77,7 +100,7 @@ class Settings(BaseModel):
         return keys
 
 
-_LIST_FIELDS = {"api_keys", "cors_origins", "devices", "preload"}
+_LIST_FIELDS = {"api_keys", "cors_origins", "devices", "preload", "forwarded_allow_ips"}
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:

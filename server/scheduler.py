@@ -160,9 +160,17 @@ class Scheduler:
         batch = self._take_batch(head)
         model = head.request.model
         self._update_depth(model)
-        futures = worker.submit(
-            [job.request for job in batch], {job.request.id: job.on_progress for job in batch}
-        )
+        try:
+            futures = worker.submit(
+                [job.request for job in batch], {job.request.id: job.on_progress for job in batch}
+            )
+        except Exception as exc:
+            # The dispatcher must outlive any one batch: dying here would leave every later request queued.
+            logger.exception("submitting a batch to worker %s failed", worker.name)
+            for job in batch:
+                job.future.set_exception(exc)
+                job.started.set()
+            return True
         started = time.monotonic()
         self.metrics.batch_images.labels(model).observe(sum(job.request.n for job in batch))
         for job, future in zip(batch, futures, strict=True):

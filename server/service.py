@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from pipelines.errors import InvalidParameter
-from pipelines.images import decode_image
+from pipelines.images import reference_sizes
 from pipelines.jobs import Progress, RenderRequest, RenderResult
 from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
@@ -84,14 +86,15 @@ class ImageService:
         spec = self.spec(body.model, self.settings.default_edit_model)
         if "edit" not in spec.modes:
             raise InvalidParameter("model", f"'{spec.id}' does not edit images; use /v1/images/generations.")
-        decoded = await asyncio.to_thread(lambda: [decode_image(data, "image") for data in images])
-        spec.check_references([image.size for image in decoded])
+        spec.check_reference_count(len(images))
+        sizes = await asyncio.to_thread(reference_sizes, images)
+        spec.check_references(sizes)
         render, reply = build_request(
             body,
             spec,
             self.signatures.get(spec.pipeline_class, {}),
             images,
-            decoded[0].size if decoded else None,
+            sizes[0] if sizes else None,
             prompt_required=prompt_required,
         )
         return Prepared(render, reply, spec)
@@ -218,11 +221,34 @@ def _sse(event: str, payload: dict) -> bytes:
 
 
 def public_base(http: Request, settings: Settings) -> str:
-    """--public-url, else X-Forwarded-Proto/Host/Prefix, else the address the client used."""
+    """--public-url; else X-Forwarded-Proto/Host/Prefix when the request comes from a proxy named in
+    --forwarded-allow-ips (from anyone else they would let a client point the returned URLs elsewhere);
+    else the address the client used."""
     if settings.public_url:
         return settings.public_url.rstrip("/")
+    own = f"{http.url.scheme}://{http.headers.get('host', http.url.netloc)}"
     headers = http.headers
-    proto = headers.get("x-forwarded-proto", http.url.scheme).split(",")[0].strip()
+    if not trusted_proxy(http.client.host if http.client else None, settings.forwarded_allow_ips):
+        return own
+    proto = headers.get("x-forwarded-proto", http.url.scheme).split(",")[0].strip().lower()
     host = headers.get("x-forwarded-host", headers.get("host", http.url.netloc)).split(",")[0].strip()
     prefix = headers.get("x-forwarded-prefix", "").rstrip("/")
+    if proto not in ("http", "https") or not _HOST.match(host) or not _PREFIX.match(prefix):
+        return own
     return f"{proto}://{host}{prefix}"
+
+
+_HOST = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+_PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+)*$")
+
+
+def trusted_proxy(client: str | None, allowed: list[str]) -> bool:
+    if client is None:
+        return False
+    if "*" in allowed:
+        return True
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(entry, strict=False) for entry in allowed)

@@ -11,7 +11,8 @@ from server.errors import APIError
 router = APIRouter(prefix="/v1/files/images", tags=["files"])
 
 
-@router.api_route("/{name}", methods=["GET", "HEAD"])
+@router.get("/{name}", operation_id="get_image")
+@router.head("/{name}", operation_id="head_image")
 async def get_image(name: str, request: Request) -> FileResponse:
     """A generated image as `<id>.<ext>` (the URL fluxd gave) or `<id>`; unknown or expired ids are 404."""
     image_id, _, extension = name.partition(".")
