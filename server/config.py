@@ -41,7 +41,6 @@ class Settings(BaseModel):
     demo: bool = False
     demo_size: str = "256x256"
     default_model: str = "flux.2-dev"
-    default_edit_model: str = "flux.2-dev"
     public_url: str | None = None
     api_keys: list[str] = Field(default_factory=list)
     api_key_file: Path | None = None
