@@ -63,84 +63,100 @@ class Settings(BaseSettings):
         cli_show_env_vars=True,
     )
 
+    # `default=` by keyword: mypy reads a positional one as no default, and `Settings()` would not type-check.
     config: Path | None = Field(
-        None,
+        default=None,
         description="TOML file: any setting below by its name (`queue_size = 16`) and `[models.<id>]` tables",
     )
     host: str = Field(
-        "127.0.0.1", description="bind address; any other than loopback needs an API key or --no-auth"
+        default="127.0.0.1", description="bind address; any other than loopback needs an API key or --no-auth"
     )
-    port: int = Field(8000, ge=1, le=65535, description="port")
+    port: int = Field(default=8000, ge=1, le=65535, description="port")
     weights_dir: Path = Field(
-        Path("weights"),
+        default=Path("weights"),
         description="folder with one diffusers checkpoint per model id (with --demo and no --weights-dir: "
         "~/.cache/fluxd/tiny)",
     )
     demo: bool = Field(
-        False, description="serve tiny random-weight checkpoints, written on the first run; images are noise"
+        default=False,
+        description="serve tiny random-weight checkpoints, written on the first run; images are noise",
     )
-    demo_size: str = Field("256x256", description="default size of every model under --demo")
+    demo_size: str = Field(default="256x256", description="default size of every model under --demo")
     weights: Literal["disk", "synthetic"] = Field(
-        "disk",
+        default="disk",
         description="the checkpoints in --weights-dir (disk), or every built-in model at full size with "
         "random weights from its published config, built on each CUDA worker (synthetic: for benchmarks; "
         "images are noise; refused without CUDA devices; Turbo gets a random LoRA of the real file's layout "
         "at an assumed rank of 256)",
     )
     default_model: str = Field(
-        "flux.2-dev", description="model of requests that name none (generations, edits and variations)"
+        default="flux.2-dev",
+        description="model of requests that name none (generations, edits and variations)",
     )
     public_url: str | None = Field(
-        None, description="absolute base of returned image URLs, e.g. http://gpu-box:8000"
+        default=None, description="absolute base of returned image URLs, e.g. http://gpu-box:8000"
     )
     api_keys: list[str] = Field(
-        [],
+        default=[],
         description="accepted bearer keys (repeatable; comma-separated in the environment)",
         json_schema_extra={"flag": "api-key"},
     )
-    api_key_file: Path | None = Field(None, description="file with one accepted key per line")
-    no_auth: bool = Field(False, description="allow a non-loopback bind without keys (logged as a warning)")
-    cors_origins: list[str] = Field(
-        [], description="allowed CORS origins (repeatable)", json_schema_extra={"flag": "cors-origin"}
+    api_key_file: Path | None = Field(default=None, description="file with one accepted key per line")
+    no_auth: bool = Field(
+        default=False, description="allow a non-loopback bind without keys (logged as a warning)"
     )
-    max_body_mb: float = Field(50.0, gt=0, description="largest request body (413 above)")
-    store_dir: Path = Field(DEFAULT_CACHE / "images", description="folder of the images served by URL")
+    cors_origins: list[str] = Field(
+        default=[], description="allowed CORS origins (repeatable)", json_schema_extra={"flag": "cors-origin"}
+    )
+    max_body_mb: float = Field(default=50.0, gt=0, description="largest request body (413 above)")
+    store_dir: Path = Field(
+        default=DEFAULT_CACHE / "images", description="folder of the images served by URL"
+    )
     image_ttl_s: float = Field(
-        3600.0, gt=0, description="seconds an image URL stays valid", json_schema_extra={"flag": "image-ttl"}
+        default=3600.0,
+        gt=0,
+        description="seconds an image URL stays valid",
+        json_schema_extra={"flag": "image-ttl"},
     )
     store_quota_mb: float = Field(
-        2048.0, gt=0, description="disk quota of the URL image store, oldest out first"
+        default=2048.0, gt=0, description="disk quota of the URL image store, oldest out first"
     )
-    queue_size: int = Field(64, ge=1, description="queued requests per model before 429")
+    queue_size: int = Field(default=64, ge=1, description="queued requests per model before 429")
     queue_timeout_s: float = Field(
-        600.0,
+        default=600.0,
         gt=0,
         description="seconds in the queue before 504",
         json_schema_extra={"flag": "queue-timeout"},
     )
-    max_batch_images: int = Field(4, ge=1, description="images of compatible requests run in one call")
-    devices: list[str] = Field(["cpu"], description="one worker process per device, e.g. cuda:0,cuda:1")
+    max_batch_images: int = Field(
+        default=4, ge=1, description="images of compatible requests run in one call"
+    )
+    devices: list[str] = Field(
+        default=["cpu"], description="one worker process per device, e.g. cuda:0,cuda:1"
+    )
     worker_threads: int | None = Field(
-        None, description="torch threads per CPU worker; unset: torch's own choice"
+        default=None, description="torch threads per CPU worker; unset: torch's own choice"
     )
     worker_start_timeout_s: float = Field(
-        600.0, gt=0, description="seconds a worker may take to start, --preload models included"
+        default=600.0, gt=0, description="seconds a worker may take to start, --preload models included"
     )
-    preload: list[str] = Field([], description="models loaded at start-up, before /ready turns 200")
+    preload: list[str] = Field(default=[], description="models loaded at start-up, before /ready turns 200")
     memory_budget_gb: float | None = Field(
-        None,
+        default=None,
         gt=0,
         description="checkpoints a worker keeps loaded, least recently used unloaded first; also the GPU "
         "memory the modes are resolved against",
     )
     mode: Mode = Field(
-        "auto", description="how every model runs (see Run modes); per checkpoint in the TOML file"
+        default="auto", description="how every model runs (see Run modes); per checkpoint in the TOML file"
     )
-    prompt_cache_mb: float = Field(512.0, ge=0, description="text-encoder outputs kept per worker; 0 is off")
-    log_prompts: bool = Field(False, description="log prompts")
-    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING")
+    prompt_cache_mb: float = Field(
+        default=512.0, ge=0, description="text-encoder outputs kept per worker; 0 is off"
+    )
+    log_prompts: bool = Field(default=False, description="log prompts")
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING")
     models: dict[str, ModelEntry] = Field(
-        {}, description="the model registry: `[models.<id>]` tables in the TOML file (JSON elsewhere)"
+        default={}, description="the model registry: `[models.<id>]` tables in the TOML file (JSON elsewhere)"
     )
 
     @model_validator(mode="after")
