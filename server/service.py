@@ -73,17 +73,14 @@ class ImageService:
         self.store = store
         self.signatures = signatures
 
-    def spec(self, model: str | None, default: str) -> ModelSpec:
-        return get_spec(model or default, self.specs)
-
     async def prepare(
         self, body: _ImageFields, images: list[bytes] | None = None, prompt_required: bool = True
     ) -> Prepared:
+        # One default for every route: a server whose default model cannot edit says so on an edit (400).
+        spec = get_spec(body.model or self.settings.default_model, self.specs)
         if images is None:
-            spec = self.spec(body.model, self.settings.default_model)
             render, reply = build_request(body, spec, self.signatures.get(spec.pipeline_class, {}))
             return Prepared(render, reply, spec)
-        spec = self.spec(body.model, self.settings.default_edit_model)
         if "edit" not in spec.modes:
             raise InvalidParameter("model", f"'{spec.id}' does not edit images; use /v1/images/generations.")
         spec.check_reference_count(len(images))

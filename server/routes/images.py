@@ -81,7 +81,7 @@ async def edit_image(request: Request) -> Response | ImagesResponse:
 
 @router.post("/variations", response_model=ImagesResponse, response_model_exclude_none=True)
 async def create_variation(request: Request) -> Response | ImagesResponse:
-    """Variations (legacy): an edit with an empty instruction on the default edit model."""
+    """Variations (legacy): an edit with an empty instruction on the default model (`--default-model`)."""
     body, images = await _read_edit_form(request)
     if body.prompt:
         raise InvalidParameter(

@@ -164,7 +164,11 @@ def test_bad_input_is_a_400_before_the_queue(tmp_path: Path) -> None:
         cases = {
             "size": {"size": "9" * 5000 + "x64"},
             "resolution": {"resolution": "1" + "0" * 400},
-            "negative_prompt": {"negative_prompt": "x" * 40_000, "true_cfg_scale": 2.0, "model": "flux.1-dev"},
+            "negative_prompt": {
+                "negative_prompt": "x" * 40_000,
+                "true_cfg_scale": 2.0,
+                "model": "flux.1-dev",
+            },
             "prompt_2": {"prompt_2": "x" * 40_000, "model": "flux.1-dev"},
         }
         for param, fields in cases.items():
