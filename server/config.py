@@ -51,6 +51,9 @@ class Settings(BaseModel):
     store_dir: Path = DEFAULT_CACHE / "images"
     image_ttl_s: float = Field(3600.0, gt=0)
     store_quota_mb: float = Field(2048.0, gt=0)
+    store_sweep_interval_s: float = Field(
+        60.0, gt=0, description="seconds between sweeps of expired url images (each write also sweeps)"
+    )
     queue_size: int = Field(64, ge=1)
     queue_timeout_s: float = Field(600.0, gt=0)
     max_batch_images: int = Field(4, ge=1)
