@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.jobs import WorkerConfig
 from server.config import Settings
+from server.encode import CONTENT_TYPES
 from server.errors import (
     APIError,
     BodyTooLarge,
@@ -72,6 +73,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
+    store: ImageStore = app.state.store
+    await asyncio.to_thread(store.open)  # indexes what an earlier run stored, before a url is asked for
     pool = app.state.make_pool(
         worker_configs(settings, app.state.specs), lambda name: metrics.worker_restarts.labels(name).inc()
     )
@@ -94,7 +97,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.images.signatures = pool.signatures()
         logger.info("ready: serving %s", ", ".join(app.state.specs))
 
+    async def sweep_store() -> None:
+        # Expired images go even when no request writes, so a full disk frees itself.
+        while True:
+            await asyncio.sleep(settings.store_sweep_interval_s)
+            try:
+                await asyncio.to_thread(store.sweep)
+            except Exception:
+                logger.exception("url store sweep failed")
+
     waiting = asyncio.create_task(announce_ready())
+    sweeping = asyncio.create_task(sweep_store())
     try:
         yield
     finally:
@@ -102,6 +115,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # group) is not restarted while the server shuts down.
         pool.closing()
         waiting.cancel()
+        sweeping.cancel()
         await scheduler.stop()
         pool.stop()
 
@@ -119,7 +133,7 @@ def create_app(settings: Settings, make_pool: Callable[..., WorkerPool] = Worker
     app.state.make_pool = make_pool
     app.state.specs = served_specs(settings)
     app.state.store = ImageStore(
-        settings.store_dir, settings.image_ttl_s, int(settings.store_quota_mb * 2**20)
+        settings.store_dir, settings.image_ttl_s, int(settings.store_quota_mb * 2**20), CONTENT_TYPES
     )
     app.state.started = int(time.time())
     app.state.metrics = Metrics()

@@ -138,6 +138,11 @@ class Settings(BaseSettings):
     store_quota_mb: float = Field(
         default=2048.0, gt=0, description="disk quota of the URL image store, oldest out first"
     )
+    store_sweep_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds between sweeps of expired url images (each write also sweeps)",
+    )
     queue_size: int = Field(default=64, ge=1, description="queued requests per model before 429")
     queue_timeout_s: float = Field(
         default=600.0,

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from fastapi import Request
+from starlette.datastructures import MutableHeaders
 
 from pipelines.errors import InvalidParameter
 from pipelines.images import reference_sizes
@@ -24,7 +25,7 @@ from server.errors import APIError, envelope, to_api_error
 from server.normalize import Reply, build_request
 from server.protocol import ImageData, ImagesResponse, InputTokensDetails, Usage, _ImageFields
 from server.scheduler import Scheduler
-from server.store import ImageStore
+from server.store import ImageStore, StoreUnavailable
 from server.workers import WorkerCrashed, WorkerFailure
 
 logger = logging.getLogger(__name__)
@@ -123,16 +124,28 @@ class ImageService:
             http.state.job += f" prompt={render.prompt!r}"
         return result
 
-    async def respond(self, http: Request, prepared: Prepared, result: RenderResult) -> ImagesResponse:
+    async def respond(
+        self,
+        http: Request,
+        prepared: Prepared,
+        result: RenderResult,
+        headers: MutableHeaders | None = None,
+    ) -> ImagesResponse:
+        """The answer; `headers` receives `x-fluxd-store-error` when url images had to come inline."""
         reply, render = prepared.reply, prepared.render
-        encoded = await asyncio.to_thread(
-            lambda: [encode(image, reply.output_format, reply.compression) for image in result.images]
+        base = public_base(http, self.settings)
+        payloads = await asyncio.to_thread(
+            lambda: [
+                self._payload(reply, encode(image, reply.output_format, reply.compression), base)
+                for image in result.images
+            ]
         )
+        failures = sorted({failure for _, failure in payloads if failure})
+        if failures and headers is not None:
+            headers["x-fluxd-store-error"] = "; ".join(failures)
         data = [
-            ImageData(
-                **self._payload(http, reply, blob), revised_prompt=result.revised_prompt, seed=image.seed
-            )
-            for image, blob in zip(result.images, encoded, strict=True)
+            ImageData(**payload, revised_prompt=result.revised_prompt, seed=image.seed)
+            for image, (payload, _) in zip(result.images, payloads, strict=True)
         ]
         return ImagesResponse(
             created=int(time.time()),
@@ -145,14 +158,18 @@ class ImageService:
             model=prepared.spec.id,
         )
 
-    def _payload(self, http: Request, reply: Reply, blob: bytes) -> dict[str, str]:
+    def _payload(self, reply: Reply, blob: bytes, base: str) -> tuple[dict[str, str], str | None]:
+        """One image's `url` or `b64_json` field, and why a url image came inline; runs in a thread."""
         if reply.sync_mode:
             content_type = CONTENT_TYPES[reply.output_format]
-            return {"url": f"data:{content_type};base64,{base64.b64encode(blob).decode()}"}
+            return {"url": f"data:{content_type};base64,{base64.b64encode(blob).decode()}"}, None
         if reply.response_format == "b64_json":
-            return {"b64_json": base64.b64encode(blob).decode()}
-        image_id = self.store.put(blob, reply.output_format)
-        return {"url": f"{public_base(http, self.settings)}/v1/files/images/{image_id}.{reply.output_format}"}
+            return {"b64_json": base64.b64encode(blob).decode()}, None
+        try:
+            image_id = self.store.put(blob, reply.output_format)
+        except StoreUnavailable as exc:  # the image the GPU made still reaches the client
+            return {"b64_json": base64.b64encode(blob).decode()}, str(exc)
+        return {"url": f"{base}/v1/files/images/{image_id}.{reply.output_format}"}, None
 
     async def stream(self, http: Request, prepared: Prepared, kind: str) -> AsyncIterator[bytes]:
         """Server-sent events: partial images as previews arrive, then exactly one completed event."""

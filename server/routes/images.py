@@ -22,7 +22,9 @@ def _service(request: Request) -> ImageService:
     return request.app.state.images
 
 
-async def _answer(request: Request, prepared: Prepared, kind: str) -> Response | ImagesResponse:
+async def _answer(
+    request: Request, response: Response, prepared: Prepared, kind: str
+) -> Response | ImagesResponse:
     service = _service(request)
     if prepared.reply.stream:
         return StreamingResponse(service.stream(request, prepared, kind), media_type="text/event-stream")
@@ -30,14 +32,16 @@ async def _answer(request: Request, prepared: Prepared, kind: str) -> Response |
         result = await service.run(request, prepared)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
-    return await service.respond(request, prepared, result)
+    return await service.respond(request, prepared, result, response.headers)
 
 
 @router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True)
-async def create_image(body: ImageGenerationRequest, request: Request) -> Response | ImagesResponse:
+async def create_image(
+    body: ImageGenerationRequest, request: Request, response: Response
+) -> Response | ImagesResponse:
     """Create images from a prompt (OpenAI `images.generate`), with the gateways' extra parameters."""
     prepared = await _service(request).prepare(body)
-    return await _answer(request, prepared, "image_generation")
+    return await _answer(request, response, prepared, "image_generation")
 
 
 async def _read_edit_form(request: Request) -> tuple[ImageEditRequest, list[bytes]]:
@@ -72,15 +76,15 @@ async def _read_edit_form(request: Request) -> tuple[ImageEditRequest, list[byte
 
 
 @router.post("/edits", response_model=ImagesResponse, response_model_exclude_none=True)
-async def edit_image(request: Request) -> Response | ImagesResponse:
+async def edit_image(request: Request, response: Response) -> Response | ImagesResponse:
     """Edit or compose from 1-4 reference images (multipart: `image`, `image[]`), OpenAI `images.edit`."""
     body, images = await _read_edit_form(request)
     prepared = await _service(request).prepare(body, images)
-    return await _answer(request, prepared, "image_edit")
+    return await _answer(request, response, prepared, "image_edit")
 
 
 @router.post("/variations", response_model=ImagesResponse, response_model_exclude_none=True)
-async def create_variation(request: Request) -> Response | ImagesResponse:
+async def create_variation(request: Request, response: Response) -> Response | ImagesResponse:
     """Variations (legacy): an edit with an empty instruction on the default model (`--default-model`)."""
     body, images = await _read_edit_form(request)
     if body.prompt:
@@ -90,4 +94,4 @@ async def create_variation(request: Request) -> Response | ImagesResponse:
     if len(images) > 1:
         raise InvalidParameter("image", "Variations take one image; use /v1/images/edits for several.")
     prepared = await _service(request).prepare(body, images, prompt_required=False)
-    return await _answer(request, prepared, "image_edit")
+    return await _answer(request, response, prepared, "image_edit")
