@@ -352,7 +352,7 @@ class Engine:
             "generator": generators,
             "output_type": "np",
             "callback_on_step_end": step_end,
-            **family.call_kwargs(spec, pipe, references, first.width, first.height),
+            **family.call_kwargs(spec, pipe, references, first.width, first.height, first.steps),
             **first.extra,
         }
         denoise_started = time.perf_counter()

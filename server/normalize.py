@@ -240,10 +240,6 @@ def build_request(
         raise InvalidParameter(
             "num_inference_steps", f"num_inference_steps must be between 1 and {spec.max_steps}."
         )
-    if spec.adapter is not None and spec.adapter.sigmas is not None and steps != len(spec.adapter.sigmas):
-        raise InvalidParameter(
-            "num_inference_steps", f"'{spec.id}' runs its fixed {len(spec.adapter.sigmas)}-step schedule."
-        )
     guidance = spec.default_guidance if body.cfg_scale is None else body.cfg_scale
     low, high = spec.guidance_range
     if not low <= guidance <= high:

@@ -53,7 +53,6 @@ GENERATION_CASES = [
     ({"acceleration": "ludicrous"}, "acceleration"),
     ({"model": "flux.1-dev", "prompt_enhancement": "on"}, "prompt_enhancement"),
     ({"model": "flux1.1-pro", "enhance_prompt": True}, "enhance_prompt"),
-    ({"model": "flux.2-dev-turbo", "num_inference_steps": 20}, "num_inference_steps"),
     # JSON carries types: none is converted behind the client's back.
     ({"n": True}, "n"),
     ({"seed": True}, "seed"),

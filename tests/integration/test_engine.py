@@ -12,7 +12,7 @@ from pipelines.arguments import passthrough_signatures
 from pipelines.engine import Engine, pipeline_bytes
 from pipelines.errors import InvalidParameter, WeightsMissing
 from pipelines.jobs import RenderRequest
-from pipelines.specs import SPECS
+from pipelines.specs import SPECS, TURBO_SIGMAS
 from tests.imagery import png
 
 STEPS = 3
@@ -99,6 +99,21 @@ def test_turbo_changes_output_and_leaves_the_base_alone(tiny_weights: Path) -> N
     assert engine.loaded() == ["flux.2-dev"]
     assert engine.pipeline(SPECS["flux.2-dev-turbo"]).transformer is transformer
     assert base_storage(transformer) == storage
+
+
+@pytest.mark.parametrize("steps", [4, 12])
+def test_turbo_runs_any_step_count(engine: Engine, steps: int) -> None:
+    [image] = pixels(engine, request("flux.2-dev-turbo", [5], steps=steps))
+    assert image.shape == (48, 64, 3) and image.std() > 0
+    assert not np.array_equal(image, pixels(engine, request("flux.2-dev-turbo", [5], steps=8))[0])
+
+
+def test_turbo_at_8_steps_runs_fals_sigmas_as_published(engine: Engine) -> None:
+    derived = pixels(engine, request("flux.2-dev-turbo", [5, 6], steps=8))
+    published = pixels(
+        engine, request("flux.2-dev-turbo", [5, 6], steps=8, extra={"sigmas": list(TURBO_SIGMAS)})
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(derived, published, strict=True))
 
 
 def test_a_memory_budget_unloads_the_least_recently_used_checkpoint(tiny_weights: Path) -> None:
