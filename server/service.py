@@ -115,7 +115,7 @@ class ImageService:
         if "edit" not in spec.modes:
             raise InvalidParameter("model", f"'{spec.id}' does not edit images; use /v1/images/generations.")
         decoded = await asyncio.to_thread(lambda: [decode_image(data, "image") for data in images])
-        spec.check_references([image.size for image in decoded])
+        spec.check_references(len(decoded))
         render, reply = build_request(
             body,
             spec,

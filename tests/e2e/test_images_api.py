@@ -135,6 +135,29 @@ def test_forwarded_headers_shape_the_url(server: Server) -> None:
     assert response.json()["data"][0]["url"].startswith("https://images.lan/flux/v1/files/images/")
 
 
+@pytest.mark.parametrize(
+    ("model", "size"),
+    [
+        ("flux.2-dev", (80, 48)),
+        ("flux.2-dev", (40, 40)),
+        ("flux.2-dev", (900, 60)),
+        ("flux.1-kontext-dev", (80, 48)),
+    ],
+    ids=["flux.2-80x48", "flux.2-40x40", "flux.2-900x60", "kontext-80x48"],
+)
+def test_references_of_any_size_are_edited(client: openai.OpenAI, model: str, size: tuple[int, int]) -> None:
+    # FLUX.2's pipeline takes >= 64 px a side and at most 8:1; gateways take any size, and so does fluxd.
+    result = client.images.edit(
+        model=model,
+        image=("small.png", png_bytes(*size), "image/png"),
+        prompt="make it red",
+        response_format="b64_json",
+        extra_body={**FAST, "resolution_mode": "match_input"},
+    )
+    [image] = result.data
+    assert decode(image.b64_json).size == tuple(int(s) for s in result.size.split("x"))
+
+
 def test_sync_mode_returns_a_data_uri(client: openai.OpenAI) -> None:
     result = client.images.generate(prompt="x", size="16x16", extra_body={**FAST, "sync_mode": True})
     assert result.data[0].url.startswith("data:image/png;base64,")

@@ -59,6 +59,23 @@ def test_edit_has_the_resolved_size(engine: Engine, model: str) -> None:
     assert image.shape == (64, 64, 3)
 
 
+@pytest.mark.parametrize(
+    ("model", "size"),
+    [
+        ("flux.2-dev", (40, 40)),
+        ("flux.2-dev", (900, 60)),
+        ("flux.2-dev", (80, 48)),
+        ("flux.1-kontext-dev", (80, 48)),
+    ],
+)
+def test_references_of_any_size_are_fitted_not_refused(
+    engine: Engine, model: str, size: tuple[int, int]
+) -> None:
+    # FLUX.2's pipeline itself refuses references under 64 px a side or past 8:1.
+    [image] = pixels(engine, request(model, [2], images=[png(*size)]))
+    assert image.shape == (48, 64, 3)
+
+
 def test_flux2_edit_takes_four_references(engine: Engine) -> None:
     refs = [png(64, 64, (i * 60, 10, 10)) for i in range(4)]
     [image] = pixels(engine, request("flux.2-dev", [1], images=refs))
@@ -149,8 +166,6 @@ def test_not_an_image_names_the_parameter(engine: Engine) -> None:
     ("model", "refs"),
     [
         ("flux.2-dev", [png(64, 64)] * 5),
-        ("flux.2-dev", [png(48, 64)]),
-        ("flux.2-dev", [png(576, 64)]),
         ("flux.1-kontext-dev", [png(64, 64)] * 2),
         ("flux.1-dev", [png(64, 64)]),
     ],
