@@ -161,6 +161,13 @@ def test_too_many_references(server: Server) -> None:
     assert kontext.status_code == 400 and kontext.json()["error"]["param"] == "image"
 
 
+def test_more_files_than_a_request_is_read_for_name_image(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.edit(image=[png() for _ in range(17)], prompt="x", size="64x64", extra_body=FAST)
+    assert info.value.status_code == 400 and info.value.param == "image"
+    assert "Too many files" in info.value.message
+
+
 def test_a_field_sent_twice_is_refused_not_overwritten(server: Server) -> None:
     files = [("image", ("a.png", png(), "image/png")), ("seed", (None, "1")), ("seed", (None, "2"))]
     response = HTTP.post(f"{server.url}/v1/images/edits", data={"prompt": "x"}, files=files)
