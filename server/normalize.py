@@ -85,7 +85,9 @@ class Reply:
 
     output_format: str
     compression: int | None
-    response_format: Literal["url", "b64_json"]
+    # None: the client named none, and clients disagree about which field to read (gpt-image-era ones read
+    # b64_json, DALL-E-era ones url), so the answer carries both.
+    response_format: Literal["url", "b64_json"] | None
     sync_mode: bool
     quality: str | None
     background: str
@@ -208,7 +210,7 @@ def _reply(body: _ImageFields) -> Reply:
     return Reply(
         output_format=fmt,
         compression=compression,
-        response_format=body.response_format or "url",
+        response_format=body.response_format,
         sync_mode=bool(body.sync_mode),
         quality=body.quality if body.quality in ("low", "medium", "high") else None,
         background="opaque",

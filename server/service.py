@@ -179,10 +179,13 @@ class ImageService:
         if reply.sync_mode:
             content_type = CONTENT_TYPES[reply.output_format]
             return {"url": f"data:{content_type};base64,{base64.b64encode(blob).decode()}"}
-        if reply.response_format == "b64_json":
-            return {"b64_json": base64.b64encode(blob).decode()}
-        image_id = self.store.put(blob, reply.output_format)
-        return {"url": f"{public_base(http, self.settings)}/v1/files/images/{image_id}.{reply.output_format}"}
+        payload: dict[str, str] = {}
+        if reply.response_format != "url":
+            payload["b64_json"] = base64.b64encode(blob).decode()
+        if reply.response_format != "b64_json":
+            name = f"{self.store.put(blob, reply.output_format)}.{reply.output_format}"
+            payload["url"] = f"{public_base(http, self.settings)}/v1/files/images/{name}"
+        return payload
 
     async def stream(self, http: Request, prepared: Prepared, kind: str) -> AsyncIterator[bytes]:
         """Server-sent events: partial images as previews arrive, then exactly one completed event."""

@@ -135,6 +135,21 @@ def test_forwarded_headers_shape_the_url(server: Server) -> None:
     assert response.json()["data"][0]["url"].startswith("https://images.lan/flux/v1/files/images/")
 
 
+def test_without_response_format_both_fields_come_back(client: openai.OpenAI, server: Server) -> None:
+    # Clients that send none read either: b64_json (gpt-image era) or url (DALL-E era).
+    both = client.images.generate(prompt="x", size="32x32", extra_body={**FAST, "seed": 8})
+    [image] = both.data
+    assert image.url.startswith(server.url + "/v1/files/images/")
+    assert HTTP.get(image.url).content == base64.b64decode(image.b64_json)
+    edit = client.images.edit(image=png_bytes(), prompt="x", size="32x32", extra_body=FAST)
+    assert edit.data[0].url and edit.data[0].b64_json
+    # Named, the format is the only field.
+    as_url = client.images.generate(prompt="x", size="32x32", response_format="url", extra_body=FAST)
+    as_b64 = client.images.generate(prompt="x", size="32x32", response_format="b64_json", extra_body=FAST)
+    assert as_url.data[0].url and as_url.data[0].b64_json is None
+    assert as_b64.data[0].b64_json and as_b64.data[0].url is None
+
+
 @pytest.mark.parametrize(
     ("model", "size"),
     [
@@ -160,7 +175,7 @@ def test_references_of_any_size_are_edited(client: openai.OpenAI, model: str, si
 
 def test_sync_mode_returns_a_data_uri(client: openai.OpenAI) -> None:
     result = client.images.generate(prompt="x", size="16x16", extra_body={**FAST, "sync_mode": True})
-    assert result.data[0].url.startswith("data:image/png;base64,")
+    assert result.data[0].url.startswith("data:image/png;base64,") and result.data[0].b64_json is None
 
 
 def test_same_seed_same_bytes(client: openai.OpenAI) -> None:
