@@ -80,9 +80,10 @@ def fit_reference(
     if min(image.size) < min_side:
         scale = min_side / min(image.size)
         size = (max(min_side, round(image.width * scale)), max(min_side, round(image.height * scale)))
-        image = image.resize(size, Image.LANCZOS)
+        image = image.resize(size, Image.Resampling.LANCZOS)
     pixels = image.width * image.height
     if pixels <= max_pixels:
         return image
     scale = (max_pixels / pixels) ** 0.5
-    return image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.LANCZOS)
+    size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
