@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.modes import MODES, ResolvedMode, choose_mode
+from pipelines.schedules import resample_sigmas
 from pipelines.specs import SIZE_MULTIPLE, ModelSpec, get_spec
 from pipelines.synthetic import (
     FAMILY_COMPONENTS,
@@ -291,8 +292,8 @@ def _call_kwargs(spec: ModelSpec, width: int, height: int, steps: int, device: s
     }
     if references_of(spec):
         kwargs["image"] = Image.new("RGB", (width, height), (128, 128, 128))
-    if spec.adapter is not None and spec.adapter.sigmas is not None and steps == len(spec.adapter.sigmas):
-        kwargs["sigmas"] = list(spec.adapter.sigmas)
+    if spec.adapter is not None and spec.adapter.sigmas is not None:
+        kwargs["sigmas"] = resample_sigmas(spec.adapter.sigmas, steps)
     return kwargs
 
 

@@ -76,7 +76,10 @@ class _ImageFields(BaseModel):
         "native", "server-sent events of partial and completed images", OPENAI, default=False
     )
     response_format: Literal["url", "b64_json"] | None = declare(
-        "emulated", "url: stored locally with a TTL; b64_json: inline", OPENAI, default="url"
+        "emulated",
+        "url: stored locally with a TTL; b64_json: inline; absent: both, since clients that send none "
+        "disagree about which they read",
+        OPENAI,
     )
     user: str | None = declare("accepted", "logged with the request id only", OPENAI)
     seed: int | None = declare(

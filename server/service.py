@@ -84,9 +84,8 @@ class ImageService:
             return Prepared(render, reply, spec)
         if "edit" not in spec.modes:
             raise InvalidParameter("model", f"'{spec.id}' does not edit images; use /v1/images/generations.")
-        spec.check_reference_count(len(images))
+        spec.check_references(len(images))
         sizes = await asyncio.to_thread(reference_sizes, images)
-        spec.check_references(sizes)
         render, reply = build_request(
             body,
             spec,
@@ -159,17 +158,21 @@ class ImageService:
         )
 
     def _payload(self, reply: Reply, blob: bytes, base: str) -> tuple[dict[str, str], str | None]:
-        """One image's `url` or `b64_json` field, and why a url image came inline; runs in a thread."""
+        """One image's `url` and/or `b64_json` fields (both when the request named no response_format), and
+        why a url image came inline; runs in a thread."""
         if reply.sync_mode:
             content_type = CONTENT_TYPES[reply.output_format]
             return {"url": f"data:{content_type};base64,{base64.b64encode(blob).decode()}"}, None
+        inline = base64.b64encode(blob).decode()
+        payload = {} if reply.response_format == "url" else {"b64_json": inline}
         if reply.response_format == "b64_json":
-            return {"b64_json": base64.b64encode(blob).decode()}, None
+            return payload, None
         try:
             image_id = self.store.put(blob, reply.output_format)
         except StoreUnavailable as exc:  # the image the GPU made still reaches the client
-            return {"b64_json": base64.b64encode(blob).decode()}, str(exc)
-        return {"url": f"{base}/v1/files/images/{image_id}.{reply.output_format}"}, None
+            return {"b64_json": inline}, str(exc)
+        payload["url"] = f"{base}/v1/files/images/{image_id}.{reply.output_format}"
+        return payload, None
 
     async def stream(self, http: Request, prepared: Prepared, kind: str) -> AsyncIterator[bytes]:
         """Server-sent events: partial images as previews arrive, then exactly one completed event."""

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.errors import InvalidParameter
 from server.errors import validation_error
@@ -45,7 +46,18 @@ async def create_image(
 
 
 async def _read_edit_form(request: Request) -> tuple[ImageEditRequest, list[bytes]]:
-    form = await request.form(max_files=MAX_FILES, max_fields=256)
+    try:
+        form = await request.form(max_files=MAX_FILES, max_fields=256)
+    except StarletteHTTPException as exc:
+        # Starlette stops at the file limit before any part is looked at; the only files fluxd reads are
+        # references, so too many of them is a bad `image` (its message is the one thing that says so).
+        if not str(exc.detail).startswith("Too many files"):
+            raise
+        raise InvalidParameter(
+            "image",
+            f"Too many files: at most {MAX_FILES} are read from one request, more images than any model "
+            "takes (limits.max_reference_images in /v1/models).",
+        ) from None
     fields: dict[str, str] = {}
     images: list[bytes] = []
     for key, value in form.multi_items():
