@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from pydantic import ValidationError
@@ -106,7 +107,7 @@ def serve(settings: Settings) -> int:
     )
     stop = server.handle_exit
 
-    def handle_exit(sig: int, frame: object) -> None:
+    def handle_exit(sig: int, frame: FrameType | None) -> None:
         # A signal to the whole process group (a terminal's Ctrl-C, `timeout`, systemd) also reaches the
         # workers; from the moment it arrives, a worker that exits is not replaced.
         pool = getattr(app.state, "pool", None)

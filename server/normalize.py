@@ -21,8 +21,11 @@ from pipelines.jobs import RenderRequest
 from pipelines.sizes import resolve_size
 from pipelines.specs import PASSTHROUGH_BOUNDS, ModelSpec
 from server.encode import LOSSY
-from server.protocol import DECLARATIONS, MAX_PROMPT_CHARS, MAX_SEED, _ImageFields
+from server.protocol import DECLARATIONS, MAX_PROMPT_CHARS, MAX_SEED, OutputFormat, _ImageFields
 
+EchoQuality = Literal["low", "medium", "high"]
+# The qualities the SDK's response types know: `auto` and the DALL-E names are not echoed.
+_ECHO_QUALITY: dict[str, EchoQuality] = {"low": "low", "medium": "medium", "high": "high"}
 STREAM_FORMATS = frozenset({"png", "jpeg", "webp"})
 ENHANCE_FIELDS = ("prompt_enhancement", "enhance_prompt", "enable_prompt_expansion", "prompt_upsampling")
 
@@ -31,14 +34,14 @@ ENHANCE_FIELDS = ("prompt_enhancement", "enhance_prompt", "enable_prompt_expansi
 class Reply:
     """How the answer is shaped, decided with the request."""
 
-    output_format: str
+    output_format: OutputFormat
     compression: int | None
     # None: the client named none, and clients disagree about which field to read (gpt-image-era ones read
     # b64_json, DALL-E-era ones url), so the answer carries both.
     response_format: Literal["url", "b64_json"] | None
     sync_mode: bool
-    quality: str | None
-    background: str
+    quality: EchoQuality | None
+    background: Literal["opaque"]
     stream: bool
 
 
@@ -164,7 +167,7 @@ def _reply(body: _ImageFields) -> Reply:
         compression=compression,
         response_format=body.response_format,
         sync_mode=bool(body.sync_mode),
-        quality=body.quality if body.quality in ("low", "medium", "high") else None,
+        quality=_ECHO_QUALITY.get(body.quality or ""),
         background="opaque",
         stream=bool(body.stream),
     )

@@ -143,7 +143,7 @@ class Declarations:
                 default = ", ".join(f"{model} {value:g}" for model, value in values.items())
             else:
                 default = "" if p.default is None else json.dumps(p.default).strip('"')
-            routes = "both" if len(p.routes) == 2 else p.routes[0]
+            routes: str = "both" if len(p.routes) == 2 else p.routes[0]
             if p.families is not None:
                 routes += f" ({', '.join(p.families)})"
             rows.append(f"| `{name}` | {routes} | {p.handling} | {default} | {p.detail} | {p.source} |")

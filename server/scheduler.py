@@ -6,6 +6,7 @@ A worker gets one batch at a time, so jobs wait here, where they can still be ba
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -177,7 +178,7 @@ class Scheduler:
             self.metrics.queue_wait.labels(model).observe(started - job.enqueued_at)
             job.worker = worker
             job.started.set()
-            future.add_done_callback(lambda f, job=job: self._settle(job, f, started))
+            future.add_done_callback(functools.partial(self._settle, job, started=started))
         return True
 
     def _pick_worker(self, weights: str) -> WorkerHandle | None:
@@ -188,7 +189,8 @@ class Scheduler:
 
     def _take_batch(self, head: Job) -> list[Job]:
         queue = self.queues[head.request.model]
-        batch, images = [], 0
+        batch: list[Job] = []
+        images = 0
         for job in list(queue):
             if job.key != head.key or (batch and images + job.request.n > self.max_batch_images):
                 continue
@@ -197,12 +199,13 @@ class Scheduler:
             images += job.request.n
         return batch
 
-    def _settle(self, job: Job, result: asyncio.Future, started: float) -> None:
+    def _settle(self, job: Job, outcome: asyncio.Future[RenderResult], started: float) -> None:
         if not job.future.done():
-            if result.exception() is not None:
-                job.future.set_exception(result.exception())
+            failure = outcome.exception()
+            if failure is not None:
+                job.future.set_exception(failure)
             else:
-                rendered = result.result()
+                rendered = outcome.result()
                 elapsed = time.monotonic() - started
                 images = max(1, int(rendered.timings_ms.get("batch_images", 1)))
                 self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / images

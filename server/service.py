@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from fastapi import Request
 from starlette.datastructures import MutableHeaders
@@ -30,7 +31,13 @@ from server.workers import WorkerCrashed, WorkerFailure
 
 logger = logging.getLogger(__name__)
 
-_ECHO_FORMATS = {"png", "jpeg", "webp", "gif"}
+# The formats the SDK's response types know: an `avif` echo would fail their strict validation.
+_ECHO_FORMATS: dict[str, Literal["png", "webp", "jpeg", "gif"]] = {
+    "png": "png",
+    "webp": "webp",
+    "jpeg": "jpeg",
+    "gif": "gif",
+}
 
 
 class ClientGone(Exception):
@@ -150,7 +157,7 @@ class ImageService:
             created=int(time.time()),
             data=data,
             background=reply.background,
-            output_format=reply.output_format if reply.output_format in _ECHO_FORMATS else None,
+            output_format=_ECHO_FORMATS.get(reply.output_format),
             quality=reply.quality,
             size=f"{render.width}x{render.height}",
             usage=usage(render),
@@ -197,20 +204,22 @@ class ImageService:
                 blob = await asyncio.to_thread(
                     encode, progress.preview, reply.output_format, reply.compression
                 )
+                event = f"{kind}.partial_image"
                 payload = {
-                    "type": f"{kind}.partial_image",
+                    "type": event,
                     "b64_json": base64.b64encode(blob).decode(),
                     "created_at": int(time.time()),
                     "partial_image_index": sent,
                     **common,
                 }
                 sent += 1
-                yield _sse(payload["type"], payload)
+                yield _sse(event, payload)
             result = job.result()
             [image] = result.images
             blob = await asyncio.to_thread(encode, image, reply.output_format, reply.compression)
+            event = f"{kind}.completed"
             payload = {
-                "type": f"{kind}.completed",
+                "type": event,
                 "b64_json": base64.b64encode(blob).decode(),
                 "created_at": int(time.time()),
                 "usage": usage(render).model_dump(),
@@ -219,7 +228,7 @@ class ImageService:
                 "seed": image.seed,
                 "revised_prompt": result.revised_prompt,
             }
-            yield _sse(payload["type"], payload)
+            yield _sse(event, payload)
         except ClientGone:
             return
         except Exception as exc:
