@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipelines.modes import MODES, ResolvedMode, choose_mode
 from pipelines.schedules import resample_sigmas
-from pipelines.specs import SIZE_MULTIPLE, ModelSpec, get_spec
+from pipelines.specs import SIZE_MULTIPLE, ModelSpec, Pipeline, get_spec
 from pipelines.synthetic import (
     FAMILY_COMPONENTS,
     LORA_RANK,
@@ -29,9 +29,6 @@ from pipelines.synthetic import (
     load_config,
     synthetic_pipeline,
 )
-
-if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +295,7 @@ def _call_kwargs(spec: ModelSpec, width: int, height: int, steps: int, device: s
 
 
 def _timed_call(
-    pipe: DiffusionPipeline,
+    pipe: Pipeline,
     watch: _Stopwatch,
     spec: ModelSpec,
     steps: int,

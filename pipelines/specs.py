@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pipelines.errors import InvalidParameter, ModelNotFound
 
 Family = Literal["flux2", "flux1", "flux1-kontext"]
+# A loaded diffusers pipeline. DiffusionPipeline's subclasses set their components (transformer, vae, ...) as
+# attributes at run time, which no static type of diffusers declares.
+Pipeline = Any
 Mode = Literal["generate", "edit"]
 
 SIZE_MULTIPLE = 16  # VAE downsampling (8) x latent patch size (2), the same for FLUX.1 and FLUX.2.
@@ -146,7 +149,11 @@ TURBO_SIGMAS = (1.0, 0.6509, 0.4374, 0.2932, 0.1893, 0.1108, 0.0495, 0.00031)
 
 # diffusers' Flux2ImageProcessor.check_image_input refuses references under 64 px a side or past 8:1; gateways
 # take any size, so the worker fits references into that range first (pipelines.images.fit_reference).
-_FLUX2_REFERENCES = {"max_references": 4, "min_reference_side": 64, "max_reference_aspect": 8.0}
+_FLUX2_REFERENCES: dict[str, Any] = {
+    "max_references": 4,
+    "min_reference_side": 64,
+    "max_reference_aspect": 8.0,
+}
 
 SPECS: dict[str, ModelSpec] = {
     spec.id: spec

@@ -30,7 +30,7 @@ def call_kwargs(
             max(16, round(reference.width * scale / 16) * 16),
             max(16, round(reference.height * scale / 16) * 16),
         )
-        kwargs["image"] = reference.resize(size, Image.LANCZOS)
+        kwargs["image"] = reference.resize(size, Image.Resampling.LANCZOS)
     return kwargs
 
 
