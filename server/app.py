@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipelines.jobs import WorkerConfig
+from pipelines.messages import WorkerConfig
 from server.config import Settings
 from server.errors import APIError, BodyTooLarge, body_too_large, error_response, install_error_handlers
 from server.metrics import Metrics

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pipelines.jobs import RenderRequest, RenderResult
+from pipelines.messages import RenderRequest, RenderResult
 from pipelines.specs import ModelSpec
 from server.errors import APIError, busy
 from server.metrics import Metrics

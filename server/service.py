@@ -14,7 +14,7 @@ from fastapi import Request
 
 from pipelines.errors import InvalidParameter
 from pipelines.images import decode_image
-from pipelines.jobs import Progress, RenderRequest, RenderResult
+from pipelines.messages import Progress, RenderRequest, RenderResult
 from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
 from server.encode import CONTENT_TYPES, encode

@@ -11,7 +11,7 @@ import torch
 from pipelines.arguments import passthrough_signatures
 from pipelines.engine import Engine, pipeline_bytes
 from pipelines.errors import InvalidParameter, WeightsMissing
-from pipelines.jobs import RenderRequest
+from pipelines.messages import RenderRequest
 from pipelines.specs import SPECS
 from tests.imagery import png
 
