@@ -8,9 +8,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.modes import Mode
+from server.webhooks import secret_key
 
 ENV_PREFIX = "FLUXD_"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluxd"
@@ -65,6 +66,29 @@ class Settings(BaseModel):
     log_prompts: bool = False
     log_level: str = "INFO"
     models: dict[str, ModelEntry] = Field(default_factory=dict)
+    job_ttl_s: float = Field(
+        86400.0, gt=0, description="seconds a finished async job (and its b64_json result) stays fetchable"
+    )
+    max_jobs: int = Field(
+        1000, ge=1, description="async jobs kept at once, finished ones included; past it a new job gets 429"
+    )
+    webhook_allow: list[str] = Field(
+        default_factory=list,
+        description="URL prefixes a job's webhook_url may target, e.g. https://hooks.lan:9000/fluxd; "
+        "empty: no webhooks (a server that POSTs anywhere it is told is an SSRF)",
+    )
+    webhook_secret: str | None = Field(
+        None,
+        description="Standard Webhooks signing secret, whsec_<base64>; needed when webhook_allow is set",
+    )
+
+    @model_validator(mode="after")
+    def _webhooks_are_signed(self) -> Settings:
+        if self.webhook_allow and not self.webhook_secret:
+            raise ValueError("webhook_allow needs webhook_secret (whsec_<base64>): every webhook is signed")
+        if self.webhook_secret is not None:
+            secret_key(self.webhook_secret)
+        return self
 
     @property
     def synthetic_weights(self) -> bool:
@@ -77,7 +101,7 @@ class Settings(BaseModel):
         return keys
 
 
-_LIST_FIELDS = {"api_keys", "cors_origins", "devices", "preload"}
+_LIST_FIELDS = {"api_keys", "cors_origins", "devices", "preload", "webhook_allow"}
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:

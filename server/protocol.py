@@ -56,6 +56,8 @@ class _ImageFields(BaseModel):
     enable_safety_checker: bool | None = None
     disable_safety_checker: bool | None = None
     safety_tolerance: Annotated[int, Field(ge=1, le=6)] | None = None
+    # fluxd's own: a URL POSTed when an async job (Prefer: respond-async) ends; server/job_service.py.
+    webhook_url: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
 
 
 class ImageGenerationRequest(_ImageFields):
@@ -117,3 +119,51 @@ class Model(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Model]
+
+
+# Async jobs (`Prefer: respond-async`): fluxd's own objects, shaped after BFL's and fal's queue answers.
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobProgress(BaseModel):
+    step: int
+    steps: int
+
+
+class JobPreview(BaseModel):
+    """The latest partial image of a running job that asked for `partial_images`."""
+
+    b64_json: str
+    partial_image_index: int
+    output_format: str
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ImageJob(BaseModel):
+    """An async image request; `result` is the usual ImagesResponse once it succeeded, `error` the usual
+    error envelope's body once it failed."""
+
+    id: str
+    object: Literal["image.job"] = "image.job"
+    status: JobStatus
+    created: int
+    model: str
+    endpoint: str
+    position: int | None = None
+    progress: JobProgress | None = None
+    preview: JobPreview | None = None
+    result: ImagesResponse | None = None
+    error: ErrorBody | None = None
+    finished: int | None = None
+    expires: int | None = None
+
+
+class ImageJobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ImageJob]

@@ -153,14 +153,15 @@ class ImageService:
             http.state.job += f" prompt={render.prompt!r}"
         return result
 
-    async def respond(self, http: Request, prepared: Prepared, result: RenderResult) -> ImagesResponse:
+    async def respond(self, base_url: str, prepared: Prepared, result: RenderResult) -> ImagesResponse:
+        """The ImagesResponse; url images are stored and linked under `base_url` (see public_base)."""
         reply, render = prepared.reply, prepared.render
         encoded = await asyncio.to_thread(
             lambda: [encode(image, reply.output_format, reply.compression) for image in result.images]
         )
         data = [
             ImageData(
-                **self._payload(http, reply, blob), revised_prompt=result.revised_prompt, seed=image.seed
+                **self._payload(base_url, reply, blob), revised_prompt=result.revised_prompt, seed=image.seed
             )
             for image, blob in zip(result.images, encoded, strict=True)
         ]
@@ -175,14 +176,14 @@ class ImageService:
             model=prepared.spec.id,
         )
 
-    def _payload(self, http: Request, reply: Reply, blob: bytes) -> dict[str, str]:
+    def _payload(self, base_url: str, reply: Reply, blob: bytes) -> dict[str, str]:
         if reply.sync_mode:
             content_type = CONTENT_TYPES[reply.output_format]
             return {"url": f"data:{content_type};base64,{base64.b64encode(blob).decode()}"}
         if reply.response_format == "b64_json":
             return {"b64_json": base64.b64encode(blob).decode()}
         image_id = self.store.put(blob, reply.output_format)
-        return {"url": f"{public_base(http, self.settings)}/v1/files/images/{image_id}.{reply.output_format}"}
+        return {"url": f"{base_url}/v1/files/images/{image_id}.{reply.output_format}"}
 
     async def stream(self, http: Request, prepared: Prepared, kind: str) -> AsyncIterator[bytes]:
         """Server-sent events: partial images as previews arrive, then exactly one completed event."""
