@@ -9,7 +9,10 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +28,7 @@ from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
 from tests.e2e.conftest import HTTP, Server, free_port, launch, serve_command, start_server, stop_server
+from tests.e2e.test_readme_snippets import ROOT
 from tests.imagery import png as png_bytes
 
 ASYNC = {"Prefer": "respond-async"}
@@ -370,3 +374,29 @@ def test_a_cancelled_job_reports_its_end_by_webhook_too(keyed: Server, receiver:
     [(headers, body)] = receiver.posts("/hooks/ends")
     assert json.loads(body)["type"] == "image.job.cancelled"
     assert Webhook(SECRET).verify(body, headers)["data"]["id"] == job_id
+
+
+def async_jobs_blocks() -> dict[str, str]:
+    """The fenced code blocks of README's "## Async jobs" section, by info string."""
+    section = (ROOT / "README.md").read_text().split("\n## Async jobs", 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"^```(\w+)\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL))
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    ("fence", "command", "made"),
+    [
+        ("python", [sys.executable, "jobs.py"], {"lighthouse.png": (512, 512)}),
+        ("bash", ["bash", "-euo", "pipefail", "jobs.py"], {"fox.png": (256, 256)}),  # the demo's default size
+    ],
+)
+def test_readme_async_blocks_run_as_they_stand(
+    keyed: Server, tmp_path: Path, fence: str, command: list[str], made: dict[str, tuple[int, int]]
+) -> None:
+    if fence == "bash" and not all(shutil.which(tool) for tool in ("curl", "jq", "base64")):
+        pytest.skip("curl, jq and base64 are needed for README's curl block")
+    code = async_jobs_blocks()[fence].replace("http://localhost:8000", keyed.url)
+    (tmp_path / "jobs.py").write_text(re.sub(r"\bKEY\b", KEY_A, code))
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=540, check=False)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert {name: Image.open(tmp_path / name).size for name in made} == made
