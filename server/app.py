@@ -68,6 +68,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
+    # First, so a second server on the same store stops before it starts workers. Beside the image files, in
+    # a folder of its own: the image store's eviction looks at plain files only.
+    table = JobTable(settings.store_dir / "jobs", settings.job_ttl_s)
     pool = WorkerPool(
         worker_configs(settings, app.state.specs), lambda name: metrics.worker_restarts.labels(name).inc()
     )
@@ -84,8 +87,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.pool = pool
     app.state.scheduler = scheduler
     app.state.images = ImageService(settings, app.state.specs, scheduler, app.state.store, {})
-    # Beside the image files, in a folder of its own: the store's eviction looks at plain files only.
-    table = JobTable(settings.store_dir / "jobs", settings.job_ttl_s)
     app.state.jobs = JobService(
         settings, app.state.specs, table, scheduler, app.state.images, app.state.webhooks, metrics
     )
