@@ -1,4 +1,4 @@
-"""Specs are pure data; importing them (and the size rules, worker messages, errors, images) never pulls in torch."""
+"""Specs are pure data; importing them (and the size rules, messages, errors, images) never pulls in torch."""
 
 from __future__ import annotations
 
