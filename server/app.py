@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -24,10 +24,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.messages import WorkerConfig
 from server.config import Settings
-from server.errors import APIError, BodyTooLarge, body_too_large, error_response, install_error_handlers
+from server.encode import CONTENT_TYPES
+from server.errors import (
+    APIError,
+    BodyTooLarge,
+    answer_unexpected,
+    body_too_large,
+    error_response,
+    install_error_handlers,
+)
 from server.job_service import JobService
 from server.jobs import JobTable
 from server.metrics import Metrics
+from server.openapi import install_openapi
 from server.registry import requested_modes, served_specs
 from server.routes import files, health, images, jobs, models
 from server.scheduler import Scheduler
@@ -68,10 +77,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
-    # First, so a second server on the same store stops before it starts workers. Beside the image files, in
-    # a folder of its own: the image store's eviction looks at plain files only.
-    table = JobTable(settings.store_dir / "jobs", settings.job_ttl_s)
-    pool = WorkerPool(
+    # First, so a second server on the same store stops before it starts workers; in a folder of its own
+    # beside the image store's.
+    table = JobTable(settings.store_dir / "fluxd-jobs", settings.job_ttl_s)
+    store: ImageStore = app.state.store
+    await asyncio.to_thread(store.open)  # indexes what an earlier run stored, before a url is asked for
+    pool = app.state.make_pool(
         worker_configs(settings, app.state.specs), lambda name: metrics.worker_restarts.labels(name).inc()
     )
     scheduler = Scheduler(
@@ -97,7 +108,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.images.signatures = pool.signatures()
         logger.info("ready: serving %s", ", ".join(app.state.specs))
 
+    async def sweep_store() -> None:
+        # Expired images go even when no request writes, so a full disk frees itself.
+        while True:
+            await asyncio.sleep(settings.store_sweep_interval_s)
+            try:
+                await asyncio.to_thread(store.sweep)
+            except Exception:
+                logger.exception("url store sweep failed")
+
     waiting = asyncio.create_task(announce_ready())
+    sweeping = asyncio.create_task(sweep_store())
     try:
         yield
     finally:
@@ -105,13 +126,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # group) is not restarted while the server shuts down.
         pool.closing()
         waiting.cancel()
+        sweeping.cancel()
         await app.state.jobs.stop()  # before the workers stop, or their jobs would fail instead of waiting
         await scheduler.stop()
         pool.stop()
         table.close()
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, make_pool: Callable[..., WorkerPool] = WorkerPool) -> FastAPI:
+    """The app; `make_pool(configs, on_restart)` builds what runs the renders (the spawned workers, unless a
+    test stands in for the process boundary)."""
     app = FastAPI(
         title="fluxd",
         summary="FLUX image generation behind the OpenAI Images API",
@@ -119,9 +143,10 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.make_pool = make_pool
     app.state.specs = served_specs(settings)
     app.state.store = ImageStore(
-        settings.store_dir, settings.image_ttl_s, int(settings.store_quota_mb * 2**20)
+        settings.store_dir, settings.image_ttl_s, int(settings.store_quota_mb * 2**20), CONTENT_TYPES
     )
     app.state.started = int(time.time())
     app.state.metrics = Metrics()
@@ -130,6 +155,7 @@ def create_app(settings: Settings) -> FastAPI:
     max_body = int(settings.max_body_mb * 2**20)
 
     install_error_handlers(app)
+    install_openapi(app)
     for router in (images.router, jobs.router, models.router, files.router, health.router):
         app.include_router(router)
 
@@ -176,9 +202,12 @@ class Guard:
         started = time.perf_counter()
         status = 500
 
+        started_response = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
+                started_response = True
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
                 headers["x-request-id"] = request_id
@@ -201,7 +230,14 @@ class Guard:
         # Async jobs belong to a key: its hash, never the key, goes into the job table.
         request.state.caller = hashlib.sha256(_bearer(request)).hexdigest() if self.keys else ""
         refusal = _refuse(request, self.keys, self.max_body)
-        await (refusal or self.app)(scope, receive_within_limit, send_with_id)
+        try:
+            await (refusal or self.app)(scope, receive_within_limit, send_with_id)
+        except Exception as exc:
+            if started_response:
+                raise
+            # Answered here rather than by an `Exception` handler, which Starlette re-raises after it
+            # answers: uvicorn then drops the keep-alive connection the client is about to reuse.
+            await answer_unexpected(exc, request.method, scope["path"])(scope, receive, send_with_id)
         job = getattr(request.state, "job", None)
         logger.info(
             "%s %s %s %d %.0fms%s",
@@ -229,16 +265,10 @@ def _refuse(request: Request, keys: list[bytes], max_body: int) -> Response | No
         token = _bearer(request)
         # compare_digest against every key so the time taken does not reveal which key nearly matched.
         if not any([hmac.compare_digest(token, key) for key in keys]):
-            return error_response(
-                APIError(
-                    401,
-                    "Incorrect API key provided."
-                    if token
-                    else "Missing API key: send Authorization: Bearer KEY.",
-                    code="invalid_api_key",
-                    headers={"x-should-retry": "false"},
-                )
+            message = (
+                "Incorrect API key provided." if token else "Missing API key: send Authorization: Bearer KEY."
             )
+            return error_response(APIError("invalid_api_key", message))
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_body:
         return error_response(body_too_large(max_body))

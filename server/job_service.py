@@ -26,7 +26,7 @@ from pipelines.messages import Progress, RenderedImage, RenderRequest, RenderRes
 from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
 from server.encode import encode
-from server.errors import APIError, busy, to_api_error
+from server.errors import APIError, to_api_error
 from server.jobs import ACTIVE, JobRow, JobTable, NewJob
 from server.metrics import Metrics
 from server.normalize import Reply
@@ -40,7 +40,7 @@ from server.protocol import (
     _ImageFields,
 )
 from server.scheduler import Scheduler
-from server.service import ImageService, Prepared, public_base, worker_error
+from server.service import ImageService, Prepared, public_base
 from server.webhooks import Webhooks
 from server.workers import WorkerCrashed
 
@@ -70,12 +70,9 @@ def owner_of(http: Request) -> str:
 def not_found() -> APIError:
     # The same answer for a job that never was, has expired, or is another key's: ids reveal nothing.
     return APIError(
-        404,
-        "No such job: it does not exist, has expired, or was submitted with another API key.",
-        "invalid_request_error",
-        "id",
         "job_not_found",
-        {"x-should-retry": "false"},
+        "No such job: it does not exist, has expired, or was submitted with another API key.",
+        "id",
     )
 
 
@@ -149,10 +146,8 @@ class JobService:
         for row, stored in await self.table.unfinished():
             if row.attempts >= MAX_ATTEMPTS:
                 error = APIError(
-                    500,
+                    "job_crashed",
                     f"The job stopped the server or its worker {row.attempts} times; it is not run again.",
-                    "server_error",
-                    code="job_crashed",
                 )
                 await self._end(row.id, "failed", error=error)
                 continue
@@ -210,9 +205,10 @@ class JobService:
         new = NewJob(job_id, owner, endpoint, render.model, _dump(prepared, base_url), body.webhook_url)
         if not await self.table.insert(new, self.settings.max_jobs):
             room = await self.table.room_in_s()
-            raise busy(
+            raise APIError(
+                "rate_limit_exceeded",
                 f"The server holds its limit of {self.settings.max_jobs} jobs; retry as old ones expire.",
-                self.scheduler.retry_after_s() if room is None else room,
+                retry_after_s=self.scheduler.retry_after_s() if room is None else room,
             )
         self._run_live(LiveJob(job_id, owner, endpoint, prepared, base_url, body.webhook_url))
         await self._count()
@@ -237,11 +233,9 @@ class JobService:
         if row.status not in ACTIVE or not await self._end(job_id, "cancelled"):
             ended = await self.table.get(job_id, owner)
             raise APIError(
-                409,
+                "job_finished",
                 f"The job is already {'gone' if ended is None else ended.status}: nothing to cancel.",
-                param="id",
-                code="job_finished",
-                headers={"x-should-retry": "false"},
+                "id",
             )
         if live is not None and live.task is not None:
             live.task.cancel()  # the scheduler drops it from its queue or tells its worker to stop
@@ -261,7 +255,7 @@ class JobService:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            error = worker_error(exc)
+            error = to_api_error(exc)
             if error.code == "server_error":  # not an answer the worker gave: keep the traceback
                 logger.error("job %s failed", live.id, exc_info=exc)
             await self._end(live.id, "failed", error=error)
@@ -282,7 +276,7 @@ class JobService:
                     deadline=False,
                 )
             except APIError as exc:
-                if exc.status != 429:
+                if exc.code != "rate_limit_exceeded":
                     raise
                 # Only jobs recovered at start-up meet a full queue (a new one was refused with this 429).
                 await asyncio.sleep(ROOM_POLL_S)

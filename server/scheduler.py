@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from pipelines.messages import RenderRequest, RenderResult
 from pipelines.specs import ModelSpec
-from server.errors import APIError, busy
+from server.errors import APIError
 from server.metrics import Metrics
 from server.workers import ProgressListener, WorkerHandle, WorkerPool
 
@@ -97,7 +97,11 @@ class Scheduler:
     def check_room(self, model: str) -> None:
         """The 429 a full queue answers, raised before a job is accepted."""
         if len(self.queues.get(model, ())) >= self.queue_size:
-            raise busy(f"The queue for '{model}' is full; retry later.", self.retry_after_s())
+            raise APIError(
+                "rate_limit_exceeded",
+                f"The queue for '{model}' is full; retry later.",
+                retry_after_s=self.retry_after_s(),
+            )
 
     def position(self, request_id: str) -> int | None:
         """Jobs queued before this one, across models (0: it goes next); None once it has left the queue."""
@@ -138,12 +142,8 @@ class Scheduler:
                     queue.remove(job)
                     self._update_depth(request.model)
                     raise APIError(
-                        504,
+                        "queue_timeout",
                         f"The request waited more than {self.queue_timeout_s:g} s in the queue.",
-                        "timeout",
-                        code="queue_timeout",
-                        # The SDK would queue it twice more, tripling the wait the server is set to bound.
-                        headers={"x-should-retry": "false"},
                     ) from None
             if on_dispatch is not None:
                 on_dispatch()
@@ -182,9 +182,17 @@ class Scheduler:
         batch = self._take_batch(head)
         model = head.request.model
         self._update_depth(model)
-        futures = worker.submit(
-            [job.request for job in batch], {job.request.id: job.on_progress for job in batch}
-        )
+        try:
+            futures = worker.submit(
+                [job.request for job in batch], {job.request.id: job.on_progress for job in batch}
+            )
+        except Exception as exc:
+            # The dispatcher must outlive any one batch: dying here would leave every later request queued.
+            logger.exception("submitting a batch to worker %s failed", worker.name)
+            for job in batch:
+                job.future.set_exception(exc)
+                job.started.set()
+            return True
         started = time.monotonic()
         self.metrics.batch_images.labels(model).observe(sum(job.request.n for job in batch))
         for job, future in zip(batch, futures, strict=True):

@@ -26,7 +26,9 @@ def _service(request: Request) -> ImageService:
     return request.app.state.images
 
 
-async def _answer(request: Request, prepared: Prepared, kind: str) -> Response | ImagesResponse:
+async def _answer(
+    request: Request, response: Response, prepared: Prepared, kind: str
+) -> Response | ImagesResponse:
     service = _service(request)
     if prepared.reply.stream:
         return StreamingResponse(service.stream(request, prepared, kind), media_type="text/event-stream")
@@ -34,11 +36,12 @@ async def _answer(request: Request, prepared: Prepared, kind: str) -> Response |
         result = await service.run(request, prepared)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
-    return await service.respond(public_base(request, service.settings), prepared, result)
+    return await service.respond(public_base(request, service.settings), prepared, result, response.headers)
 
 
 async def _handle(
     request: Request,
+    response: Response,
     body: _ImageFields,
     kind: str,
     images: list[bytes] | None = None,
@@ -59,15 +62,17 @@ async def _handle(
             "webhook_url is for async jobs: send the request with the header Prefer: respond-async.",
         )
     prepared = await _service(request).prepare(body, images, prompt_required)
-    return await _answer(request, prepared, kind)
+    return await _answer(request, response, prepared, kind)
 
 
 @router.post(
     "/generations", response_model=ImagesResponse, response_model_exclude_none=True, responses=ASYNC_ANSWER
 )
-async def create_image(body: ImageGenerationRequest, request: Request) -> Response | ImagesResponse:
-    """Create images from a prompt (OpenAI `images.generate`), with the seeds' extra parameters."""
-    return await _handle(request, body, "image_generation")
+async def create_image(
+    body: ImageGenerationRequest, request: Request, response: Response
+) -> Response | ImagesResponse:
+    """Create images from a prompt (OpenAI `images.generate`), with the gateways' extra parameters."""
+    return await _handle(request, response, body, "image_generation")
 
 
 async def _read_edit_form(request: Request) -> tuple[ImageEditRequest, list[bytes]]:
@@ -104,17 +109,17 @@ async def _read_edit_form(request: Request) -> tuple[ImageEditRequest, list[byte
 @router.post(
     "/edits", response_model=ImagesResponse, response_model_exclude_none=True, responses=ASYNC_ANSWER
 )
-async def edit_image(request: Request) -> Response | ImagesResponse:
+async def edit_image(request: Request, response: Response) -> Response | ImagesResponse:
     """Edit or compose from 1-4 reference images (multipart: `image`, `image[]`), OpenAI `images.edit`."""
     body, images = await _read_edit_form(request)
-    return await _handle(request, body, "image_edit", images)
+    return await _handle(request, response, body, "image_edit", images)
 
 
 @router.post(
     "/variations", response_model=ImagesResponse, response_model_exclude_none=True, responses=ASYNC_ANSWER
 )
-async def create_variation(request: Request) -> Response | ImagesResponse:
-    """Variations (legacy): an edit with an empty instruction on the default edit model."""
+async def create_variation(request: Request, response: Response) -> Response | ImagesResponse:
+    """Variations (legacy): an edit with an empty instruction on the default model (`--default-model`)."""
     body, images = await _read_edit_form(request)
     if body.prompt:
         raise InvalidParameter(
@@ -122,4 +127,4 @@ async def create_variation(request: Request) -> Response | ImagesResponse:
         )
     if len(images) > 1:
         raise InvalidParameter("image", "Variations take one image; use /v1/images/edits for several.")
-    return await _handle(request, body, "image_edit", images, prompt_required=False)
+    return await _handle(request, response, body, "image_edit", images, prompt_required=False)

@@ -85,15 +85,15 @@ def test_an_empty_allow_list_refuses_every_webhook() -> None:
         Webhooks([], None).check("http://127.0.0.1:8765/")
 
 
-def test_settings_from_the_environment() -> None:
-    settings = load_settings(
-        environ={"FLUXD_WEBHOOK_ALLOW": "http://a:1/x, http://b:2/", "FLUXD_WEBHOOK_SECRET": SECRET}
-    )
-    assert settings.webhook_allow == ["http://a:1/x", "http://b:2/"]
+def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLUXD_WEBHOOK_ALLOW", "http://a:1/x, http://b:2/")
+    monkeypatch.setenv("FLUXD_WEBHOOK_SECRET", SECRET)
+    assert load_settings([]).webhook_allow == ["http://a:1/x", "http://b:2/"]
+    monkeypatch.delenv("FLUXD_WEBHOOK_SECRET")
     with pytest.raises(ValidationError, match="webhook_secret"):
-        load_settings(environ={"FLUXD_WEBHOOK_ALLOW": "http://a:1/x"})
+        load_settings([])
     with pytest.raises(ValidationError, match="webhook_secret"):
-        load_settings(environ={"FLUXD_WEBHOOK_SECRET": "whsec_???"})
+        load_settings(["--webhook-secret", "whsec_???"])
     with pytest.raises(ValueError, match="webhook_allow entry"):
         Webhooks(["hooks.lan/x"], SECRET)
 
