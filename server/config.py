@@ -20,7 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Self, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -161,6 +169,7 @@ class Settings(BaseSettings):
     )
     webhook_secret: str | None = Field(
         default=None,
+        validate_default=True,  # so that a missing secret is checked against --webhook-allow
         description="Standard Webhooks signing secret, whsec_<base64>; needed with --webhook-allow",
     )
     queue_size: int = Field(default=64, ge=1, description="queued requests per model before 429")
@@ -208,13 +217,14 @@ class Settings(BaseSettings):
             self.weights_dir = DEFAULT_CACHE / "tiny"
         return self
 
-    @model_validator(mode="after")
-    def _webhooks_are_signed(self) -> Self:
-        if self.webhook_allow and not self.webhook_secret:
-            raise ValueError("webhook_allow needs webhook_secret (whsec_<base64>): every webhook is signed")
-        if self.webhook_secret is not None:
-            secret_key(self.webhook_secret)
-        return self
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhooks_are_signed(cls, secret: str | None, info: ValidationInfo) -> str | None:
+        if secret is None and info.data.get("webhook_allow"):
+            raise ValueError("needed with --webhook-allow: every webhook is signed (whsec_<base64>)")
+        if secret is not None:
+            secret_key(secret)  # a ValueError says what is wrong with it
+        return secret
 
     @field_validator("forwarded_allow_ips")
     @classmethod

@@ -36,10 +36,10 @@ def secret_key(secret: str) -> bytes:
     try:
         key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
     except binascii.Error:
-        raise ValueError("webhook_secret must be whsec_ followed by base64") from None
+        raise ValueError("a webhook secret is whsec_ followed by base64") from None
     if len(key) < 16:
         raise ValueError(
-            "webhook_secret must encode at least 16 bytes (e.g. whsec_ + base64 of 32 random bytes)"
+            "a webhook secret encodes at least 16 bytes (e.g. whsec_ + base64 of 32 random bytes)"
         )
     return key
 
@@ -82,7 +82,7 @@ class Webhooks:
         for entry in allow:
             parts = _parts(entry)
             if parts is None:
-                raise ValueError(f"webhook_allow entry {entry!r} is not an http(s) URL without credentials")
+                raise ValueError(f"--webhook-allow entry {entry!r} is not an http(s) URL without credentials")
             self.allow.append(parts)
         self.key = secret_key(secret) if secret else None
 
@@ -91,13 +91,13 @@ class Webhooks:
         if not self.allow or self.key is None:
             raise InvalidParameter(
                 "webhook_url",
-                "This server sends no webhooks: its operator allows no webhook URLs (setting webhook_allow).",
+                "This server sends no webhooks: its operator allows no webhook URLs (--webhook-allow).",
             )
         parts = _parts(url)
         if parts is None or not any(_within(parts, prefix) for prefix in self.allow):
             raise InvalidParameter(
                 "webhook_url",
-                "webhook_url is not under any URL this server's operator allows (setting webhook_allow).",
+                "webhook_url is not under any URL this server's operator allows (--webhook-allow).",
             )
 
     def headers(self, message_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
