@@ -34,7 +34,6 @@ from server.errors import (
     install_error_handlers,
 )
 from server.job_service import JobService
-from server.jobs import JobTable
 from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.registry import requested_modes, served_specs
@@ -77,9 +76,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
-    # First, so a second server on the same store stops before it starts workers; in a folder of its own
-    # beside the image store's.
-    table = JobTable(settings.store_dir / "fluxd-jobs", settings.job_ttl_s)
     store: ImageStore = app.state.store
     await asyncio.to_thread(store.open)  # indexes what an earlier run stored, before a url is asked for
     pool = app.state.make_pool(
@@ -98,10 +94,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.pool = pool
     app.state.scheduler = scheduler
     app.state.images = ImageService(settings, app.state.specs, scheduler, app.state.store, {})
-    app.state.jobs = JobService(
-        settings, app.state.specs, table, scheduler, app.state.images, app.state.webhooks, metrics
+    # In a folder of its own beside the url store's.
+    jobs = JobService(
+        settings,
+        app.state.specs,
+        settings.store_dir / "fluxd-jobs",
+        scheduler,
+        app.state.images,
+        app.state.webhooks,
+        metrics,
     )
-    await app.state.jobs.start()
+    app.state.jobs = jobs
+    await jobs.start()
 
     async def announce_ready() -> None:
         await pool.wait_ready(settings.worker_start_timeout_s)
@@ -127,10 +131,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool.closing()
         waiting.cancel()
         sweeping.cancel()
-        await app.state.jobs.stop()  # before the workers stop, or their jobs would fail instead of waiting
+        await jobs.stop()  # before the workers stop, or their jobs would fail instead of waiting
         await scheduler.stop()
         pool.stop()
-        table.close()
+        jobs.close()
 
 
 def create_app(settings: Settings, make_pool: Callable[..., WorkerPool] = WorkerPool) -> FastAPI:

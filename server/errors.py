@@ -56,6 +56,7 @@ KINDS: dict[str, ErrorKind] = {
     # A model this server cannot run, and a wait it was told to bound: retrying only repeats them (the SDK
     # would queue a timed-out request twice more, tripling the wait --queue-timeout bounds).
     "model_unavailable": ErrorKind(503, "server_error"),
+    "jobs_unavailable": ErrorKind(503, "server_error"),  # a job table the disk cannot open or write
     "queue_timeout": ErrorKind(504, "timeout"),
     "server_error": ErrorKind(500, "server_error", None),
     # An async job that took its worker or the server down on each of its tries: another would too.

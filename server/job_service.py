@@ -13,10 +13,12 @@ import dataclasses
 import json
 import logging
 import secrets
+import sqlite3
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -27,7 +29,7 @@ from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
 from server.encode import encode
 from server.errors import APIError, to_api_error
-from server.jobs import ACTIVE, JobRow, JobTable, NewJob
+from server.jobs import ACTIVE, DATABASE, JobRow, JobTable, NewJob, StoreLocked
 from server.metrics import Metrics
 from server.normalize import Reply
 from server.protocol import (
@@ -123,7 +125,7 @@ class JobService:
         self,
         settings: Settings,
         specs: Mapping[str, ModelSpec],
-        table: JobTable,
+        folder: Path,
         scheduler: Scheduler,
         images: ImageService,
         webhooks: Webhooks,
@@ -131,7 +133,11 @@ class JobService:
     ) -> None:
         self.settings = settings
         self.specs = specs
-        self.table = table
+        self.folder = folder
+        # Opened at start-up when an earlier run left jobs, else by the first job: a store that never sees
+        # one holds no database (its folder may be read-only or nearly full; the url store copes with both).
+        self.table: JobTable | None = None
+        self._opening = asyncio.Lock()
         self.scheduler = scheduler
         self.images = images
         self.webhooks = webhooks
@@ -142,7 +148,18 @@ class JobService:
     # Life cycle ---------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Run again every job a previous process left queued or running, and resend its pending webhooks."""
+        """Run again every job a previous process left queued or running, and resend its pending webhooks.
+        Raises StoreLocked when another server holds the table."""
+        self._spawn(self._sweep_forever())
+        if not (self.folder / DATABASE).exists():
+            return
+        try:
+            self.table = await asyncio.to_thread(JobTable, self.folder, self.settings.job_ttl_s)
+        except (OSError, sqlite3.Error) as exc:
+            logger.error(
+                "async jobs unavailable: the job table in %s cannot be opened (%s)", self.folder, exc
+            )
+            return
         for row, stored in await self.table.unfinished():
             if row.attempts >= MAX_ATTEMPTS:
                 error = APIError(
@@ -167,7 +184,6 @@ class JobService:
             self._run_live(live)
         for row in await self.table.pending_webhooks():
             self._spawn(self._notify(row))
-        self._spawn(self._sweep_forever())
         await self._count()
 
     async def stop(self) -> None:
@@ -203,8 +219,13 @@ class JobService:
         base_url = public_base(http, self.settings)
         owner = owner_of(http)
         new = NewJob(job_id, owner, endpoint, render.model, _dump(prepared, base_url), body.webhook_url)
-        if not await self.table.insert(new, self.settings.max_jobs):
-            room = await self.table.room_in_s()
+        table = await self._open()
+        try:
+            stored = await table.insert(new, self.settings.max_jobs)
+        except sqlite3.Error as exc:  # a full or read-only disk: the request is refused, not lost
+            raise APIError("jobs_unavailable", f"The job table cannot store the job ({exc}).") from exc
+        if not stored:
+            room = await table.room_in_s()
             raise APIError(
                 "rate_limit_exceeded",
                 f"The server holds its limit of {self.settings.max_jobs} jobs; retry as old ones expire.",
@@ -216,22 +237,23 @@ class JobService:
         return await self.get(job_id, owner)
 
     async def get(self, job_id: str, owner: str) -> ImageJob:
-        row = await self.table.get(job_id, owner)
+        row = None if self.table is None else await self.table.get(job_id, owner)
         if row is None:
             raise not_found()
         return await self._view(row, detail=True)
 
     async def recent(self, owner: str, limit: int) -> list[ImageJob]:
-        return [await self._view(row, detail=False) for row in await self.table.recent(owner, limit)]
+        rows = [] if self.table is None else await self.table.recent(owner, limit)
+        return [await self._view(row, detail=False) for row in rows]
 
     async def cancel(self, job_id: str, owner: str) -> ImageJob:
         """A queued job leaves the queue and never runs; a running one stops at its next step."""
-        row = await self.table.get(job_id, owner)
+        row = None if self.table is None else await self.table.get(job_id, owner)
         if row is None:
             raise not_found()
         live = self.live.get(job_id)
         if row.status not in ACTIVE or not await self._end(job_id, "cancelled"):
-            ended = await self.table.get(job_id, owner)
+            ended = await self._stored.get(job_id, owner)
             raise APIError(
                 "job_finished",
                 f"The job is already {'gone' if ended is None else ended.status}: nothing to cancel.",
@@ -240,6 +262,26 @@ class JobService:
         if live is not None and live.task is not None:
             live.task.cancel()  # the scheduler drops it from its queue or tells its worker to stop
         return await self.get(job_id, owner)
+
+    def close(self) -> None:
+        if self.table is not None:
+            self.table.close()
+
+    async def _open(self) -> JobTable:
+        async with self._opening:
+            if self.table is None:
+                try:
+                    self.table = await asyncio.to_thread(JobTable, self.folder, self.settings.job_ttl_s)
+                except (OSError, sqlite3.Error, StoreLocked) as exc:
+                    raise APIError(
+                        "jobs_unavailable", f"The job table in {self.folder} cannot be opened ({exc})."
+                    ) from exc
+            return self.table
+
+    @property
+    def _stored(self) -> JobTable:
+        assert self.table is not None  # every job in flight came through the table
+        return self.table
 
     # Running ------------------------------------------------------------------------------------------
 
@@ -289,7 +331,7 @@ class JobService:
         live.dispatched = True
 
         async def mark() -> None:
-            live.attempts = await self.table.start(live.id) or live.attempts
+            live.attempts = await self._stored.start(live.id) or live.attempts
             await self._count()
 
         self._spawn(mark())
@@ -317,7 +359,7 @@ class JobService:
         detail: str = "",
     ) -> bool:
         """Store the job's end with its answer, once; then count it and send its webhook."""
-        ended = await self.table.finish(
+        ended = await self._stored.finish(
             job_id,
             status,
             None if result is None else result.model_dump_json(exclude_none=True),
@@ -328,7 +370,7 @@ class JobService:
         message = f": {error.code or error.type} {error.message}" if error is not None else f" {detail}"
         logger.info("job %s %s%s", job_id, status, message.rstrip())
         await self._count()
-        row = await self.table.get(job_id)
+        row = await self._stored.get(job_id)
         if row is not None and row.webhook == "pending":
             self._spawn(self._notify(row))
         return True
@@ -377,19 +419,22 @@ class JobService:
             "data": job.model_dump(mode="json", exclude_none=True),
         }
         delivered = await self.webhooks.deliver(row.id, row.webhook_url, json.dumps(payload).encode())
-        await self.table.webhook_sent(row.id, delivered)
+        await self._stored.webhook_sent(row.id, delivered)
 
     # Housekeeping -------------------------------------------------------------------------------------
 
     async def _count(self) -> None:
-        counts = await self.table.counts()
+        counts = {} if self.table is None else await self.table.counts()
         for status in STATUSES:
             self.metrics.jobs.labels(status).set(counts.get(status, 0))
 
     async def _sweep_forever(self) -> None:
         while True:
-            if await self.table.sweep():
-                await self._count()
+            try:
+                if self.table is not None and await self.table.sweep():
+                    await self._count()
+            except sqlite3.Error:
+                logger.exception("sweeping the job table failed")
             await asyncio.sleep(SWEEP_EVERY_S)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:

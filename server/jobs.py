@@ -21,6 +21,7 @@ from typing import IO, TypeVar, cast
 from server.protocol import JobStatus
 
 ACTIVE: tuple[JobStatus, ...] = ("queued", "running")
+DATABASE = "jobs.sqlite3"
 T = TypeVar("T")
 
 _SCHEMA = """
@@ -77,7 +78,7 @@ class NewJob:
 
 
 class JobTable:
-    """`<store>/jobs/jobs.sqlite3`, held by one server at a time (an flock the kernel drops with the process,
+    """`<folder>/jobs.sqlite3`, held by one server at a time (an flock the kernel drops with the process,
     so a SIGKILLed server does not lock out its successor)."""
 
     def __init__(self, folder: Path, ttl_s: float) -> None:
@@ -90,7 +91,7 @@ class JobTable:
             self._holder.close()
             raise StoreLocked(f"another fluxd is serving async jobs from {folder}") from None
         # Autocommit: each statement is its own transaction; every write that must be atomic is one statement.
-        self._db = sqlite3.connect(folder / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(folder / DATABASE, check_same_thread=False, isolation_level=None)
         # WAL + NORMAL: a commit survives the process being killed (only a power cut can undo the last ones).
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
