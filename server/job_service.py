@@ -28,7 +28,7 @@ from pipelines.messages import Progress, RenderedImage, RenderRequest, RenderRes
 from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
 from server.encode import encode
-from server.errors import APIError, to_api_error
+from server.errors import APIError, envelope, to_api_error
 from server.jobs import ACTIVE, DATABASE, JobRow, JobTable, NewJob, StoreLocked
 from server.metrics import Metrics
 from server.normalize import Reply
@@ -93,9 +93,7 @@ def _load(stored: str, specs: Mapping[str, ModelSpec]) -> tuple[Prepared, str]:
 
 
 def _error_json(error: APIError) -> str:
-    return ErrorBody(
-        message=error.message, type=error.type, param=error.param, code=error.code
-    ).model_dump_json()
+    return json.dumps(envelope(error)["error"])
 
 
 @dataclass
@@ -193,6 +191,10 @@ class JobService:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def close(self) -> None:
+        if self.table is not None:
+            self.table.close()
+
     # Routes -------------------------------------------------------------------------------------------
 
     async def submit(
@@ -262,10 +264,6 @@ class JobService:
         if live is not None and live.task is not None:
             live.task.cancel()  # the scheduler drops it from its queue or tells its worker to stop
         return await self.get(job_id, owner)
-
-    def close(self) -> None:
-        if self.table is not None:
-            self.table.close()
 
     async def _open(self) -> JobTable:
         async with self._opening:
@@ -359,15 +357,19 @@ class JobService:
         detail: str = "",
     ) -> bool:
         """Store the job's end with its answer, once; then count it and send its webhook."""
-        ended = await self._stored.finish(
-            job_id,
-            status,
-            None if result is None else result.model_dump_json(exclude_none=True),
-            None if error is None else _error_json(error),
-        )
+        try:
+            ended = await self._stored.finish(
+                job_id,
+                status,
+                None if result is None else result.model_dump_json(exclude_none=True),
+                None if error is None else _error_json(error),
+            )
+        except sqlite3.Error:  # a full disk: the row still says queued or running, so a restart runs it
+            logger.exception("job %s could not be stored as %s", job_id, status)
+            return False
         if not ended:
             return False
-        message = f": {error.code or error.type} {error.message}" if error is not None else f" {detail}"
+        message = f": {error.code} {error.message}" if error is not None else f" {detail}"
         logger.info("job %s %s%s", job_id, status, message.rstrip())
         await self._count()
         row = await self._stored.get(job_id)
