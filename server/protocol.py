@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from server.parameters import LUMENFALL, OPENAI, Declarations, declare
 
@@ -260,10 +260,16 @@ class JobPreview(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    """The error envelope's body, with its four keys always there (null ones too), as in every error."""
+
     message: str
     type: str
     param: str | None = None
     code: str | None = None
+
+    @model_serializer
+    def _every_key(self) -> dict[str, str | None]:
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
 
 
 class ImageJob(BaseModel):

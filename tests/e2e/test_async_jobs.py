@@ -32,6 +32,7 @@ from tests.e2e.test_readme_snippets import ROOT
 from tests.imagery import png as png_bytes
 
 ASYNC = {"Prefer": "respond-async"}
+FAULT_MARK = "fault injected"
 KEY_A, KEY_B = "key-a", "key-b"
 SECRET = "whsec_" + base64.b64encode(b"fluxd test webhook secret, 32 b").decode()
 FAST = {"prompt": "x", "size": "64x64", "num_inference_steps": 2, "response_format": "b64_json"}
@@ -287,14 +288,29 @@ def test_job_counts_by_status_are_in_metrics(keyed: Server) -> None:
 
 @pytest.fixture()
 def bounded(tiny_weights: Path, tmp_path: Path) -> Iterator[Server]:
-    server = start_server(
-        tiny_weights, tmp_path, "--queue-size", "1", env={"FLUXD_MAX_JOBS": "3", "FLUXD_JOB_TTL_S": "30"}
-    )
+    env = {
+        "FLUXD_MAX_JOBS": "4",
+        "FLUXD_JOB_TTL_S": "30",
+        # The worker fails any job that reaches step 99: only the one job here that asks for 100 steps and is
+        # not cancelled long before.
+        "FLUXD_FAULT_AFTER_STEP": "99",
+    }
+    server = start_server(tiny_weights, tmp_path, "--queue-size", "1", env=env)
     yield server
     stop_server(server)
 
 
-def test_jobs_obey_the_queue_bound_and_the_store_limit(bounded: Server) -> None:
+def test_a_failed_job_and_the_queue_and_store_limits(bounded: Server) -> None:
+    failing = submit(bounded, size="32x32", num_inference_steps=100).json()["id"]
+    failed = wait_for(bounded, failing, ended)
+    assert failed["status"] == "failed" and "result" not in failed
+    assert failed["error"] == {
+        "message": "The server had an error while processing your request.",
+        "type": "server_error",
+        "param": None,
+        "code": "server_error",
+    }
+    assert FAULT_MARK not in json.dumps(failed)  # the traceback stays in the log
     long = submit(bounded, **LONG).json()["id"]
     wait_for(bounded, long, lambda body: body["status"] == "running")
     queued = submit(bounded).json()["id"]
@@ -302,13 +318,13 @@ def test_jobs_obey_the_queue_bound_and_the_store_limit(bounded: Server) -> None:
     assert full_queue.status_code == 429 and "queue" in full_queue.json()["error"]["message"]
     for job_id in (queued, long):
         HTTP.delete(f"{bounded.url}/v1/images/jobs/{job_id}")
-    third = submit(bounded)
-    assert third.status_code == 202, third.text  # the queue has room again, and so has the store
-    wait_for(bounded, third.json()["id"], ended)
-    full_store = submit(bounded)  # three jobs stored, none expired yet
+    fourth = submit(bounded)
+    assert fourth.status_code == 202, fourth.text  # the queue has room again, and so has the store
+    wait_for(bounded, fourth.json()["id"], ended)
+    full_store = submit(bounded)  # four jobs stored, none expired yet
     assert full_store.status_code == 429, full_store.text
     assert full_store.json()["error"]["code"] == "rate_limit_exceeded"
-    assert "3 jobs" in full_store.json()["error"]["message"]
+    assert "4 jobs" in full_store.json()["error"]["message"]
     assert 1 <= int(full_store.headers["retry-after"]) <= 30  # when the first of them expires
 
 
