@@ -19,7 +19,7 @@ from pipelines import loading
 from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit
 from pipelines.families import flux1, flux2
 from pipelines.images import decode_image, fit_reference
-from pipelines.jobs import Progress, RenderedImage, RenderRequest, RenderResult
+from pipelines.messages import Progress, RenderedImage, RenderRequest, RenderResult
 from pipelines.modes import HEADROOM_BYTES, ResolvedMode, choose_mode
 from pipelines.prompt_cache import PromptCache
 from pipelines.specs import SIZE_MULTIPLE, LoraAdapter, ModelSpec

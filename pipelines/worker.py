@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit, WeightsMissing
-from pipelines.jobs import Failure, Progress, Ready, RenderRequest, WorkerConfig
+from pipelines.messages import Failure, Progress, Ready, RenderRequest, WorkerConfig
 
 logger = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ Importing this module never imports torch; models load in the spawned workers.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -21,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipelines.jobs import WorkerConfig
+from pipelines.messages import WorkerConfig
 from server.config import Settings
 from server.encode import CONTENT_TYPES
 from server.errors import (
@@ -32,13 +33,15 @@ from server.errors import (
     error_response,
     install_error_handlers,
 )
+from server.job_service import JobService
 from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.registry import requested_modes, served_specs
-from server.routes import files, health, images, models
+from server.routes import files, health, images, jobs, models
 from server.scheduler import Scheduler
 from server.service import ImageService
 from server.store import ImageStore
+from server.webhooks import Webhooks
 from server.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -91,6 +94,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.pool = pool
     app.state.scheduler = scheduler
     app.state.images = ImageService(settings, app.state.specs, scheduler, app.state.store, {})
+    # In a folder of its own beside the url store's.
+    jobs = JobService(
+        settings,
+        app.state.specs,
+        settings.store_dir / "fluxd-jobs",
+        scheduler,
+        app.state.images,
+        app.state.webhooks,
+        metrics,
+    )
+    app.state.jobs = jobs
+    await jobs.start()
 
     async def announce_ready() -> None:
         await pool.wait_ready(settings.worker_start_timeout_s)
@@ -116,8 +131,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool.closing()
         waiting.cancel()
         sweeping.cancel()
+        await jobs.stop()  # before the workers stop, or their jobs would fail instead of waiting
         await scheduler.stop()
         pool.stop()
+        jobs.close()
 
 
 def create_app(settings: Settings, make_pool: Callable[..., WorkerPool] = WorkerPool) -> FastAPI:
@@ -137,12 +154,13 @@ def create_app(settings: Settings, make_pool: Callable[..., WorkerPool] = Worker
     )
     app.state.started = int(time.time())
     app.state.metrics = Metrics()
+    app.state.webhooks = Webhooks(settings.webhook_allow, settings.webhook_secret)
     keys = [key.encode() for key in settings.all_api_keys()]
     max_body = int(settings.max_body_mb * 2**20)
 
     install_error_handlers(app)
     install_openapi(app)
-    for router in (images.router, models.router, files.router, health.router):
+    for router in (images.router, jobs.router, models.router, files.router, health.router):
         app.include_router(router)
 
     @app.get("/metrics", include_in_schema=False)
@@ -213,6 +231,8 @@ class Guard:
                     raise BodyTooLarge(self.max_body)
             return message
 
+        # Async jobs belong to a key: its hash, never the key, goes into the job table.
+        request.state.caller = hashlib.sha256(_bearer(request)).hexdigest() if self.keys else ""
         refusal = _refuse(request, self.keys, self.max_body)
         try:
             await (refusal or self.app)(scope, receive_within_limit, send_with_id)
@@ -238,11 +258,15 @@ def _open(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
+def _bearer(request: Request) -> bytes:
+    header = request.headers.get("authorization", "")
+    return header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
+
+
 def _refuse(request: Request, keys: list[bytes], max_body: int) -> Response | None:
     """Auth and body size, answered before any body is read."""
     if keys and not _open(request.url.path) and request.method != "OPTIONS":
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
+        token = _bearer(request)
         # compare_digest against every key so the time taken does not reveal which key nearly matched.
         if not any([hmac.compare_digest(token, key) for key in keys]):
             message = (

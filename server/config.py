@@ -20,7 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Self, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -33,6 +41,7 @@ from pydantic_settings import (
 )
 
 from pipelines.modes import Mode
+from server.webhooks import secret_key
 
 ENV_PREFIX = "FLUXD_"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluxd"
@@ -143,6 +152,26 @@ class Settings(BaseSettings):
         gt=0,
         description="seconds between sweeps of expired url images (each write also sweeps)",
     )
+    job_ttl_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description="seconds a finished async job (Prefer: respond-async) and its result stay fetchable",
+    )
+    max_jobs: int = Field(
+        default=1000,
+        ge=1,
+        description="async jobs stored at once, finished ones included; past it a new job gets a 429",
+    )
+    webhook_allow: list[str] = Field(
+        default=[],
+        description="URL prefixes a job's webhook_url may target, e.g. https://hooks.lan:9000/fluxd; empty: "
+        "no webhooks (a server that POSTs wherever it is told is an SSRF)",
+    )
+    webhook_secret: str | None = Field(
+        default=None,
+        validate_default=True,  # so that a missing secret is checked against --webhook-allow
+        description="Standard Webhooks signing secret, whsec_<base64>; needed with --webhook-allow",
+    )
     queue_size: int = Field(default=64, ge=1, description="queued requests per model before 429")
     queue_timeout_s: float = Field(
         default=600.0,
@@ -187,6 +216,15 @@ class Settings(BaseSettings):
         if self.demo and "weights_dir" not in self.model_fields_set:
             self.weights_dir = DEFAULT_CACHE / "tiny"
         return self
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhooks_are_signed(cls, secret: str | None, info: ValidationInfo) -> str | None:
+        if secret is None and info.data.get("webhook_allow"):
+            raise ValueError("needed with --webhook-allow: every webhook is signed (whsec_<base64>)")
+        if secret is not None:
+            secret_key(secret)  # a ValueError says what is wrong with it
+        return secret
 
     @field_validator("forwarded_allow_ips")
     @classmethod

@@ -43,3 +43,4 @@ class Metrics:
         self.device_memory = Gauge(
             "fluxd_device_memory_bytes", "Accelerator memory allocated by a worker", ["worker"], registry=r
         )
+        self.jobs = Gauge("fluxd_jobs", "Async jobs stored, by status", ["status"], registry=r)

@@ -17,7 +17,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from pipelines.arguments import SET_BY_FLUXD
 from pipelines.errors import InvalidParameter
-from pipelines.jobs import RenderRequest
+from pipelines.messages import RenderRequest
 from pipelines.sizes import resolve_size
 from pipelines.specs import PASSTHROUGH_BOUNDS, ModelSpec
 from server.encode import LOSSY

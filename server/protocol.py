@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from server.parameters import LUMENFALL, OPENAI, Declarations, declare
 
@@ -164,6 +164,13 @@ class _ImageFields(BaseModel):
     enable_safety_checker: bool | None = declare("accepted", SAFETY, f"{LUMENFALL} (fal)")
     disable_safety_checker: bool | None = declare("accepted", SAFETY, f"{LUMENFALL} (replicate)")
     safety_tolerance: int | None = declare("accepted", SAFETY, f"{LUMENFALL}: FLUX1.1 [pro]", ge=1, le=6)
+    webhook_url: Text | None = declare(
+        "emulated",
+        "with Prefer: respond-async, POSTed when the job ends, signed as the Standard Webhooks spec says; "
+        "only to URLs under the server's --webhook-allow (else a 400), and a 400 without the header",
+        "BFL API reference (webhook_url)",
+        max_length=2048,
+    )
 
 
 class ImageGenerationRequest(_ImageFields):
@@ -236,3 +243,57 @@ class Model(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Model]
+
+
+# Async jobs (`Prefer: respond-async`): fluxd's own objects, shaped after BFL's and fal's queue answers.
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobProgress(BaseModel):
+    step: int
+    steps: int
+
+
+class JobPreview(BaseModel):
+    """The latest partial image of a running job that asked for `partial_images`."""
+
+    b64_json: str
+    partial_image_index: int
+    output_format: str
+
+
+class ErrorBody(BaseModel):
+    """The error envelope's body, with its four keys always there (null ones too), as in every error."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+    @model_serializer
+    def _every_key(self) -> dict[str, str | None]:
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+
+
+class ImageJob(BaseModel):
+    """An async image request; `result` is the usual ImagesResponse once it succeeded, `error` the usual
+    error envelope's body once it failed."""
+
+    id: str
+    object: Literal["image.job"] = "image.job"
+    status: JobStatus
+    created: int
+    model: str
+    endpoint: str
+    position: int | None = None
+    progress: JobProgress | None = None
+    preview: JobPreview | None = None
+    result: ImagesResponse | None = None
+    error: ErrorBody | None = None
+    finished: int | None = None
+    expires: int | None = None
+
+
+class ImageJobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ImageJob]

@@ -11,10 +11,10 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from pipelines.jobs import RenderRequest, RenderResult
+from pipelines.messages import RenderRequest, RenderResult
 from pipelines.specs import ModelSpec
 from server.errors import APIError
 from server.metrics import Metrics
@@ -95,15 +95,35 @@ class Scheduler:
         queued = sum(job.request.n for q in self.queues.values() for job in q)
         return self.seconds_per_image * max(1, queued) / max(1, len(self.pool.workers))
 
-    async def run(self, request: RenderRequest, on_progress: ProgressListener | None = None) -> RenderResult:
-        """Queue, wait for a worker and the result. Cancelling the awaiting task drops or stops the job."""
-        queue = self.queues.setdefault(request.model, deque())
-        if len(queue) >= self.queue_size:
+    def check_room(self, model: str) -> None:
+        """The 429 a full queue answers, raised before a job is accepted."""
+        if len(self.queues.get(model, ())) >= self.queue_size:
             raise APIError(
                 "rate_limit_exceeded",
-                f"The queue for '{request.model}' is full; retry later.",
+                f"The queue for '{model}' is full; retry later.",
                 retry_after_s=self.retry_after_s(),
             )
+
+    def position(self, request_id: str) -> int | None:
+        """Jobs queued before this one, across models (0: it goes next); None once it has left the queue."""
+        queued = {job.request.id: job.enqueued_at for q in self.queues.values() for job in q}
+        mine = queued.get(request_id)
+        return None if mine is None else sum(1 for at in queued.values() if at < mine)
+
+    async def run(
+        self,
+        request: RenderRequest,
+        on_progress: ProgressListener | None = None,
+        *,
+        on_dispatch: Callable[[], None] | None = None,
+        deadline: bool = True,
+    ) -> RenderResult:
+        """Queue, wait for a worker and the result. Cancelling the awaiting task drops or stops the job.
+
+        `deadline=False` waits in the queue past --queue-timeout: the deadline bounds a held connection, and
+        an async job has none. `on_dispatch` runs when a worker takes the job."""
+        self.check_room(request.model)
+        queue = self.queues.setdefault(request.model, deque())
         loop = asyncio.get_running_loop()
         job = Job(
             request,
@@ -117,7 +137,7 @@ class Scheduler:
         self._wakeup.set()
         try:
             try:
-                await asyncio.wait_for(job.started.wait(), self.queue_timeout_s)
+                await asyncio.wait_for(job.started.wait(), self.queue_timeout_s if deadline else None)
             except TimeoutError:
                 if job in queue:
                     queue.remove(job)
@@ -126,6 +146,8 @@ class Scheduler:
                         "queue_timeout",
                         f"The request waited more than {self.queue_timeout_s:g} s in the queue.",
                     ) from None
+            if on_dispatch is not None:
+                on_dispatch()
             return await job.future
         except asyncio.CancelledError:
             self._cancel(job, queue)
@@ -138,7 +160,7 @@ class Scheduler:
         if job in queue:
             queue.remove(job)
             self._update_depth(job.request.model)
-            logger.info("request %s dropped from the queue: client went away", job.request.id)
+            logger.info("request %s dropped from the queue: cancelled", job.request.id)
         elif job.worker is not None:
             # Cancelling the awaiting task cancelled job.future too: the worker knows if the job still runs.
             job.worker.cancel(job.request.id)
@@ -200,8 +222,9 @@ class Scheduler:
         return batch
 
     def _settle(self, job: Job, outcome: asyncio.Future[RenderResult], started: float) -> None:
+        # Read even when nobody waits any more (a cancelled job), or asyncio logs "never retrieved".
+        failure = outcome.exception()
         if not job.future.done():
-            failure = outcome.exception()
             if failure is not None:
                 job.future.set_exception(failure)
             else:

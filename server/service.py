@@ -18,7 +18,7 @@ from starlette.datastructures import MutableHeaders
 
 from pipelines.errors import InvalidParameter
 from pipelines.images import reference_sizes
-from pipelines.jobs import Progress, RenderRequest, RenderResult
+from pipelines.messages import Progress, RenderRequest, RenderResult
 from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
 from server.encode import CONTENT_TYPES, encode
@@ -132,14 +132,14 @@ class ImageService:
 
     async def respond(
         self,
-        http: Request,
+        base: str,
         prepared: Prepared,
         result: RenderResult,
         headers: MutableHeaders | None = None,
     ) -> ImagesResponse:
-        """The answer; `headers` receives `x-fluxd-store-error` when url images had to come inline."""
+        """The answer, url images linked under `base` (public_base); `headers` receives `x-fluxd-store-error`
+        when url images had to come inline."""
         reply, render = prepared.reply, prepared.render
-        base = public_base(http, self.settings)
         payloads = await asyncio.to_thread(
             lambda: [
                 self._payload(reply, encode(image, reply.output_format, reply.compression), base)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines import worker as worker_main
-from pipelines.jobs import Failure, Progress, Ready, RenderRequest, RenderResult, WorkerConfig
+from pipelines.messages import Failure, Progress, Ready, RenderRequest, RenderResult, WorkerConfig
 
 logger = logging.getLogger(__name__)
 

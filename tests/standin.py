@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.jobs import RenderedImage, RenderRequest, RenderResult, WorkerConfig
+from pipelines.messages import RenderedImage, RenderRequest, RenderResult, WorkerConfig
 
 
 @dataclass

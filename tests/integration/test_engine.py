@@ -11,7 +11,7 @@ import torch
 from pipelines.arguments import passthrough_signatures
 from pipelines.engine import Engine, pipeline_bytes
 from pipelines.errors import InvalidParameter, WeightsMissing
-from pipelines.jobs import Progress, RenderRequest
+from pipelines.messages import Progress, RenderRequest
 from pipelines.specs import SPECS, TURBO_SIGMAS
 from tests.imagery import png
 

@@ -10,7 +10,7 @@ import torch
 from pipelines.engine import Engine
 from pipelines.errors import InvalidParameter
 from pipelines.families import flux2
-from pipelines.jobs import RenderRequest, RenderResult
+from pipelines.messages import RenderRequest, RenderResult
 from pipelines.specs import SPECS
 from tests.imagery import png
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pipelines.engine import FAMILIES, Engine, preview_steps, to_uint8
-from pipelines.jobs import Progress, RenderRequest
+from pipelines.messages import Progress, RenderRequest
 from pipelines.specs import SPECS
 from tests.imagery import png
 

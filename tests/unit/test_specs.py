@@ -1,4 +1,4 @@
-"""Specs are pure data; importing them (and the size rules, jobs, errors, images) never pulls in torch."""
+"""Specs are pure data; importing them (and the size rules, messages, errors, images) never pulls in torch."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pipelines.specs import DEFAULT_MODEL, SPECS, get_spec, weights_ids
 
 def test_pure_modules_import_without_torch() -> None:
     code = (
-        "import sys; import pipelines.specs, pipelines.sizes, pipelines.jobs, pipelines.errors, "
+        "import sys; import pipelines.specs, pipelines.sizes, pipelines.messages, pipelines.errors, "
         "pipelines.images, pipelines.schedules;"
         "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; print(bad); "
         "sys.exit(1 if bad else 0)"
