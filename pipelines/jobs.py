@@ -83,6 +83,10 @@ class Ready:
     modes: dict[str, dict[str, Any]] = field(default_factory=dict)  # per checkpoint, as resolved on `device`
 
 
+WORKER_ENTRY = "pipelines.worker:main"
+"""The worker process's loop, as "module:function"; tests name a wrapper of it that injects a fault."""
+
+
 @dataclass
 class WorkerConfig:
     weights_dir: str
@@ -96,3 +100,4 @@ class WorkerConfig:
     parent_pid: int | None = None  # the server; the worker exits when it is gone
     log_level: str = "INFO"
     specs: dict[str, Any] = field(default_factory=dict)  # ModelSpec per id, as the front resolved them
+    entry: str = WORKER_ENTRY

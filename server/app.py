@@ -53,6 +53,7 @@ def worker_configs(settings: Settings, specs: dict) -> list[WorkerConfig]:
             synthetic=settings.synthetic_weights,
             log_level=settings.log_level,
             specs=specs,
+            entry=settings.worker_entry,
         )
         for device in settings.devices
     ]

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipelines.jobs import WORKER_ENTRY
 from pipelines.modes import Mode
 
 ENV_PREFIX = "FLUXD_"
@@ -64,6 +65,11 @@ class Settings(BaseModel):
     worker_start_timeout_s: float = Field(600.0, gt=0)
     log_prompts: bool = False
     log_level: str = "INFO"
+    worker_entry: str = Field(
+        WORKER_ENTRY,
+        description="The loop each worker process runs, as module:function; tests name one that wraps it "
+        "with an injected fault.",
+    )
     models: dict[str, ModelEntry] = Field(default_factory=dict)
 
     @property

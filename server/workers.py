@@ -67,7 +67,7 @@ class WorkerHandle:
         self._outbox = context.Queue()
         self._control = context.Queue()
         self.process = context.Process(
-            target=worker_main.main,
+            target=worker_main.spawned,
             args=(self._inbox, self._outbox, self._control, self.config),
             name=f"fluxd-worker-{self.name}",
             daemon=True,

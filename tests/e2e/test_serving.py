@@ -246,7 +246,7 @@ def test_two_workers_share_the_load(fresh: Server) -> None:
 
 
 def test_out_of_memory_fails_the_batch_and_the_worker_goes_on(tiny_weights: Path, tmp_path: Path) -> None:
-    oom = start_server(tiny_weights, tmp_path, env={"FLUXD_FAULT_AFTER_STEP": "2", "FLUXD_FAULT_KIND": "oom"})
+    oom = start_server(tiny_weights, tmp_path, env={"FLUXD_WORKER_ENTRY": "tests.faults:oom_after_step_2"})
     try:
         [worker] = HTTP.get(f"{oom.url}/ready").json()["workers"]
         failed = generate(oom, num_inference_steps=4)

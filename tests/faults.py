@@ -1,0 +1,53 @@
+"""Worker entry points for tests: the real worker loop (`pipelines.worker.main`) with one fault added.
+
+A test server names one with FLUXD_WORKER_ENTRY, e.g. `tests.faults:error_after_step_2`. Each runs in the
+spawned worker process, so what it patches there stays there; production code carries no fault switch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from multiprocessing.queues import Queue
+from typing import Any
+
+from pipelines import worker
+from pipelines.jobs import Progress, RenderRequest, WorkerConfig
+
+
+def _after_step(step: int, fault: Callable[[Progress], None]) -> None:
+    """Every render calls `fault` once a request reported `step`, after the report went out."""
+    from pipelines.engine import Engine, StepHook
+
+    render = Engine.render
+
+    def faulty(self: Engine, batch: list[RenderRequest], on_step: StepHook | None = None) -> Any:
+        def hook(progress: Progress, pipe: Any) -> bool:
+            stop = on_step(progress, pipe) if on_step is not None else False
+            if progress.step >= step:
+                fault(progress)
+            return stop
+
+        return render(self, batch, hook)
+
+    Engine.render = faulty  # type: ignore[method-assign]
+
+
+def _raise(error: type[BaseException]) -> Callable[[Progress], None]:
+    def fault(progress: Progress) -> None:
+        raise error(f"fault injected after step {progress.step}")
+
+    return fault
+
+
+def error_after_step_2(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> None:
+    """Every job fails with a RuntimeError after reporting step 2."""
+    _after_step(2, _raise(RuntimeError))
+    worker.main(inbox, outbox, control, config)
+
+
+def oom_after_step_2(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> None:
+    """Every job runs out of (pretend) device memory after step 2: the OOM path without a GPU."""
+    import torch
+
+    _after_step(2, _raise(torch.OutOfMemoryError))
+    worker.main(inbox, outbox, control, config)
