@@ -135,15 +135,19 @@ def _batches(inbox: Queue) -> Iterator[list[RenderRequest]]:
 
 
 def serve(engine: Engine, batches: Iterator[list[RenderRequest]], send: Send, cancelled: set[str]) -> None:
-    """Render each batch and send its answers."""
+    """Render each batch and send its answers: every request exactly one, a result or a Failure. The server
+    counts a worker busy until each request it sent has its answer, so one left unanswered wedges it."""
     for batch in batches:
-        live = [request for request in batch if request.id not in cancelled]
-        if not live:
-            continue
+        # A client can go away while its batch is still on its way here: its cancellation comes first.
+        gone = [request.id for request in batch if request.id in cancelled]
+        live = [request for request in batch if request.id not in gone]
         try:
-            render(engine, live, send, cancelled)
+            if gone:
+                send(Failure(gone, "cancelled", "The client went away before its request started."))
+            if live:
+                render(engine, live, send, cancelled)
         finally:
-            cancelled.difference_update(request.id for request in live)
+            cancelled.difference_update(request.id for request in batch)
 
 
 def render(engine: Engine, batch: list[RenderRequest], send: Send, cancelled: set[str]) -> None:

@@ -190,9 +190,11 @@ class Scheduler:
         return batch
 
     def _settle(self, job: Job, result: asyncio.Future, started: float) -> None:
+        # Read even when the client went away and nobody awaits it: asyncio logs an unread exception.
+        error = result.exception()
         if not job.future.done():
-            if result.exception() is not None:
-                job.future.set_exception(result.exception())
+            if error is not None:
+                job.future.set_exception(error)
             else:
                 rendered = result.result()
                 elapsed = time.monotonic() - started

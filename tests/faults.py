@@ -6,6 +6,7 @@ spawned worker process, so what it patches there stays there; production code ca
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from multiprocessing.queues import Queue
 from typing import Any
@@ -51,3 +52,24 @@ def oom_after_step_2(inbox: Queue, outbox: Queue, control: Queue, config: Worker
 
     _after_step(2, _raise(torch.OutOfMemoryError))
     worker.main(inbox, outbox, control, config)
+
+
+class _Late:
+    """An inbox whose batches reach the loop `delay_s` after they arrived, as a large batch (45 MB
+    references) still crossing the pipe would: a client can go away in between."""
+
+    def __init__(self, inbox: Queue, delay_s: float) -> None:
+        self.inbox = inbox
+        self.delay_s = delay_s
+
+    def get(self, timeout: float | None = None) -> Any:
+        batch = self.inbox.get(timeout=timeout)
+        if batch is not None:
+            time.sleep(self.delay_s)
+        return batch
+
+
+def late_batches(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> None:
+    """Every batch reaches the loop 0.4 s late: longer than the server takes to notice a client gone
+    (it looks every 0.25 s), so a cancellation can arrive before its batch."""
+    worker.main(_Late(inbox, 0.4), outbox, control, config)  # type: ignore[arg-type]

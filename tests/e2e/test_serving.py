@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -144,6 +146,59 @@ def test_a_killed_worker_gives_503_then_the_next_request_succeeds(plain: Server)
     assert generate(fresh).status_code == 200
     restarts = f'fluxd_worker_restarts_total{{worker="0:cpu"}} {worker["restarts"] + 1:.1f}'
     assert restarts in HTTP.get(f"{fresh.url}/metrics").text
+
+
+def abandon(server: Server, after_s: float, **fields) -> None:
+    """Send a generation and hang up `after_s` later, whether or not it was answered."""
+    body = json.dumps({"prompt": "x", "size": "32x32", "num_inference_steps": 8, **fields}).encode()
+    url = httpx.URL(server.url)
+    head = (
+        f"POST /v1/images/generations HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection((url.host, url.port)) as connection:
+        connection.sendall(head.encode() + body)
+        time.sleep(after_s)
+
+
+@pytest.fixture(scope="module")
+def late(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server whose worker receives each batch 0.4 s late, as it would a batch of large references: a
+    client going away in between cancels a request its worker has not seen yet."""
+    server = start_server(
+        tiny_weights,
+        tmp_path_factory.mktemp("late"),
+        "--preload",
+        "flux.2-dev",
+        env={"FLUXD_WORKER_ENTRY": "tests.faults:late_batches"},
+    )
+    yield server
+    stop_server(server)
+
+
+def busy_images(server: Server) -> int:
+    return sum(worker["busy_images"] for worker in HTTP.get(f"{server.url}/ready").json()["workers"])
+
+
+def test_clients_going_away_at_any_moment_never_wedge_the_worker(late: Server) -> None:
+    survivors = []
+    for i in range(50):
+        if i % 2:
+            # An idle worker: the request is sent to it at once, and the hang-up races its arrival there.
+            wait_until(lambda: busy_images(late) == 0)
+        elif i % 10 == 0:
+            # A batch mate that stays: a batch can lose some of its requests and keep the others.
+            survivors.append(
+                in_background(lambda i=i: generate(late, size="32x32", num_inference_steps=8, seed=i))
+            )
+        # Hanging up 0 to 0.38 s after sending: queued, sent but not yet taken by the worker, running, done.
+        abandon(late, after_s=0.02 * (i % 20), seed=i)
+    for thread, out in survivors:
+        thread.join(120)
+        assert not isinstance(out[0], Exception) and out[0].status_code == 200, out[0]
+    # Every request the worker was sent got an answer, those of gone clients included: it is free again.
+    wait_until(lambda: idle(late), 60)
+    assert generate(late).status_code == 200
 
 
 def test_the_sdk_retries_a_crash_transparently(plain: Server) -> None:
