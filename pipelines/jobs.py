@@ -83,6 +83,14 @@ class Ready:
     modes: dict[str, dict[str, Any]] = field(default_factory=dict)  # per checkpoint, as resolved on `device`
 
 
+@dataclass
+class Heartbeat:
+    """Sent every `WorkerConfig.heartbeat_s` by a thread of the worker's own, whatever its loop is doing: a
+    stopped or frozen process sends none. `batches`: how many batches the loop has answered in full."""
+
+    batches: int
+
+
 WORKER_ENTRY = "pipelines.worker:main"
 """The worker process's loop, as "module:function"; tests name a wrapper of it that injects a fault."""
 
@@ -101,3 +109,4 @@ class WorkerConfig:
     log_level: str = "INFO"
     specs: dict[str, Any] = field(default_factory=dict)  # ModelSpec per id, as the front resolved them
     entry: str = WORKER_ENTRY
+    heartbeat_s: float = 1.0

@@ -15,12 +15,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit, WeightsMissing
-from pipelines.jobs import Failure, Progress, Ready, RenderRequest, WorkerConfig
+from pipelines.jobs import Failure, Heartbeat, Progress, Ready, RenderRequest, WorkerConfig
 
 if TYPE_CHECKING:
     from pipelines.engine import Engine
@@ -30,19 +31,19 @@ logger = logging.getLogger(__name__)
 Send = Callable[[object], None]
 
 
-def spawned(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> None:
+def spawned(inbox: Queue, outbox: Connection, control: Queue, config: WorkerConfig) -> None:
     """The process target: the loop `config.entry` names, `main` unless a test wraps it with a fault."""
-    pkgutil.resolve_name(config.entry)(inbox, outbox, control, config)
+    pkgutil.resolve_name(config.entry)(inbox, Outbox(outbox), control, config)
 
 
-def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> None:
+def main(inbox: Queue, outbox: Outbox, control: Queue, config: WorkerConfig) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the server handles it and stops its workers in
     # order, after failing their queued requests cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The server's pid comes with the config: a server that died before this line ran would otherwise
-    # leave getppid() already pointing at init.
-    parent = config.parent_pid or os.getppid()
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    # First, so that the server hears from this process while it imports torch and loads models. The
+    # server's pid comes with the config: a server that died before this line ran would otherwise leave
+    # getppid() already pointing at init.
+    lifeline = Lifeline(outbox, config.parent_pid or os.getppid(), config.heartbeat_s)
     _configure_logging(config.log_level)
     engine = start_engine(config)
     cancelled = _watch_cancellations(control)
@@ -50,15 +51,42 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
 
     signatures = passthrough_signatures(config.specs)
     outbox.put(Ready(config.device, signatures, engine.loaded(), engine.describe_modes()))
-    serve(engine, _batches(inbox), outbox.put, cancelled)
+    serve(engine, _batches(inbox), outbox.put, cancelled, lifeline.batch_done)
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A worker outlives a SIGKILLed server otherwise, holding its device memory forever."""
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != parent:
-            os._exit(0)
+class Outbox:
+    """The write end of the pipe to the server, shared by the loop and the lifeline's thread."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._lock = threading.Lock()
+
+    def put(self, message: object) -> None:
+        with self._lock:
+            self._connection.send(message)
+
+
+class Lifeline:
+    """A thread that tells the server every `interval_s` that this process runs, with the number of batches
+    answered, and ends the process once the server is gone: a worker would otherwise outlive a SIGKILLed
+    server, holding its device memory forever."""
+
+    def __init__(self, outbox: Outbox, parent: int, interval_s: float) -> None:
+        self.batches = 0
+        self._outbox = outbox
+        self._parent = parent
+        self._interval_s = interval_s
+        threading.Thread(target=self._beat, name="fluxd-lifeline", daemon=True).start()
+
+    def batch_done(self) -> None:
+        """Called by the loop after a batch's last answer went out, so the count never runs ahead of them."""
+        self.batches += 1
+
+    def _beat(self) -> None:
+        while os.getppid() == self._parent:
+            self._outbox.put(Heartbeat(self.batches))
+            time.sleep(self._interval_s)
+        os._exit(0)
 
 
 def _configure_logging(level: str) -> None:
@@ -134,7 +162,13 @@ def _batches(inbox: Queue) -> Iterator[list[RenderRequest]]:
         yield batch
 
 
-def serve(engine: Engine, batches: Iterator[list[RenderRequest]], send: Send, cancelled: set[str]) -> None:
+def serve(
+    engine: Engine,
+    batches: Iterator[list[RenderRequest]],
+    send: Send,
+    cancelled: set[str],
+    batch_done: Callable[[], None] = lambda: None,
+) -> None:
     """Render each batch and send its answers: every request exactly one, a result or a Failure. The server
     counts a worker busy until each request it sent has its answer, so one left unanswered wedges it."""
     for batch in batches:
@@ -148,6 +182,7 @@ def serve(engine: Engine, batches: Iterator[list[RenderRequest]], send: Send, ca
                 render(engine, live, send, cancelled)
         finally:
             cancelled.difference_update(request.id for request in batch)
+        batch_done()
 
 
 def render(engine: Engine, batch: list[RenderRequest], send: Send, cancelled: set[str]) -> None:

@@ -30,7 +30,7 @@ from server.routes import files, health, images, models
 from server.scheduler import Scheduler
 from server.service import ImageService
 from server.store import ImageStore
-from server.workers import WorkerPool
+from server.workers import Liveness, WorkerPool
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -54,6 +54,8 @@ def worker_configs(settings: Settings, specs: dict) -> list[WorkerConfig]:
             log_level=settings.log_level,
             specs=specs,
             entry=settings.worker_entry,
+            # Several beats per timeout, so that one late beat on a loaded machine does not kill a worker.
+            heartbeat_s=min(1.0, settings.worker_heartbeat_timeout_s / 5),
         )
         for device in settings.devices
     ]
@@ -65,8 +67,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
+    liveness = Liveness(
+        settings.worker_heartbeat_timeout_s, settings.batch_deadline_floor_s, settings.batch_deadline_factor
+    )
     pool = WorkerPool(
-        worker_configs(settings, app.state.specs), lambda name: metrics.worker_restarts.labels(name).inc()
+        worker_configs(settings, app.state.specs),
+        liveness,
+        lambda name: metrics.worker_restarts.labels(name).inc(),
     )
     scheduler = Scheduler(
         pool,

@@ -65,6 +65,27 @@ class Settings(BaseModel):
     worker_start_timeout_s: float = Field(600.0, gt=0)
     log_prompts: bool = False
     log_level: str = "INFO"
+    worker_heartbeat_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A worker process that sends nothing for this long, not even the heartbeat a thread of "
+        "its own sends every second, is stopped or frozen: it is killed and replaced, its requests answered "
+        "503.",
+    )
+    batch_deadline_floor_s: float = Field(
+        900.0,
+        gt=0,
+        description="A batch may always run this long before its worker counts as hung (killed and replaced, "
+        "its requests answered 503). It must cover what comes before the first step: loading a checkpoint "
+        "on first use (FLUX.2 [dev] reads 112 GB of bf16 weights, minutes from a slow disk), prompt "
+        "enhancement, compilation. Models given to --preload load before the worker is ready, outside it.",
+    )
+    batch_deadline_factor: float = Field(
+        10.0,
+        ge=1,
+        description="A batch may also run this many times its steps x its own measured step time, when that "
+        "is longer than batch_deadline_floor_s.",
+    )
     worker_entry: str = Field(
         WORKER_ENTRY,
         description="The loop each worker process runs, as module:function; tests name one that wraps it "

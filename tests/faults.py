@@ -14,8 +14,10 @@ from typing import Any
 from pipelines import worker
 from pipelines.jobs import Progress, RenderRequest, WorkerConfig
 
+Fault = Callable[[list[RenderRequest], Progress], None]
 
-def _after_step(step: int, fault: Callable[[Progress], None]) -> None:
+
+def _after_step(step: int, fault: Fault) -> None:
     """Every render calls `fault` once a request reported `step`, after the report went out."""
     from pipelines.engine import Engine, StepHook
 
@@ -25,7 +27,7 @@ def _after_step(step: int, fault: Callable[[Progress], None]) -> None:
         def hook(progress: Progress, pipe: Any) -> bool:
             stop = on_step(progress, pipe) if on_step is not None else False
             if progress.step >= step:
-                fault(progress)
+                fault(batch, progress)
             return stop
 
         return render(self, batch, hook)
@@ -33,20 +35,26 @@ def _after_step(step: int, fault: Callable[[Progress], None]) -> None:
     Engine.render = faulty  # type: ignore[method-assign]
 
 
-def _raise(error: type[BaseException]) -> Callable[[Progress], None]:
-    def fault(progress: Progress) -> None:
+def _raise(error: type[BaseException]) -> Fault:
+    def fault(_batch: list[RenderRequest], progress: Progress) -> None:
         raise error(f"fault injected after step {progress.step}")
 
     return fault
 
 
-def error_after_step_2(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> None:
+def _hang(batch: list[RenderRequest], _progress: Progress) -> None:
+    if batch[0].prompt == "hang":
+        while True:
+            time.sleep(60)
+
+
+def error_after_step_2(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
     """Every job fails with a RuntimeError after reporting step 2."""
     _after_step(2, _raise(RuntimeError))
     worker.main(inbox, outbox, control, config)
 
 
-def oom_after_step_2(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> None:
+def oom_after_step_2(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
     """Every job runs out of (pretend) device memory after step 2: the OOM path without a GPU."""
     import torch
 
@@ -69,7 +77,14 @@ class _Late:
         return batch
 
 
-def late_batches(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> None:
+def late_batches(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
     """Every batch reaches the loop 0.4 s late: longer than the server takes to notice a client gone
     (it looks every 0.25 s), so a cancellation can arrive before its batch."""
     worker.main(_Late(inbox, 0.4), outbox, control, config)  # type: ignore[arg-type]
+
+
+def hang_on_prompt(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
+    """A batch whose prompt is "hang" never returns from its first step, as a stuck device call would not;
+    the heartbeat thread goes on. Other prompts render."""
+    _after_step(1, _hang)
+    worker.main(inbox, outbox, control, config)

@@ -201,6 +201,67 @@ def test_clients_going_away_at_any_moment_never_wedge_the_worker(late: Server) -
     assert generate(late).status_code == 200
 
 
+@pytest.fixture(scope="module")
+def watched(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server that gives up on a silent worker after 8 s and on a batch after 20 s; its worker never
+    finishes a batch whose prompt is "hang"."""
+    liveness = {"FLUXD_WORKER_HEARTBEAT_TIMEOUT_S": "8", "FLUXD_BATCH_DEADLINE_FLOOR_S": "20"}
+    server = start_server(
+        tiny_weights,
+        tmp_path_factory.mktemp("watched"),
+        "--preload",
+        "flux.2-dev",
+        env={"FLUXD_WORKER_ENTRY": "tests.faults:hang_on_prompt", **liveness},
+    )
+    yield server
+    stop_server(server)
+
+
+def readiness(server: Server) -> tuple[threading.Event, list[int]]:
+    """Poll /ready in the background until the event is set; the list receives each status in order."""
+    done, seen = threading.Event(), []
+
+    def poll() -> None:
+        while not done.is_set():
+            seen.append(HTTP.get(f"{server.url}/ready").status_code)
+            time.sleep(0.1)
+
+    threading.Thread(target=poll, daemon=True).start()
+    return done, seen
+
+
+def assert_replaced(server: Server, worker: dict, answer: httpx.Response) -> None:
+    """`answer` is the retryable 503 of a replaced worker; /ready said 503 until the replacement was up."""
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "worker_restarted" and answer.headers["retry-after"]
+    wait_until(lambda: HTTP.get(f"{server.url}/ready").status_code == 200, 120)
+    [replaced] = HTTP.get(f"{server.url}/ready").json()["workers"]
+    assert replaced["pid"] != worker["pid"] and replaced["restarts"] == worker["restarts"] + 1
+    assert generate(server).status_code == 200
+
+
+def test_a_stopped_worker_is_replaced_and_its_requests_answered_503(watched: Server) -> None:
+    wait_until(lambda: idle(watched), 120)
+    [worker] = HTTP.get(f"{watched.url}/ready").json()["workers"]
+    done, seen = readiness(watched)
+    os.kill(worker["pid"], signal.SIGSTOP)  # a stopped process sends nothing, heartbeats included
+    answer = generate(watched)
+    wait_until(lambda: HTTP.get(f"{watched.url}/ready").status_code == 200, 120)
+    done.set()
+    assert 503 in seen[seen.index(200) :], seen  # ready, then not while it was replaced, then ready again
+    assert_replaced(watched, worker, answer)
+    assert "no heartbeat" in watched.logs()
+
+
+def test_a_batch_hung_past_its_deadline_is_replaced(watched: Server) -> None:
+    wait_until(lambda: idle(watched), 120)
+    [worker] = HTTP.get(f"{watched.url}/ready").json()["workers"]
+    # Its heartbeat thread beats on: only the batch deadline tells this worker is stuck.
+    answer = generate(watched, prompt="hang", num_inference_steps=4)
+    assert_replaced(watched, worker, answer)
+    assert "past its deadline" in watched.logs()
+
+
 def test_the_sdk_retries_a_crash_transparently(plain: Server) -> None:
     wait_until(lambda: idle(plain), 120)
     client = plain.client(max_retries=2)
