@@ -75,10 +75,9 @@ class Failure:
 
 @dataclass
 class Ready:
-    """Sent once by a worker after start-up: what it runs on and which call arguments pass through."""
+    """Sent once by a worker after start-up: what it runs on and what it holds."""
 
     device: str
-    signatures: dict[str, dict[str, str]]
     loaded: list[str]
     modes: dict[str, dict[str, Any]] = field(default_factory=dict)  # per checkpoint, as resolved on `device`
 

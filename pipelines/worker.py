@@ -47,10 +47,7 @@ def main(inbox: Queue, outbox: Outbox, control: Queue, config: WorkerConfig) -> 
     _configure_logging(config.log_level)
     engine = start_engine(config)
     cancelled = _watch_cancellations(control)
-    from pipelines.arguments import passthrough_signatures
-
-    signatures = passthrough_signatures(config.specs)
-    outbox.put(Ready(config.device, signatures, engine.loaded(), engine.describe_modes()))
+    outbox.put(Ready(config.device, engine.loaded(), engine.describe_modes()))
     serve(engine, _batches(inbox), outbox.put, cancelled, lifeline.batch_done)
 
 

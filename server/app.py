@@ -87,11 +87,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     scheduler.start()
     app.state.pool = pool
     app.state.scheduler = scheduler
-    app.state.images = ImageService(settings, app.state.specs, scheduler, app.state.store, {})
+    app.state.images = ImageService(settings, app.state.specs, scheduler, app.state.store)
 
     async def announce_ready() -> None:
         await pool.wait_ready(settings.worker_start_timeout_s)
-        app.state.images.signatures = pool.signatures()
         logger.info("ready: serving %s", ", ".join(app.state.specs))
 
     waiting = asyncio.create_task(announce_ready())

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from pipelines.arguments import PASSTHROUGH
 from pipelines.errors import InvalidParameter
 from pipelines.images import decode_image
 from pipelines.jobs import Progress, RenderRequest, RenderResult
@@ -93,13 +94,11 @@ class ImageService:
         specs: Mapping[str, ModelSpec],
         scheduler: Scheduler,
         store: ImageStore,
-        signatures: Mapping[str, Mapping[str, str]],
     ) -> None:
         self.settings = settings
         self.specs = specs
         self.scheduler = scheduler
         self.store = store
-        self.signatures = signatures
 
     def spec(self, model: str | None, default: str) -> ModelSpec:
         return get_spec(model or default, self.specs)
@@ -109,7 +108,7 @@ class ImageService:
     ) -> Prepared:
         if images is None:
             spec = self.spec(body.model, self.settings.default_model)
-            render, reply = build_request(body, spec, self.signatures.get(spec.pipeline_class, {}))
+            render, reply = build_request(body, spec, PASSTHROUGH[spec.pipeline_class])
             return Prepared(render, reply, spec)
         spec = self.spec(body.model, self.settings.default_edit_model)
         if "edit" not in spec.modes:
@@ -119,7 +118,7 @@ class ImageService:
         render, reply = build_request(
             body,
             spec,
-            self.signatures.get(spec.pipeline_class, {}),
+            PASSTHROUGH[spec.pipeline_class],
             images,
             decoded[0].size if decoded else None,
             prompt_required=prompt_required,

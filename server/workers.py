@@ -322,12 +322,6 @@ class WorkerPool:
     def all_ready(self) -> bool:
         return bool(self.workers) and all(handle.ready.is_set() for handle in self.workers)
 
-    def signatures(self) -> dict[str, dict[str, str]]:
-        for handle in self.workers:
-            if handle.info is not None:
-                return handle.info.signatures
-        return {}
-
     def modes(self, weights_id: str) -> list[dict[str, Any]]:
         """What each ready worker runs the checkpoint as, with the worker's device."""
         return [

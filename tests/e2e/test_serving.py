@@ -325,7 +325,9 @@ def test_ready_turns_200_only_after_preloading(tiny_weights: Path, tmp_path: Pat
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    server = Server(f"http://127.0.0.1:{port}", process, tmp_path / "unused.log")
     seen: list[int] = []
+    early: tuple[threading.Thread, list] | None = None
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -335,6 +337,9 @@ def test_ready_turns_200_only_after_preloading(tiny_weights: Path, tmp_path: Pat
                 time.sleep(0.1)
                 continue
             seen.append(response.status_code)
+            if early is None:
+                # Sent before any worker is up: what may pass through to the pipeline is known already.
+                early = in_background(lambda: generate(server, model="flux.1-dev", max_sequence_length=64))
             if response.status_code == 200:
                 [worker] = response.json()["workers"]
                 assert worker["loaded"] == ["flux.1-dev", "flux.2-dev"]
@@ -342,6 +347,9 @@ def test_ready_turns_200_only_after_preloading(tiny_weights: Path, tmp_path: Pat
             time.sleep(0.1)
         assert seen[0] == 503 and seen[-1] == 200
         assert HTTP.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        assert early is not None
+        early[0].join(120)
+        assert early[1][0].status_code == 200, early[1][0].text
     finally:
         process.terminate()
         process.wait(15)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.arguments import passthrough_signatures
+from pipelines.arguments import PASSTHROUGH, passthrough_signatures, served_pipeline_classes
 from pipelines.engine import Engine, pipeline_bytes
 from pipelines.errors import InvalidParameter, WeightsMissing
 from pipelines.jobs import RenderRequest
@@ -152,11 +152,11 @@ def test_bad_passthrough_value_names_the_parameter(engine: Engine) -> None:
     assert info.value.param == "max_sequence_length"
 
 
-def test_passthrough_signatures_exclude_what_fluxd_controls() -> None:
-    signatures = passthrough_signatures(SPECS)
-    assert "max_sequence_length" in signatures["Flux2Pipeline"]
-    assert "negative_prompt" in signatures["FluxPipeline"]
-    assert not {"prompt", "generator", "latents", "image"} & set(signatures["FluxKontextPipeline"])
+def test_the_declared_passthrough_arguments_are_those_of_the_installed_diffusers() -> None:
+    installed = passthrough_signatures(served_pipeline_classes())
+    assert installed == PASSTHROUGH, (
+        "diffusers changed: rewrite the declaration with python -m pipelines.arguments"
+    )
 
 
 def test_missing_weights_name_the_folder_and_the_fetch_command(tmp_path: Path) -> None:
