@@ -130,22 +130,6 @@ def test_not_an_image_names_the_parameter(engine: Engine) -> None:
     assert info.value.param == "image"
 
 
-@pytest.mark.parametrize(
-    ("model", "refs"),
-    [
-        ("flux.2-dev", [png(64, 64)] * 5),
-        ("flux.2-dev", [png(48, 64)]),
-        ("flux.2-dev", [png(576, 64)]),
-        ("flux.1-kontext-dev", [png(64, 64)] * 2),
-        ("flux.1-dev", [png(64, 64)]),
-    ],
-)
-def test_references_the_model_cannot_take_name_image(engine: Engine, model: str, refs: list[bytes]) -> None:
-    with pytest.raises(InvalidParameter) as info:
-        engine.render([request(model, [1], images=refs)])
-    assert info.value.param == "image"
-
-
 def test_bad_passthrough_value_names_the_parameter(engine: Engine) -> None:
     with pytest.raises(InvalidParameter) as info:
         engine.render([request("flux.1-dev", [1], extra={"max_sequence_length": 100000})])
