@@ -80,9 +80,12 @@ class Lifeline:
         self.batches += 1
 
     def _beat(self) -> None:
-        while os.getppid() == self._parent:
-            self._outbox.put(Heartbeat(self.batches))
-            time.sleep(self._interval_s)
+        try:
+            while os.getppid() == self._parent:
+                self._outbox.put(Heartbeat(self.batches))
+                time.sleep(self._interval_s)
+        except OSError:  # the server's end of the pipe is closed: the server is gone
+            pass
         os._exit(0)
 
 

@@ -262,6 +262,16 @@ def test_a_batch_hung_past_its_deadline_is_replaced(watched: Server) -> None:
     assert "past its deadline" in watched.logs()
 
 
+def test_workers_exit_with_a_killed_server(tiny_weights: Path, tmp_path: Path) -> None:
+    server = start_server(tiny_weights, tmp_path)
+    [worker] = HTTP.get(f"{server.url}/ready").json()["workers"]
+    server.process.kill()
+    server.process.wait(15)
+    # Reparented, an exited worker may stay a zombie until its new parent reaps it: that is gone too.
+    stat = Path(f"/proc/{worker['pid']}/stat")
+    wait_until(lambda: not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"), 60)
+
+
 def test_the_sdk_retries_a_crash_transparently(plain: Server) -> None:
     wait_until(lambda: idle(plain), 120)
     client = plain.client(max_retries=2)
