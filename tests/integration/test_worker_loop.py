@@ -58,7 +58,9 @@ def test_a_cancelled_request_leaves_its_batch_mates_running(engine: Engine) -> N
 
 def test_a_failing_batch_answers_each_request_once(engine: Engine) -> None:
     # FluxPipeline refuses a max_sequence_length over 512 before it encodes anything.
-    bad = {"model": "flux.1-dev", "extra": {"max_sequence_length": 100000}}
-    messages = answers(engine, [[request("x", **bad), request("y", **bad)]], set())
+    bad = {"max_sequence_length": 100000}
+    messages = answers(
+        engine, [[request("x", "flux.1-dev", extra=bad), request("y", "flux.1-dev", extra=bad)]], set()
+    )
     assert answered(messages) == {"x": 1, "y": 1}
     assert [m.kind for m in messages if isinstance(m, Failure)] == ["invalid"]
