@@ -75,12 +75,23 @@ class Failure:
 
 @dataclass
 class Ready:
-    """Sent once by a worker after start-up: what it runs on and which call arguments pass through."""
+    """Sent once by a worker after start-up: what it runs on and what it holds."""
 
     device: str
-    signatures: dict[str, dict[str, str]]
     loaded: list[str]
     modes: dict[str, dict[str, Any]] = field(default_factory=dict)  # per checkpoint, as resolved on `device`
+
+
+@dataclass
+class Heartbeat:
+    """Sent every `WorkerConfig.heartbeat_s` by a thread of the worker's own, whatever its loop is doing: a
+    stopped or frozen process sends none. `batches`: how many batches the loop has answered in full."""
+
+    batches: int
+
+
+WORKER_ENTRY = "pipelines.worker:main"
+"""The worker process's loop, as "module:function"; tests name a wrapper of it that injects a fault."""
 
 
 @dataclass
@@ -96,3 +107,5 @@ class WorkerConfig:
     parent_pid: int | None = None  # the server; the worker exits when it is gone
     log_level: str = "INFO"
     specs: dict[str, Any] = field(default_factory=dict)  # ModelSpec per id, as the front resolved them
+    entry: str = WORKER_ENTRY
+    heartbeat_s: float = 1.0

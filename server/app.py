@@ -42,7 +42,7 @@ from server.scheduler import Scheduler
 from server.service import ImageService
 from server.store import ImageStore
 from server.webhooks import Webhooks
-from server.workers import WorkerPool
+from server.workers import Liveness, WorkerPool
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -65,6 +65,9 @@ def worker_configs(settings: Settings, specs: dict) -> list[WorkerConfig]:
             synthetic=settings.synthetic_weights,
             log_level=settings.log_level,
             specs=specs,
+            entry=settings.worker_entry,
+            # Several beats per timeout, so that one late beat on a loaded machine does not kill a worker.
+            heartbeat_s=min(1.0, settings.worker_heartbeat_timeout_s / 5),
         )
         for device in settings.devices
     ]
@@ -78,8 +81,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics: Metrics = app.state.metrics
     store: ImageStore = app.state.store
     await asyncio.to_thread(store.open)  # indexes what an earlier run stored, before a url is asked for
+    liveness = Liveness(
+        settings.worker_heartbeat_timeout_s, settings.batch_deadline_floor_s, settings.batch_deadline_factor
+    )
     pool = app.state.make_pool(
-        worker_configs(settings, app.state.specs), lambda name: metrics.worker_restarts.labels(name).inc()
+        worker_configs(settings, app.state.specs),
+        liveness,
+        lambda name: metrics.worker_restarts.labels(name).inc(),
     )
     scheduler = Scheduler(
         pool,
@@ -93,7 +101,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     scheduler.start()
     app.state.pool = pool
     app.state.scheduler = scheduler
-    app.state.images = ImageService(settings, app.state.specs, scheduler, app.state.store, {})
+    app.state.images = ImageService(settings, app.state.specs, scheduler, app.state.store)
     # In a folder of its own beside the url store's.
     jobs = JobService(
         settings,
@@ -109,7 +117,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     async def announce_ready() -> None:
         await pool.wait_ready(settings.worker_start_timeout_s)
-        app.state.images.signatures = pool.signatures()
         logger.info("ready: serving %s", ", ".join(app.state.specs))
 
     async def sweep_store() -> None:
@@ -138,8 +145,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings, make_pool: Callable[..., WorkerPool] = WorkerPool) -> FastAPI:
-    """The app; `make_pool(configs, on_restart)` builds what runs the renders (the spawned workers, unless a
-    test stands in for the process boundary)."""
+    """The app; `make_pool(configs, liveness, on_restart)` builds what runs the renders (the spawned workers,
+    unless a test stands in for the process boundary)."""
     app = FastAPI(
         title="fluxd",
         summary="FLUX image generation behind the OpenAI Images API",

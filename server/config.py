@@ -40,6 +40,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from pipelines.messages import WORKER_ENTRY
 from pipelines.modes import Mode
 from server.webhooks import secret_key
 
@@ -203,6 +204,32 @@ class Settings(BaseSettings):
     )
     prompt_cache_mb: float = Field(
         default=512.0, ge=0, description="text-encoder outputs kept per worker; 0 is off"
+    )
+    worker_heartbeat_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="a worker process that sends nothing for this long, not even the heartbeat a thread of "
+        "its own sends every second, is stopped or frozen: it is killed and replaced, its requests answered "
+        "503",
+    )
+    batch_deadline_floor_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="a batch may always run this long before its worker counts as hung (killed and replaced, "
+        "its requests answered 503); it covers what comes before the first step: loading a checkpoint on "
+        "first use (FLUX.2 [dev] reads 112 GB of bf16 weights, minutes from a slow disk), prompt "
+        "enhancement, compilation (--preload models load before the worker is ready, outside it)",
+    )
+    batch_deadline_factor: float = Field(
+        default=10.0,
+        ge=1,
+        description="a batch may also run this many times its steps x its own measured step time, when that "
+        "is longer than --batch-deadline-floor-s",
+    )
+    worker_entry: str = Field(
+        default=WORKER_ENTRY,
+        description="the loop each worker process runs, as module:function; tests name one that wraps it "
+        "with an injected fault",
     )
     log_prompts: bool = Field(default=False, description="log prompts")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING")

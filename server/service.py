@@ -16,6 +16,7 @@ from typing import Literal
 from fastapi import Request
 from starlette.datastructures import MutableHeaders
 
+from pipelines.arguments import PASSTHROUGH
 from pipelines.errors import InvalidParameter
 from pipelines.images import reference_sizes
 from pipelines.messages import Progress, RenderRequest, RenderResult
@@ -73,13 +74,11 @@ class ImageService:
         specs: Mapping[str, ModelSpec],
         scheduler: Scheduler,
         store: ImageStore,
-        signatures: Mapping[str, Mapping[str, str]],
     ) -> None:
         self.settings = settings
         self.specs = specs
         self.scheduler = scheduler
         self.store = store
-        self.signatures = signatures
 
     async def prepare(
         self, body: _ImageFields, images: list[bytes] | None = None, prompt_required: bool = True
@@ -87,7 +86,7 @@ class ImageService:
         # One default for every route: a server whose default model cannot edit says so on an edit (400).
         spec = get_spec(body.model or self.settings.default_model, self.specs)
         if images is None:
-            render, reply = build_request(body, spec, self.signatures.get(spec.pipeline_class, {}))
+            render, reply = build_request(body, spec, PASSTHROUGH[spec.pipeline_class])
             return Prepared(render, reply, spec)
         if "edit" not in spec.modes:
             raise InvalidParameter("model", f"'{spec.id}' does not edit images; use /v1/images/generations.")
@@ -96,7 +95,7 @@ class ImageService:
         render, reply = build_request(
             body,
             spec,
-            self.signatures.get(spec.pipeline_class, {}),
+            PASSTHROUGH[spec.pipeline_class],
             images,
             sizes[0] if sizes else None,
             prompt_required=prompt_required,

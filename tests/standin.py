@@ -73,7 +73,12 @@ def _result(request: RenderRequest) -> RenderResult:
 class StandInPool:
     """One stand-in worker, ready at once."""
 
-    def __init__(self, configs: list[WorkerConfig], on_restart: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        configs: list[WorkerConfig],
+        liveness: Any = None,
+        on_restart: Callable[[str], None] | None = None,
+    ) -> None:
         self.configs = configs
         self.workers: list[StandInHandle] = []
 
@@ -89,9 +94,6 @@ class StandInPool:
 
     def all_ready(self) -> bool:
         return True
-
-    def signatures(self) -> dict[str, dict[str, str]]:
-        return {}
 
     def modes(self, weights_id: str) -> list[dict[str, Any]]:
         return []

@@ -19,7 +19,6 @@ from openai.types import (
 )
 from PIL import Image
 
-from pipelines.worker import FAULT_AFTER_STEP
 from tests.e2e.conftest import HTTP, Server, start_server, stop_server
 from tests.imagery import png as png_bytes
 
@@ -102,7 +101,8 @@ def test_stream_with_n_2_is_a_400_naming_n(client: openai.OpenAI) -> None:
 
 @pytest.fixture(scope="module")
 def faulty(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tiny_weights, tmp_path_factory.mktemp("faulty"), env={FAULT_AFTER_STEP: "2"})
+    fault = {"FLUXD_WORKER_ENTRY": "tests.faults:error_after_step_2"}
+    running = start_server(tiny_weights, tmp_path_factory.mktemp("faulty"), env=fault)
     yield running
     stop_server(running)
 
@@ -118,7 +118,7 @@ def test_a_fault_after_streaming_began_raises_api_error(faulty: Server) -> None:
             received.append(event)
     assert [type(event) for event in received] == [ImageGenPartialImageEvent]
     assert info.value.body["type"] == "server_error" and info.value.message
-    assert "Traceback" not in info.value.message and FAULT_AFTER_STEP not in info.value.message
+    assert "Traceback" not in info.value.message and "injected" not in info.value.message
     # Sent inside a 200 stream, the error is counted all the same.
     metrics = HTTP.get(f"{faulty.url}/metrics").text
     assert f'fluxd_errors_total{{code="{info.value.body["code"]}",status="500"}} 1.0' in metrics

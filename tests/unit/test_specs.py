@@ -14,7 +14,7 @@ from pipelines.specs import DEFAULT_MODEL, SPECS, get_spec, weights_ids
 def test_pure_modules_import_without_torch() -> None:
     code = (
         "import sys; import pipelines.specs, pipelines.sizes, pipelines.messages, pipelines.errors, "
-        "pipelines.images, pipelines.schedules;"
+        "pipelines.images, pipelines.arguments;"
         "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; print(bad); "
         "sys.exit(1 if bad else 0)"
     )
