@@ -10,15 +10,12 @@ import logging
 import os
 import queue
 import signal
-import tempfile
 import threading
 import time
 from multiprocessing.queues import Queue
-from pathlib import Path
 from typing import Any
 
-from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit, WeightsMissing
-from pipelines.jobs import Failure, Progress, Ready, RenderRequest, WorkerConfig
+from pipelines.jobs import Progress, RenderRequest, WorkerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -57,49 +54,14 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s"
     )
-    # diffusers' FLUX.2 prompt encoding passes tokenizer options the way transformers now warns about, once
-    # per encode: noise in every server log that no fluxd setting can act on.
-    logging.getLogger("transformers.processing_utils").addFilter(
-        lambda record: "processor_kwargs" not in record.getMessage()
-    )
     import torch
 
-    from pipelines.arguments import passthrough_signatures
-    from pipelines.engine import Engine, SyntheticWeights
+    from pipelines.runner import open_engine, ready_message, render_batch
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if config.device.startswith("cuda"):
-        # Libraries that place by "the current device" (bitsandbytes while quantising) follow this worker's.
-        torch.cuda.set_device(config.device)
-    synthetic = None
-    if config.synthetic:
-        from pipelines.tiny import write_tiny
-
-        # Tokenizers only set token ids and every prompt is padded to a fixed length: tiny ones give the
-        # real shapes.
-        tokenizers = Path(tempfile.mkdtemp(prefix="fluxd-tokenizers-"))
-        write_tiny(tokenizers)
-        synthetic = SyntheticWeights(tokenizers)
-    engine = Engine(
-        config.specs,
-        Path(config.weights_dir),
-        config.device,
-        config.memory_budget_bytes,
-        config.prompt_cache_bytes,
-        config.modes,
-        synthetic,
-    )
-    for model_id in config.preload:
-        try:
-            engine.pipeline(config.specs[model_id])
-        except ModeUnfit as exc:
-            logger.error("not preloading %s: %s", model_id, exc.message)
-    engine.warm_up()
+    engine = open_engine(config)
     cancelled: set[str] = set()
     threading.Thread(target=_watch_cancellations, args=(control, cancelled), daemon=True).start()
-    signatures = passthrough_signatures(config.specs)
-    outbox.put(Ready(config.device, signatures, engine.loaded(), engine.describe_modes()))
+    outbox.put(ready_message(engine, config))
 
     fault_after = int(os.environ.get(FAULT_AFTER_STEP, "0"))
 
@@ -120,24 +82,8 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
         live = [request for request in batch if request.id not in cancelled]
         if not live:
             continue
-        ids = [request.id for request in live]
         try:
-            for result in engine.render(live, on_step):
-                result.loaded = engine.loaded()
-                result.device_memory_bytes = engine.device_memory()
-                outbox.put(result)
-        except Cancelled:
-            outbox.put(Failure(ids, "cancelled", "Every client of this batch went away."))
-        except InvalidParameter as exc:
-            outbox.put(Failure(ids, "invalid", exc.message, exc.param, exc.code))
-        except (WeightsMissing, ModeUnfit) as exc:
-            outbox.put(Failure(ids, "unavailable", exc.message, "model", "model_unavailable"))
-        except torch.OutOfMemoryError:
-            logger.exception("out of memory rendering %s", ids)
-            torch.cuda.empty_cache()
-            outbox.put(Failure(ids, "out_of_memory", "The device ran out of memory for this request."))
-        except Exception:
-            logger.exception("rendering %s failed", ids)
-            outbox.put(Failure(ids, "internal", "The server failed to render the image."))
+            for message in render_batch(engine, live, on_step):
+                outbox.put(message)
         finally:
-            cancelled.difference_update(ids)
+            cancelled.difference_update(request.id for request in live)
