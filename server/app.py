@@ -10,7 +10,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.jobs import WorkerConfig
+from pipelines.specs import ModelSpec
 from server.config import Settings
 from server.errors import APIError, BodyTooLarge, body_too_large, error_response, install_error_handlers
 from server.metrics import Metrics
@@ -31,6 +32,8 @@ from server.scheduler import Scheduler
 from server.service import ImageService
 from server.store import ImageStore
 from server.workers import WorkerPool
+
+PoolFactory = Callable[[Callable[[str], None]], WorkerPool]
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -64,9 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
-    pool = WorkerPool(
-        worker_configs(settings, app.state.specs), lambda name: metrics.worker_restarts.labels(name).inc()
-    )
+    pool = app.state.pool_factory(lambda name: metrics.worker_restarts.labels(name).inc())
     scheduler = Scheduler(
         pool,
         app.state.specs,
@@ -98,7 +99,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool.stop()
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(
+    settings: Settings, specs: dict[str, ModelSpec] | None = None, pool_factory: PoolFactory | None = None
+) -> FastAPI:
+    """The front. `specs`: the models to serve (default: those whose weights are here); `pool_factory`: what
+    runs the batches, given the callback counting restarts (default: a spawned worker per device)."""
     app = FastAPI(
         title="fluxd",
         summary="FLUX image generation behind the OpenAI Images API",
@@ -106,7 +111,10 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.specs = served_specs(settings)
+    app.state.specs = served_specs(settings) if specs is None else specs
+    app.state.pool_factory = pool_factory or (
+        lambda on_restart: WorkerPool(worker_configs(settings, app.state.specs), on_restart)
+    )
     app.state.store = ImageStore(
         settings.store_dir, settings.image_ttl_s, int(settings.store_quota_mb * 2**20)
     )

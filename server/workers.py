@@ -86,13 +86,25 @@ class WorkerHandle:
             self._pending[request.id] = _Pending(future, request.n, listeners.get(request.id))
             futures.append(future)
         self.busy_images += sum(request.n for request in batch)
-        self._inbox.put(batch)
+        self._send(batch)
         return futures
 
     def cancel(self, request_id: str) -> None:
         if request_id in self._pending:
-            self._control.put(request_id)
+            self._send_cancel(request_id)
             logger.info("request %s cancelled while running on worker %s", request_id, self.name)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    # Transport: a worker process's queues here; a Ray Serve call in server/ray_pool.py.
+
+    def _send(self, batch: list[RenderRequest]) -> None:
+        self._inbox.put(batch)
+
+    def _send_cancel(self, request_id: str) -> None:
+        self._control.put(request_id)
 
     def holds(self, model_weights: str) -> bool:
         return self.info is not None and model_weights in self.info.loaded
