@@ -82,6 +82,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--log-prompts", action="store_true", default=None, help="log prompts (off by default)"
     )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    serve.add_argument("--ray", help="serve through Ray Serve: auto, a cluster address, or local")
 
 
 def _ensure_tiny(folder: Path) -> None:
@@ -123,6 +124,10 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     if settings.demo:
         _ensure_tiny(settings.weights_dir)
+    if settings.ray:
+        from server.ray_app import serve_on_ray
+
+        return serve_on_ray(settings)
 
     import uvicorn
 

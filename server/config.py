@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.modes import Mode
 
@@ -65,6 +65,48 @@ class Settings(BaseModel):
     log_prompts: bool = False
     log_level: str = "INFO"
     models: dict[str, ModelEntry] = Field(default_factory=dict)
+    # Beyond one machine (server/ray_app.py): only read when `ray` is set.
+    ray: str | None = Field(
+        None,
+        min_length=1,
+        description="serve through Ray Serve: 'auto' joins the running Ray cluster, an address (host:6379, "
+        "ray://host:10001) joins that one, 'local' starts one on this machine; unset: local worker processes",
+    )
+    ray_min_replicas: int = Field(1, ge=1, description="engine replicas Ray Serve keeps running")
+    ray_max_replicas: int = Field(1, ge=1, description="engine replicas Ray Serve may scale up to")
+    ray_target_ongoing_requests: float = Field(
+        1.0,
+        gt=0,
+        description="batches in flight (running or waiting) per engine replica that Ray Serve scales "
+        "towards; a replica runs one batch at a time, as a local worker does",
+    )
+    ray_upscale_delay_s: float = Field(30.0, ge=0, description="seconds of high load before adding a replica")
+    ray_downscale_delay_s: float = Field(
+        600.0, ge=0, description="seconds of low load before removing a replica"
+    )
+    ray_autoscaling_window_s: float = Field(
+        30.0, gt=0, description="seconds over which the in-flight count is averaged for each scaling decision"
+    )
+    ray_gpus_per_replica: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs of each engine replica; unset: 1 when the cluster has GPUs, else 0 (the CPU)",
+    )
+    ray_cpus_per_replica: float = Field(
+        1.0, gt=0, description="logical CPUs of each engine replica (a node must declare at least that many)"
+    )
+    ray_max_replicas_per_node: int | None = Field(
+        None, ge=1, description="engine replicas one node may hold; unset: as many as its GPUs or CPUs allow"
+    )
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> Settings:
+        if self.ray_max_replicas < self.ray_min_replicas:
+            raise ValueError(
+                f"ray_max_replicas ({self.ray_max_replicas}) is below "
+                f"ray_min_replicas ({self.ray_min_replicas})"
+            )
+        return self
 
     @property
     def synthetic_weights(self) -> bool:
