@@ -139,3 +139,28 @@ def test_weights_and_image_store_are_volumes() -> None:
     store = re.search(r"FLUXD_STORE_DIR=(\S+)", env)
     assert store and store[1] in declared
     assert flag(exec_form("ENTRYPOINT"), "--weights-dir") in declared
+
+
+# The python3 each Ubuntu release ships and maintains as its system Python.
+UBUNTU_PYTHON = {"22.04": "3.10", "24.04": "3.12", "26.04": "3.14"}
+
+
+def test_python_is_the_base_releases_own_and_satisfies_requires_python() -> None:
+    [base] = arguments("FROM")
+    release = re.search(r"ubuntu(\d+\.\d+)", base)
+    assert release, base
+    venv = [rest for rest in arguments("RUN") if " -m venv " in rest]
+    assert venv, "the image builds its virtual environment with the system Python"
+    python = re.search(r"python(\d+\.\d+) -m venv", venv[0])
+    assert python and python[1] == UBUNTU_PYTHON[release[1]]
+    minimum = re.fullmatch(r">=(\d+)\.(\d+)", pyproject()["project"]["requires-python"])
+    assert minimum and tuple(map(int, python[1].split("."))) >= (int(minimum[1]), int(minimum[2]))
+    [apt] = [rest for rest in arguments("RUN") if "apt-get install" in rest]
+    assert f"python{python[1]}-venv" in apt.split() and f"python{python[1]}-dev" in apt.split()
+
+
+def test_a_build_argument_adds_the_projects_extras_such_as_ray() -> None:
+    assert any(rest.startswith("FLUXD_EXTRAS") for rest in arguments("ARG"))
+    [install] = [rest for rest in arguments("RUN") if "/tmp/fluxd" in rest and "pip install" in rest]
+    assert "${FLUXD_EXTRAS:+[$FLUXD_EXTRAS]}" in install
+    assert "ray" in pyproject()["project"]["optional-dependencies"]
