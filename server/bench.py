@@ -7,6 +7,9 @@
 - soak: --soak-requests over mixed models, sizes, n and response formats at --soak-concurrency: requests
   lost (no answer), 5xx, and the HTTP process's resident memory at request 100 and at the end.
 
+With --ray, it measures instead images/s through Ray Serve with one and with two engine replicas
+(server/bench_ray.py).
+
 It prints one markdown table and exits 1 when a target is missed, 2 when the run itself failed. The
 arithmetic, the verdicts and the table are pure functions (tests/unit/test_bench_serve.py). This module does
 not import torch at import time: only the direct call and writing the tiny weights need it.

@@ -38,6 +38,7 @@ from server.ray_app import (
     APP_NAME,
     ENGINE,
     DeployFailed,
+    build,
     deploy,
     for_the_cluster,
     local_cluster,
@@ -47,7 +48,11 @@ from tests.imagery import png
 
 # The tests average load over 2 s to scale within seconds, below the 10 s that Serve's deprecated
 # metrics_interval_s still compares against; the load reports themselves come every 0.5 s (see `served`).
-pytestmark = pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning"),
+    # The first test also starts the cluster and deploys (about a minute on 2 busy cores).
+    pytest.mark.timeout(600),
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = {"num_inference_steps": 4}
@@ -286,6 +291,16 @@ def test_a_node_without_the_weights_fails_the_deployment_with_the_reason(
             )
     finally:
         serve.delete("missing")
+
+
+def test_the_kuberay_builder_needs_a_key_and_builds_the_application(
+    served: Served, tiny_weights: Path
+) -> None:
+    args = {"weights_dir": str(tiny_weights), "demo": True}
+    with mock.patch.dict(os.environ, {"FLUXD_API_KEYS": ""}), pytest.raises(ValueError, match="API key"):
+        build(args)
+    with mock.patch.dict(os.environ, {"FLUXD_API_KEYS": "k1"}):
+        assert isinstance(build(args), serve.Application)
 
 
 def test_bench_reports_images_per_second_with_one_and_two_replicas(
