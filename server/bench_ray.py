@@ -129,6 +129,9 @@ def measure_replicas(args: argparse.Namespace, client: httpx.Client, workdir: Pa
 
 
 RATIO_NOTE = (
-    "The replicas share this machine's cores: on a 2-core machine two simulated nodes cannot run faster "
-    "than one, so the ratio shows what Serve's routing costs or gives, not what a second GPU would add."
+    "Both replicas run on this machine, torch on one thread each (CPU replicas; a GPU replica would be on its "
+    "own GPU). With 2 cores, one replica leaves the other core to the front, Serve's proxy and the load "
+    "generator, and a second replica only gains what they leave of it: the ratio shows that Serve spreads "
+    "the batches over both replicas, not what a second GPU node would add, which only a cluster of GPUs "
+    "measures."
 )
