@@ -434,9 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         try:
             if args.ray:
-                from server.bench_ray import RATIO_NOTE, measure_replicas
+                from server.bench_ray import LOCAL_NOTE, measure_replicas
 
-                rows, note = measure_replicas(args, client, Path(tmp)), RATIO_NOTE
+                rows = measure_replicas(args, client, Path(tmp))
+                note = LOCAL_NOTE if args.ray == "local" else ""
             else:
                 rows, note = table_rows(measure(args, client, Path(tmp))), ""
         except BenchError as exc:

@@ -128,10 +128,9 @@ def measure_replicas(args: argparse.Namespace, client: httpx.Client, workdir: Pa
     return replica_rows(measured, args.concurrency, args.max_batch_images)
 
 
-RATIO_NOTE = (
-    "Both replicas run on this machine, torch on one thread each (CPU replicas; a GPU replica would be on its "
-    "own GPU). With 2 cores, one replica leaves the other core to the front, Serve's proxy and the load "
-    "generator, and a second replica only gains what they leave of it: the ratio shows that Serve spreads "
-    "the batches over both replicas, not what a second GPU node would add, which only a cluster of GPUs "
-    "measures."
+LOCAL_NOTE = (
+    "With --ray local both simulated nodes are this machine, and each CPU replica runs torch on one thread: "
+    "one replica leaves the other cores to the front, Serve's proxy and the load generator, and a second "
+    "replica gains only what they leave. The ratio shows that Serve spreads batches over both replicas, "
+    "not what a second GPU node adds, which only a cluster of GPUs measures."
 )
