@@ -241,33 +241,33 @@ def deploy(
     name: str = APP_NAME,
     route_prefix: str = "/",
 ) -> None:
-    """Deploy (or update) the application on the connected cluster and wait until it runs.
+    """Deploy (or update) the application on the connected cluster and wait until it runs; a deployment that
+    fails or is not running after `timeout_s` is taken down and raises DeployFailed with Serve's reason.
 
-    serve.run waits without end for replicas the cluster cannot place (not enough GPUs or logical CPUs), so
-    it runs on a thread while the status is watched here, with a deadline.
+    serve.run would wait without end for replicas the cluster cannot place (not enough GPUs or logical CPUs):
+    `serve._run(_blocking=False)`, which serve.run calls, returns once the deployments are registered, and the
+    status is watched here, with a deadline. (A private function, hence the exact ray pin.)
     """
-    app = application(settings, specs, replica_gpus(settings))
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            serve.run(app, name=name, route_prefix=route_prefix)
-        except BaseException as exc:  # reported below with Serve's own reason
-            errors.append(exc)
-
-    runner = threading.Thread(target=run, name="fluxd-serve-run", daemon=True)
-    runner.start()
+    serve._run(
+        application(settings, specs, replica_gpus(settings)),
+        _blocking=False,
+        name=name,
+        route_prefix=route_prefix,
+    )
     deadline = time.monotonic() + timeout_s
     while True:
-        runner.join(timeout=1.0)
         status = serve.status().applications.get(name)
-        if not runner.is_alive() and not errors:
+        if status is not None and status.status == ApplicationStatus.RUNNING:
             return
-        if errors or (status is not None and status.status == ApplicationStatus.DEPLOY_FAILED):
-            raise DeployFailed(_failure(status) if status is not None else repr(errors[0]))
+        if status is not None and status.status == ApplicationStatus.DEPLOY_FAILED:
+            reason = _failure(status)
+            break
         if time.monotonic() > deadline:
-            reason = _failure(status) if status is not None else "no status"
-            raise DeployFailed(f"not running after {timeout_s:.0f} s: {reason}")
+            reason = f"not running after {timeout_s:.0f} s: " + (_failure(status) if status else "no status")
+            break
+        time.sleep(1.0)
+    serve.delete(name)
+    raise DeployFailed(reason)
 
 
 def local_cluster(nodes: int, cpus_per_node: int) -> Any:
