@@ -208,7 +208,11 @@ def application(settings: Settings, specs: Mapping[str, ModelSpec], gpus: float)
     if settings.ray_max_replicas_per_node is not None:
         options["max_replicas_per_node"] = settings.ray_max_replicas_per_node
     engine = ENGINE_DEPLOYMENT.options(**options).bind(config)
-    return FRONT_DEPLOYMENT.bind(settings, dict(specs), config, engine)
+    # The front admits and refuses requests itself (429 past --queue-size per model): Serve's own limit per
+    # replica (5 by default) must never bind first, or requests would wait in the proxy, unseen by the
+    # scheduler's batching and deadlines. Room for every queued and running job, and the light routes.
+    capacity = settings.queue_size * len(specs) + lane_count(settings) * settings.max_batch_images + 256
+    return FRONT_DEPLOYMENT.options(max_ongoing_requests=capacity).bind(settings, dict(specs), config, engine)
 
 
 def build(args: dict[str, Any]) -> serve.Application:

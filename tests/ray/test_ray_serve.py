@@ -239,6 +239,32 @@ def test_a_url_answer_is_fetched_through_the_proxy(served: Served) -> None:
     assert Image.open(io.BytesIO(image.content)).size == (32, 32)
 
 
+def queued(served: Served) -> float:
+    metrics = HTTP.get(f"{served.url}/metrics").text
+    return sum(
+        float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("fluxd_queue_depth{")
+    )
+
+
+def test_the_front_holds_more_requests_than_serves_default_limit_so_they_queue_in_its_scheduler(
+    served: Served,
+) -> None:
+    # Eight requests that cannot share a batch (each its own step count): one per lane runs, the others
+    # wait in the scheduler's queue, where batching, deadlines and 429s apply, not in Serve's proxy.
+    bodies = [
+        {"prompt": "a fox", "size": "256x256", "num_inference_steps": 20 + i, "response_format": "b64_json"}
+        for i in range(8)
+    ]
+    lanes = len(served.ready()["workers"])
+    depths: list[float] = []
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = [pool.submit(HTTP.post, f"{served.url}/v1/images/generations", json=b) for b in bodies]
+        while not all(answer.done() for answer in answers):
+            depths.append(queued(served))
+    assert [answer.result().status_code for answer in answers] == [200] * len(bodies)
+    assert max(depths) >= len(bodies) - lanes - 1
+
+
 def test_a_killed_replica_answers_503_with_retry_after_and_serve_replaces_it(served: Served) -> None:
     restarts = sum(worker["restarts"] for worker in served.ready()["workers"])
     answer: dict[str, httpx.Response] = {}
