@@ -18,7 +18,7 @@ import torch
 from pipelines import loading
 from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit
 from pipelines.families import flux1, flux2
-from pipelines.images import decode_image, limit_reference
+from pipelines.images import decode_image, fit_reference
 from pipelines.jobs import Progress, RenderedImage, RenderRequest, RenderResult
 from pipelines.modes import HEADROOM_BYTES, ResolvedMode, choose_mode
 from pipelines.prompt_cache import PromptCache
@@ -279,9 +279,12 @@ class Engine:
         family = FAMILIES[spec.family]
         started = time.perf_counter()
         pipe = self.pipeline(spec)
-        references = [limit_reference(decode_image(data, "image")) for data in first.images]
-        if references:
-            spec.check_references([image.size for image in references])
+        if first.images:
+            spec.check_references(len(first.images))
+        references = [
+            fit_reference(decode_image(data, "image"), spec.min_reference_side, spec.max_reference_aspect)
+            for data in first.images
+        ]
         loaded_ms = (time.perf_counter() - started) * 1000
         hits, misses = self.prompts.hits, self.prompts.misses
 
@@ -352,7 +355,7 @@ class Engine:
             "generator": generators,
             "output_type": "np",
             "callback_on_step_end": step_end,
-            **family.call_kwargs(spec, pipe, references, first.width, first.height),
+            **family.call_kwargs(spec, pipe, references, first.width, first.height, first.steps),
             **first.extra,
         }
         denoise_started = time.perf_counter()

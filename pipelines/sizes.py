@@ -1,4 +1,5 @@
-"""The seeds' size rules as pure functions: (size, aspect_ratio, resolution, input size) -> (width, height).
+"""The Lumenfall model pages' size rules as pure functions:
+(size, aspect_ratio, resolution, input size) -> (width, height).
 
 - `size` "WxH" is exact pixels (snapped, scaled down to the model's limit); "W:H" means `aspect_ratio`.
 - `aspect_ratio` picks the nearest ratio of the model's 1K table; `resolution` the nearest available tier.
@@ -17,9 +18,17 @@ from pipelines.specs import MAX_INPUT_SIDE, SIZE_MULTIPLE, ModelSpec
 
 ResolutionMode = Literal["auto", "match_input"]
 
-_PIXELS = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
-_RATIO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
-_TIER = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kK]|[mM][pP])?\s*$")
+# Numbers are bounded in digits before they are converted: Python refuses ints past 4300 digits and a long
+# decimal becomes an infinite float.
+_NUMBER = r"(\d{1,6}(?:\.\d{1,6})?)"
+_PIXELS = re.compile(r"^\s*(\d{1,9})\s*[xX×]\s*(\d{1,9})\s*$")
+_RATIO = re.compile(rf"^\s*{_NUMBER}\s*:\s*{_NUMBER}\s*$")
+_TIER = re.compile(rf"^\s*{_NUMBER}\s*([kK]|[mM][pP])?\s*$")
+
+
+def _shown(value: str) -> str:
+    """A value echoed in an error, cut short: a 400 must not carry a megabyte back."""
+    return value if len(value) <= 40 else f"{value[:37]}..."
 
 
 def snap(value: float, multiple: int = SIZE_MULTIPLE) -> int:
@@ -60,12 +69,12 @@ def parse_ratio(value: str, param: str = "aspect_ratio") -> float:
     match = _RATIO.match(value)
     if not match or float(match[1]) <= 0 or float(match[2]) <= 0:
         raise InvalidParameter(
-            param, f"Invalid {param} '{value}': expected 'W:H' with positive numbers, e.g. '16:9'."
+            param, f"Invalid {param} '{_shown(value)}': expected 'W:H' with positive numbers, e.g. '16:9'."
         )
     ratio = float(match[1]) / float(match[2])
     if not (1 / 100 <= ratio <= 100):
         raise InvalidParameter(
-            param, f"{param} '{value}' is too extreme: ratios from 1:100 to 100:1 are accepted."
+            param, f"{param} '{_shown(value)}' is too extreme: ratios from 1:100 to 100:1 are accepted."
         )
     return ratio
 
@@ -85,7 +94,7 @@ def parse_tier(value: str, spec: ModelSpec) -> float:
     if not match or float(match[1]) <= 0:
         raise InvalidParameter(
             "resolution",
-            f"Invalid resolution '{value}': expected a tier such as {', '.join(spec.tiers)} "
+            f"Invalid resolution '{_shown(value)}': expected a tier such as {', '.join(spec.tiers)} "
             "or megapixels such as 1.",
         )
     number, unit = float(match[1]), (match[2] or "").lower()
@@ -114,7 +123,7 @@ def resolve_size(
         if pixels is not None:
             return fit(*pixels, spec)
         if not _RATIO.match(size):
-            raise InvalidParameter("size", f"Invalid size '{size}': expected 'auto', 'WxH' or 'W:H'.")
+            raise InvalidParameter("size", f"Invalid size '{_shown(size)}': expected 'auto', 'WxH' or 'W:H'.")
         ratio = parse_ratio(size, "size")
 
     if ratio is not None:

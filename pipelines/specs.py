@@ -1,30 +1,35 @@
 """What each served model is: ids, aliases, defaults, size tables, limits and accepted parameters.
 
 Pure data, importable without torch: the HTTP process validates every request against these specs before
-anything reaches a worker. Sources are cited next to each value; "seeds" means the hosted-gateway pages in
-shared/seeds/ that define what users of these models expect.
+anything reaches a worker. Sources are cited next to each value: mostly Lumenfall's public model pages
+(lumenfall.ai, one per model), which define what users of these models expect from a hosted gateway.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from pipelines.errors import InvalidParameter, ModelNotFound
 
 Family = Literal["flux2", "flux1", "flux1-kontext"]
+# A loaded diffusers pipeline. DiffusionPipeline's subclasses set their components (transformer, vae, ...) as
+# attributes at run time, which no static type of diffusers declares.
+Pipeline = Any
 Mode = Literal["generate", "edit"]
 
 SIZE_MULTIPLE = 16  # VAE downsampling (8) x latent patch size (2), the same for FLUX.1 and FLUX.2.
-MAX_INPUT_SIDE = 14142  # seeds: "Custom 1-14142px per side" accepted as input before clamping to the model.
+# Lumenfall model pages: "Custom 1-14142px per side" accepted as input before clamping to the model.
+MAX_INPUT_SIDE = 14142
 MAX_REFERENCE_PIXELS = (
     4 * 1024 * 1024
-)  # seeds (FLUX.2 pricing notes): references over 4 MP are resized to 4 MP.
+)  # Lumenfall FLUX.2 [dev] page (pricing notes): references over 4 MP are resized to 4 MP.
 
-# The seeds' "1K" tables (ratio -> output size). FLUX.2 [dev], Turbo and FLUX1.1 [pro] list nine; Kontext
-# adds 21:9 and 9:21. Sizes are the gateway's own numbers; fluxd snaps them to SIZE_MULTIPLE when it runs.
+# The Lumenfall model pages' "1K" tables (ratio -> output size). FLUX.2 [dev], Turbo and FLUX1.1 [pro]
+# list nine; Kontext adds 21:9 and 9:21. Sizes are the gateway's own numbers; fluxd snaps them to
+# SIZE_MULTIPLE when it runs.
 SIZES_1K: dict[str, tuple[int, int]] = {
     "4:3": (1183, 887),
     "4:5": (916, 1145),
@@ -38,40 +43,16 @@ SIZES_1K: dict[str, tuple[int, int]] = {
 }
 SIZES_1K_KONTEXT: dict[str, tuple[int, int]] = {**SIZES_1K, "9:21": (670, 1564), "21:9": (1563, 670)}
 
-# Resolution tiers as a linear scale of the 1K table; the seeds name "0.5K 1K 2K 4K" and megapixel tiers.
+# Resolution tiers as a linear scale of the 1K table; the Lumenfall model pages name "0.5K 1K 2K 4K" and
+# megapixel tiers.
 TIERS: dict[str, float] = {"0.5K": 0.5, "1K": 1.0, "2K": 2.0, "4K": 4.0}
 
-# Parameters from the seeds' tables that every model takes, whatever its family.
-COMMON_PARAMS = frozenset(
-    {
-        "seed",
-        "size",
-        "aspect_ratio",
-        "resolution",
-        "resolution_mode",
-        "response_format",
-        "output_format",
-        "output_compression",
-        "output_quality",
-        "n",
-        "sync_mode",
-        "width",
-        "height",
-        "enable_safety_checker",
-        "disable_safety_checker",
-        "safety_tolerance",
-    }
-)
-DENOISE_PARAMS = frozenset({"cfg_scale", "num_inference_steps", "acceleration", "go_fast"})
 # Bounds on pipeline arguments that clients may pass through, where an unbounded value would let one
 # request occupy a GPU for minutes (FLUX.2's pipeline pads to whatever max_sequence_length it is given).
 PASSTHROUGH_BOUNDS: dict[str, tuple[float, float]] = {
     "max_sequence_length": (1, 512),
     "true_cfg_scale": (0, 20),
 }
-ENHANCE_PARAMS = frozenset(
-    {"prompt_enhancement", "enhance_prompt", "enable_prompt_expansion", "prompt_upsampling"}
-)
 
 
 @dataclass(frozen=True)
@@ -116,9 +97,9 @@ class ModelSpec:
     base: str | None = None  # the model whose weights this id runs on (an adapter's base or an alias's root)
     alias: bool = False
     checkpoint_path: str | None = None  # an explicit diffusers folder (a model added in the TOML registry)
-    params: frozenset[str] = field(default_factory=frozenset)
     max_steps: int = 100
     guidance_range: tuple[float, float] = (0.0, 20.0)
+    # What the pipeline takes as a reference; the worker fits every reference into it, none is refused.
     min_reference_side: int = 1
     max_reference_aspect: float = 100.0
 
@@ -136,38 +117,24 @@ class ModelSpec:
             if 1024 * scale <= self.limits.max_side and (1024 * scale) ** 2 <= self.limits.max_pixels
         }
 
-    def takes(self, param: str) -> bool:
-        return param in self.params
-
-    def check_references(self, sizes: list[tuple[int, int]]) -> None:
-        """Refuse reference images this model cannot take, naming `image`."""
+    def check_references(self, count: int) -> None:
+        """Refuse a number of reference images this model cannot take, naming `image`, before any is read.
+        Their sizes are never refused: the worker fits each into `min_reference_side` and
+        `max_reference_aspect` (pipelines.images.fit_reference)."""
         if "edit" not in self.modes:
             raise InvalidParameter("image", f"'{self.id}' does not edit images; use /v1/images/generations.")
-        if not sizes:
+        if not count:
             raise InvalidParameter("image", "At least one image is required.", "missing_required_parameter")
-        if len(sizes) > self.max_references:
+        if count > self.max_references:
             raise InvalidParameter(
-                "image", f"'{self.id}' takes at most {self.max_references} image(s); {len(sizes)} were sent."
+                "image", f"'{self.id}' takes at most {self.max_references} image(s); {count} were sent."
             )
-        for width, height in sizes:
-            if min(width, height) < self.min_reference_side:
-                raise InvalidParameter(
-                    "image",
-                    f"'{self.id}' needs images of at least {self.min_reference_side} px per side; "
-                    f"got {width}x{height}.",
-                )
-            if max(width / height, height / width) > self.max_reference_aspect:
-                raise InvalidParameter(
-                    "image",
-                    f"'{self.id}' takes aspect ratios up to {self.max_reference_aspect:g}:1; "
-                    f"got {width}x{height}.",
-                )
 
     def with_overrides(self, **changes: object) -> ModelSpec:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
-FLUX2_LIMITS = Limits(2048, 2048 * 2048, "seeds (FLUX.2 [dev] FAQ): images up to 2048x2048")
+FLUX2_LIMITS = Limits(2048, 2048 * 2048, "Lumenfall FLUX.2 [dev] model page (FAQ): images up to 2048x2048")
 FLUX1_LIMITS = Limits(
     1440,
     1440 * 1440,
@@ -180,9 +147,13 @@ KONTEXT_LIMITS = Limits(
 
 TURBO_SIGMAS = (1.0, 0.6509, 0.4374, 0.2932, 0.1893, 0.1108, 0.0495, 0.00031)
 
-_FLUX2_PARAMS = COMMON_PARAMS | DENOISE_PARAMS | ENHANCE_PARAMS | {"image"}
-# diffusers' Flux2ImageProcessor.check_image_input: references of at least 64 px a side, at most 8:1.
-_FLUX2_REFERENCES = {"max_references": 4, "min_reference_side": 64, "max_reference_aspect": 8.0}
+# diffusers' Flux2ImageProcessor.check_image_input refuses references under 64 px a side or past 8:1; gateways
+# take any size, so the worker fits references into that range first (pipelines.images.fit_reference).
+_FLUX2_REFERENCES: dict[str, Any] = {
+    "max_references": 4,
+    "min_reference_side": 64,
+    "max_reference_aspect": 8.0,
+}
 
 SPECS: dict[str, ModelSpec] = {
     spec.id: spec
@@ -196,13 +167,12 @@ SPECS: dict[str, ModelSpec] = {
             modes=frozenset({"generate", "edit"}),
             default_steps=28,
             default_guidance=4.0,
-            defaults_source="28 steps: fal's FLUX.2 [dev] endpoint (the seeds' provider); "
+            defaults_source="28 steps: fal's FLUX.2 [dev] endpoint (the provider behind its Lumenfall page); "
             "guidance 4.0: diffusers Flux2Pipeline default and BFL's reference sampling",
             limits=FLUX2_LIMITS,
             sizes_1k=SIZES_1K,
             enhances_prompt=True,
-            params=_FLUX2_PARAMS,
-            **_FLUX2_REFERENCES,  # seeds (FLUX.2 [dev] edit): "Up to 4 images per request"
+            **_FLUX2_REFERENCES,  # Lumenfall FLUX.2 [dev] page (edit): "Up to 4 images per request"
         ),
         ModelSpec(
             id="flux.2-dev-turbo",
@@ -226,7 +196,6 @@ SPECS: dict[str, ModelSpec] = {
                 sigmas=TURBO_SIGMAS,
             ),
             base="flux.2-dev",
-            params=_FLUX2_PARAMS,
         ),
         ModelSpec(
             id="flux.1-kontext-dev",
@@ -242,7 +211,6 @@ SPECS: dict[str, ModelSpec] = {
             limits=KONTEXT_LIMITS,
             sizes_1k=SIZES_1K_KONTEXT,
             max_references=1,
-            params=COMMON_PARAMS | DENOISE_PARAMS | ENHANCE_PARAMS | {"image"},
         ),
         ModelSpec(
             id="flux.1-dev",
@@ -256,7 +224,6 @@ SPECS: dict[str, ModelSpec] = {
             defaults_source="diffusers FluxPipeline defaults (28 steps, guidance 3.5)",
             limits=FLUX1_LIMITS,
             sizes_1k=SIZES_1K,
-            params=COMMON_PARAMS | DENOISE_PARAMS | ENHANCE_PARAMS,
         ),
         ModelSpec(
             id="flux1.1-pro",
@@ -272,7 +239,6 @@ SPECS: dict[str, ModelSpec] = {
             sizes_1k=SIZES_1K,
             base="flux.1-dev",
             alias=True,
-            params=COMMON_PARAMS | DENOISE_PARAMS | ENHANCE_PARAMS,
         ),
     )
 }

@@ -221,7 +221,7 @@ def build_flux1(pipeline_class: str, seed: int = 0):
         CLIPTokenizer,
         T5Config,
         T5EncoderModel,
-        T5TokenizerFast,
+        T5Tokenizer,
     )
 
     clip_tokenizer = CLIPTokenizer(
@@ -232,7 +232,7 @@ def build_flux1(pipeline_class: str, seed: int = 0):
         pad_token="<|endoftext|>",
         model_max_length=77,
     )
-    t5_tokenizer = T5TokenizerFast(
+    t5_tokenizer = T5Tokenizer(
         tokenizer_object=_unigram(600, ["<pad>", "</s>", "<unk>"]),
         unk_token="<unk>",
         eos_token="</s>",

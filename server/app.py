@@ -24,16 +24,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pipelines.jobs import WorkerConfig
 from pipelines.specs import ModelSpec
 from server.config import Settings
-from server.errors import APIError, BodyTooLarge, body_too_large, error_response, install_error_handlers
+from server.encode import CONTENT_TYPES
+from server.errors import (
+    APIError,
+    BodyTooLarge,
+    answer_unexpected,
+    body_too_large,
+    error_response,
+    install_error_handlers,
+)
 from server.metrics import Metrics
+from server.openapi import install_openapi
 from server.registry import requested_modes, served_specs
 from server.routes import files, health, images, models
 from server.scheduler import Scheduler
 from server.service import ImageService
 from server.store import ImageStore
 from server.workers import WorkerPool
-
-PoolFactory = Callable[[Callable[[str], None]], WorkerPool]
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -67,7 +74,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
-    pool = app.state.pool_factory(lambda name: metrics.worker_restarts.labels(name).inc())
+    store: ImageStore = app.state.store
+    await asyncio.to_thread(store.open)  # indexes what an earlier run stored, before a url is asked for
+    pool = app.state.make_pool(
+        worker_configs(settings, app.state.specs), lambda name: metrics.worker_restarts.labels(name).inc()
+    )
     scheduler = Scheduler(
         pool,
         app.state.specs,
@@ -87,7 +98,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.images.signatures = pool.signatures()
         logger.info("ready: serving %s", ", ".join(app.state.specs))
 
+    async def sweep_store() -> None:
+        # Expired images go even when no request writes, so a full disk frees itself.
+        while True:
+            await asyncio.sleep(settings.store_sweep_interval_s)
+            try:
+                await asyncio.to_thread(store.sweep)
+            except Exception:
+                logger.exception("url store sweep failed")
+
     waiting = asyncio.create_task(announce_ready())
+    sweeping = asyncio.create_task(sweep_store())
     try:
         yield
     finally:
@@ -95,15 +116,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # group) is not restarted while the server shuts down.
         pool.closing()
         waiting.cancel()
+        sweeping.cancel()
         await scheduler.stop()
         pool.stop()
 
 
 def create_app(
-    settings: Settings, specs: dict[str, ModelSpec] | None = None, pool_factory: PoolFactory | None = None
+    settings: Settings,
+    make_pool: Callable[..., WorkerPool] = WorkerPool,
+    specs: dict[str, ModelSpec] | None = None,
 ) -> FastAPI:
-    """The front. `specs`: the models to serve (default: those whose weights are here); `pool_factory`: what
-    runs the batches, given the callback counting restarts (default: a spawned worker per device)."""
+    """The app; `make_pool(configs, on_restart)` builds what runs the renders (the spawned workers, the Ray
+    Serve replicas of server/ray_app.py, or a test's stand-in for the process boundary); `specs`, the models
+    served (default: those whose weights are in --weights-dir here)."""
     app = FastAPI(
         title="fluxd",
         summary="FLUX image generation behind the OpenAI Images API",
@@ -111,12 +136,10 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.make_pool = make_pool
     app.state.specs = served_specs(settings) if specs is None else specs
-    app.state.pool_factory = pool_factory or (
-        lambda on_restart: WorkerPool(worker_configs(settings, app.state.specs), on_restart)
-    )
     app.state.store = ImageStore(
-        settings.store_dir, settings.image_ttl_s, int(settings.store_quota_mb * 2**20)
+        settings.store_dir, settings.image_ttl_s, int(settings.store_quota_mb * 2**20), CONTENT_TYPES
     )
     app.state.started = int(time.time())
     app.state.metrics = Metrics()
@@ -124,6 +147,7 @@ def create_app(
     max_body = int(settings.max_body_mb * 2**20)
 
     install_error_handlers(app)
+    install_openapi(app)
     for router in (images.router, models.router, files.router, health.router):
         app.include_router(router)
 
@@ -170,9 +194,12 @@ class Guard:
         started = time.perf_counter()
         status = 500
 
+        started_response = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
+                started_response = True
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
                 headers["x-request-id"] = request_id
@@ -193,7 +220,14 @@ class Guard:
             return message
 
         refusal = _refuse(request, self.keys, self.max_body)
-        await (refusal or self.app)(scope, receive_within_limit, send_with_id)
+        try:
+            await (refusal or self.app)(scope, receive_within_limit, send_with_id)
+        except Exception as exc:
+            if started_response:
+                raise
+            # Answered here rather than by an `Exception` handler, which Starlette re-raises after it
+            # answers: uvicorn then drops the keep-alive connection the client is about to reuse.
+            await answer_unexpected(exc, request.method, scope["path"])(scope, receive, send_with_id)
         job = getattr(request.state, "job", None)
         logger.info(
             "%s %s %s %d %.0fms%s",
@@ -217,16 +251,10 @@ def _refuse(request: Request, keys: list[bytes], max_body: int) -> Response | No
         token = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
         # compare_digest against every key so the time taken does not reveal which key nearly matched.
         if not any([hmac.compare_digest(token, key) for key in keys]):
-            return error_response(
-                APIError(
-                    401,
-                    "Incorrect API key provided."
-                    if token
-                    else "Missing API key: send Authorization: Bearer KEY.",
-                    code="invalid_api_key",
-                    headers={"x-should-retry": "false"},
-                )
+            message = (
+                "Incorrect API key provided." if token else "Missing API key: send Authorization: Bearer KEY."
             )
+            return error_response(APIError("invalid_api_key", message))
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_body:
         return error_response(body_too_large(max_body))

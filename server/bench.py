@@ -72,7 +72,7 @@ PROMPTS = (
     "turn the sky purple and add a moon",
 )
 SOAK_STEPS = 4
-FIXED_SCHEDULE = {"flux.2-dev-turbo"}  # runs its own 8 sigmas: any other step count is a 400
+FIXED_SCHEDULE = {"flux.2-dev-turbo"}  # soaks at its default 8 steps: fal's own sigmas, no derived schedule
 
 # (requests, soak requests, soak concurrency): full run, --quick smoke run.
 FULL = (64, 500, 16)

@@ -10,9 +10,13 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
-from pipelines.modes import MODES
-from server.config import DEFAULT_CACHE, ENV_PREFIX, load_settings
+from pydantic import ValidationError
+from pydantic_settings import CliSettingsSource, SettingsError
+
+from server.config import ENV_PREFIX, Settings, load_settings, problems, settings_cli
 
 logger = logging.getLogger("fluxd")
 
@@ -26,65 +30,6 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    serve = sub.add_parser("serve", help="serve the OpenAI Images API")
-    serve.add_argument(
-        "--config", type=Path, help=f"TOML settings and model registry (env {ENV_PREFIX}CONFIG)"
-    )
-    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--weights-dir", type=Path, help="folder with one diffusers checkpoint per model id")
-    serve.add_argument(
-        "--demo", action="store_true", default=None, help="serve tiny random weights (images are noise)"
-    )
-    serve.add_argument(
-        "--weights",
-        choices=("disk", "synthetic"),
-        help="disk (default): checkpoints from --weights-dir; synthetic: full-size random weights built on "
-        "each CUDA device from the published configs, for benchmarks (images are noise)",
-    )
-    serve.add_argument("--default-model", help="model used when a request names none (default flux.2-dev)")
-    serve.add_argument("--public-url", help="absolute base of returned image URLs, e.g. http://gpu-box:8000")
-    serve.add_argument("--api-key", action="append", dest="api_keys", help="accepted bearer key (repeatable)")
-    serve.add_argument("--api-key-file", type=Path, help="file with one accepted key per line")
-    serve.add_argument(
-        "--no-auth", action="store_true", default=None, help="allow a non-loopback bind without keys"
-    )
-    serve.add_argument(
-        "--cors-origin", action="append", dest="cors_origins", help="allowed CORS origin (repeatable)"
-    )
-    serve.add_argument(
-        "--devices", help="comma-separated devices, one worker each (default cpu, e.g. cuda:0,cuda:1)"
-    )
-    serve.add_argument("--preload", help="comma-separated model ids loaded at start-up (ready only after)")
-    serve.add_argument(
-        "--memory-budget-gb", type=float, help="checkpoints kept loaded per worker, LRU out first"
-    )
-    serve.add_argument(
-        "--mode",
-        choices=MODES,
-        help="how every model runs: auto (default), resident, fast, lowvram, offload; per model in TOML",
-    )
-    serve.add_argument(
-        "--prompt-cache-mb", type=float, help="text-encoder outputs kept per worker (default 512, 0: off)"
-    )
-    serve.add_argument("--queue-size", type=int, help="queued requests per model before 429 (default 64)")
-    serve.add_argument(
-        "--queue-timeout", type=float, dest="queue_timeout_s", help="seconds queued before 504"
-    )
-    serve.add_argument("--max-batch-images", type=int, help="images run in one pipeline call (default 4)")
-    serve.add_argument("--image-ttl", type=float, dest="image_ttl_s", help="seconds a url stays valid (3600)")
-    serve.add_argument("--store-dir", type=Path, help="folder for url images")
-    serve.add_argument("--store-quota-mb", type=float, help="disk quota of the image store (2048)")
-    serve.add_argument("--max-body-mb", type=float, help="largest request body (50)")
-    serve.add_argument("--worker-threads", type=int, help="torch threads per CPU worker")
-    serve.add_argument(
-        "--log-prompts", action="store_true", default=None, help="log prompts (off by default)"
-    )
-    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
-    serve.add_argument("--ray", help="serve through Ray Serve: auto, a cluster address, or local")
-
-
 def _ensure_tiny(folder: Path) -> None:
     if (folder / "flux.2-dev" / "model_index.json").exists():
         return
@@ -93,14 +38,7 @@ def _ensure_tiny(folder: Path) -> None:
     subprocess.run([sys.executable, "-m", "server.cli", "weights", "tiny", "--dir", str(folder)], check=True)
 
 
-def serve(args: argparse.Namespace) -> int:
-    flags = {key: value for key, value in vars(args).items() if key not in ("command", "config")}
-    for name in ("devices", "preload"):
-        if isinstance(flags.get(name), str):
-            flags[name] = [part.strip() for part in flags[name].split(",") if part.strip()]
-    settings = load_settings(flags, config_file=args.config)
-    if settings.demo and args.weights_dir is None and f"{ENV_PREFIX}WEIGHTS_DIR" not in os.environ:
-        settings.weights_dir = DEFAULT_CACHE / "tiny"
+def serve(settings: Settings) -> int:
     keys = settings.all_api_keys()
     if not _loopback(settings.host) and not keys:
         if not settings.no_auth:
@@ -132,6 +70,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.connections import uvicorn_options
 
     app = create_app(settings)
     if not app.state.specs:
@@ -161,11 +100,18 @@ def serve(args: argparse.Namespace) -> int:
         )
     level = settings.log_level.lower()
     server = uvicorn.Server(
-        uvicorn.Config(app, host=settings.host, port=settings.port, log_level=level, access_log=False)
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=level,
+            access_log=False,
+            **uvicorn_options(settings),
+        )
     )
     stop = server.handle_exit
 
-    def handle_exit(sig: int, frame: object) -> None:
+    def handle_exit(sig: int, frame: FrameType | None) -> None:
         # A signal to the whole process group (a terminal's Ctrl-C, `timeout`, systemd) also reaches the
         # workers; from the moment it arrives, a worker that exits is not replaced.
         pool = getattr(app.state, "pool", None)
@@ -236,10 +182,23 @@ def bench(args: argparse.Namespace, rest: list[str]) -> int:
     return gpu_main(rest)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, CliSettingsSource[Any]]:
+    """The `fluxd` parser, and the settings source that owns `fluxd serve`'s flags (one per setting)."""
     parser = argparse.ArgumentParser(prog="fluxd", description="FLUX behind the OpenAI Images API")
     sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
+    serve_settings = settings_cli(
+        sub.add_parser(
+            "serve",
+            help="serve the OpenAI Images API",
+            description="Serve the OpenAI Images API. Flags override FLUXD_* environment variables, which "
+            "override the TOML file (--config), which overrides the defaults.",
+            allow_abbrev=False,
+        )
+    )
     weights_parser = sub.add_parser("weights", help="tiny | pull | list | verify model checkpoints")
     weights_parser.add_argument("action", choices=["tiny", "pull", "list", "verify"])
     weights_parser.add_argument("model", nargs="?", help="model id (pull, verify)")
@@ -257,20 +216,23 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     bench_parser.add_argument("target", choices=["gpu", "serve"])
-    return parser
+    return parser, serve_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser, serve_settings = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command != "bench" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    logging.basicConfig(
-        level=getattr(args, "log_level", None) or os.environ.get(f"{ENV_PREFIX}LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     if args.command == "serve":
-        return serve(args)
+        try:
+            settings = load_settings(args, serve_settings)
+        except (ValidationError, SettingsError) as exc:
+            print(f"fluxd: {problems(exc)}", file=sys.stderr)
+            return 2
+        _configure_logging(settings.log_level)
+        return serve(settings)
+    _configure_logging(os.environ.get(f"{ENV_PREFIX}LOG_LEVEL", "INFO"))
     if args.command == "weights":
         if args.action in ("pull",) and not args.model:
             parser.error("weights pull needs a model id")

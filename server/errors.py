@@ -1,9 +1,15 @@
-"""The one error path: every failure leaves as {"error": {message, type, param, code}}."""
+"""The one error path and retry policy: every failure leaves as {"error": {message, type, param, code}}.
+
+Each error code is declared once in KINDS with its HTTP status, its OpenAI `type`, whether a client should
+retry (the SDKs read `x-should-retry`) and after how long (`Retry-After`). The JSON answer and the error
+event inside a stream are both built by `envelope`.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,58 +21,107 @@ from pipelines.errors import InvalidParameter, ModelNotFound
 
 logger = logging.getLogger(__name__)
 
+# The Python SDK honours Retry-After of 0-120 s and does not retry at all above 120 s.
+MAX_RETRY_AFTER_S = 120
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    """How one error code is answered. `retry` None leaves the decision to the SDK's own rules."""
+
+    status: int
+    type: str = "invalid_request_error"
+    retry: bool | None = False
+    retry_after_s: float | None = None
+
+
+KINDS: dict[str, ErrorKind] = {
+    # Bad input: a retry cannot fix it.
+    "invalid_value": ErrorKind(400),
+    "invalid_json": ErrorKind(400),
+    "unknown_parameter": ErrorKind(400),
+    "missing_required_parameter": ErrorKind(400),
+    "invalid_api_key": ErrorKind(401),
+    "model_not_found": ErrorKind(404),
+    "image_not_found": ErrorKind(404, "not_found"),
+    "not_found": ErrorKind(404, "not_found"),
+    "method_not_allowed": ErrorKind(405),
+    "request_too_large": ErrorKind(413),
+    # Busy or briefly broken: retry, after a wait the server names.
+    "rate_limit_exceeded": ErrorKind(429, "rate_limit_exceeded", True, 5),
+    "worker_restarted": ErrorKind(503, "server_error", True, 1),
+    "out_of_memory": ErrorKind(503, "server_error", True, 5),
+    # A model this server cannot run, and a wait it was told to bound: retrying only repeats them (the SDK
+    # would queue a timed-out request twice more, tripling the wait --queue-timeout bounds).
+    "model_unavailable": ErrorKind(503, "server_error"),
+    "queue_timeout": ErrorKind(504, "timeout"),
+    "server_error": ErrorKind(500, "server_error", None),
+}
+_BY_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
 
 class APIError(Exception):
-    """An error with its HTTP status and OpenAI envelope fields."""
+    """An error of a declared kind (`code`), with its message and the parameter it names."""
 
     def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: Mapping[str, str] | None = None,
+        self, code: str, message: str, param: str | None = None, retry_after_s: float | None = None
     ) -> None:
         super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
+        self.kind = KINDS[code]
         self.code = code
-        self.headers = dict(headers or {})
+        self.message = message
+        self.param = param
+        self.retry_after_s = retry_after_s if retry_after_s is not None else self.kind.retry_after_s
+
+    @property
+    def status(self) -> int:
+        return self.kind.status
+
+    @property
+    def type(self) -> str:
+        return self.kind.type
+
+    def headers(self) -> dict[str, str]:
+        headers = {"x-error-code": self.code}
+        if self.kind.retry is not None:
+            headers["x-should-retry"] = "true" if self.kind.retry else "false"
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, min(MAX_RETRY_AFTER_S, round(self.retry_after_s))))
+        return headers
 
 
-def busy(message: str, retry_after_s: float, status: int = 429) -> APIError:
-    # The Python SDK waits at most 120 s between retries and gives up on longer waits.
-    seconds = max(1, min(120, round(retry_after_s)))
-    return APIError(
-        status,
-        message,
-        "rate_limit_exceeded" if status == 429 else "server_error",
-        code="rate_limit_exceeded" if status == 429 else "server_busy",
-        headers={"Retry-After": str(seconds), "x-should-retry": "true"},
-    )
+def to_api_error(exc: BaseException) -> APIError:
+    """Any exception as the error a client sees; an unexpected one is a generic 500."""
+    from server.workers import WorkerCrashed, WorkerFailure  # the pool imports nothing of this module
 
-
-def to_api_error(exc: Exception) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, InvalidParameter):
-        return APIError(400, exc.message, param=exc.param, code=exc.code, headers={"x-should-retry": "false"})
+        return APIError(exc.code, exc.message, exc.param)
     if isinstance(exc, ModelNotFound):
+        return APIError("model_not_found", exc.message, "model")
+    if isinstance(exc, WorkerFailure):
+        failure = exc.failure
+        if failure.kind == "invalid":
+            return APIError(failure.code or "invalid_value", failure.message, failure.param or "body")
+        if failure.kind == "unavailable":
+            return APIError("model_unavailable", failure.message, failure.param)
+        if failure.kind == "out_of_memory":
+            return APIError("out_of_memory", failure.message)
+    if isinstance(exc, WorkerCrashed):
         return APIError(
-            404, exc.message, param="model", code="model_not_found", headers={"x-should-retry": "false"}
+            "worker_restarted", "The worker running this request crashed and is being restarted; retry."
         )
-    return APIError(
-        500, "The server had an error while processing your request.", "server_error", code="server_error"
-    )
+    return APIError("server_error", "The server had an error while processing your request.")
+
+
+def envelope(error: APIError) -> dict[str, Any]:
+    """The OpenAI error body, for a JSON answer and for a stream's error event alike."""
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
 
 
 def error_response(error: APIError) -> JSONResponse:
-    body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
-    headers = {**error.headers, "x-error-code": error.code or error.type}
-    return JSONResponse(body, status_code=error.status, headers=headers)
+    return JSONResponse(envelope(error), status_code=error.status, headers=error.headers())
 
 
 def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
@@ -78,33 +133,23 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
     param = str(location[0]) if location and kind != "json_invalid" else None
     if kind == "json_invalid":
         error = first.get("ctx", {}).get("error", "")
-        message, code = (
-            f"The request body is not valid JSON ({error} at character {location[0]}).",
-            "invalid_json",
+        return APIError(
+            "invalid_json", f"The request body is not valid JSON ({error} at character {location[0]})."
         )
-    elif kind == "extra_forbidden":
-        message, code = f"Unrecognized request argument supplied: {param}", "unknown_parameter"
-    elif kind == "missing" and param is None:
-        message, code = (
-            "The request has no body: send a JSON object with a 'prompt'.",
-            "missing_required_parameter",
+    if kind == "extra_forbidden":
+        return APIError("unknown_parameter", f"Unrecognized request argument supplied: {param}", param)
+    if kind == "missing" and param is None:
+        return APIError(
+            "missing_required_parameter", "The request has no body: send a JSON object with a 'prompt'."
         )
-    elif kind == "missing":
-        message, code = f"Missing required parameter: '{param}'.", "missing_required_parameter"
-    else:
-        detail = first.get("msg", "Invalid request.")
-        message, code = (f"Invalid value for '{param}': {detail}" if param else detail), "invalid_value"
-    return APIError(400, message, param=param, code=code, headers={"x-should-retry": "false"})
+    if kind == "missing":
+        return APIError("missing_required_parameter", f"Missing required parameter: '{param}'.", param)
+    detail = first.get("msg", "Invalid request.")
+    return APIError("invalid_value", f"Invalid value for '{param}': {detail}" if param else detail, param)
 
 
 def body_too_large(max_body: int) -> APIError:
-    return APIError(
-        413,
-        f"Request body is larger than {max_body / 2**20:g} MB.",
-        param="body",
-        code="request_too_large",
-        headers={"x-should-retry": "false"},
-    )
+    return APIError("request_too_large", f"Request body is larger than {max_body / 2**20:g} MB.", "body")
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -117,6 +162,10 @@ class BodyTooLarge(StarletteHTTPException):
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Handlers for the errors raised on purpose. There is deliberately no catch-all `Exception` handler:
+    Starlette re-raises after one answers, which makes uvicorn drop the keep-alive connection; unexpected
+    exceptions are answered by `answer_unexpected`, called from the outermost middleware."""
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(validation_error(exc.errors()))
@@ -125,20 +174,19 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc, BodyTooLarge):
             return error_response(exc.error)
-        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(APIError(exc.status_code, str(exc.detail), kind, headers=exc.headers))
+        code = _BY_STATUS.get(exc.status_code, "invalid_value")
+        return error_response(APIError(code, str(exc.detail)))
 
     async def _known(_request: Request, exc: Exception) -> JSONResponse:
         return error_response(to_api_error(exc))
 
-    # Registered one by one: Starlette re-raises what the catch-all Exception handler answers (a log line
-    # with a traceback per 400), so expected errors must never reach it.
     for known in (APIError, InvalidParameter, ModelNotFound):
         app.add_exception_handler(known, _known)
 
-    @app.exception_handler(Exception)
-    async def _any(request: Request, exc: Exception) -> JSONResponse:
-        error = to_api_error(exc)
-        if error.status >= 500 and not isinstance(exc, APIError):
-            logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(error)
+
+def answer_unexpected(exc: Exception, method: str, path: str) -> JSONResponse:
+    """The generic 500 for an exception nothing else handled; its traceback stays in the log."""
+    error = to_api_error(exc)
+    if error.status >= 500:
+        logger.error("unhandled error on %s %s", method, path, exc_info=exc)
+    return error_response(error)

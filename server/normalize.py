@@ -1,8 +1,7 @@
 """A parsed request + its model's spec -> one fully resolved RenderRequest, or an InvalidParameter.
 
-Everything the seeds promise is decided here, in the HTTP process, before anything reaches a worker. The
-normalisation table (passthrough / renamed / converted / emulated / accepted) is published by the API and
-the README from NORMALISATION below.
+Every parameter the gateways' model pages promise is decided here, in the HTTP process, before anything
+reaches a worker. Which parameters exist and how each is handled is declared once, in server/protocol.py.
 """
 
 from __future__ import annotations
@@ -22,59 +21,11 @@ from pipelines.jobs import RenderRequest
 from pipelines.sizes import resolve_size
 from pipelines.specs import PASSTHROUGH_BOUNDS, ModelSpec
 from server.encode import LOSSY
-from server.protocol import MAX_SEED, _ImageFields
+from server.protocol import DECLARATIONS, MAX_PROMPT_CHARS, MAX_SEED, OutputFormat, _ImageFields
 
-Behaviour = Literal["native", "renamed", "converted", "emulated", "accepted", "passthrough"]
-
-NORMALISATION: dict[str, tuple[Behaviour, str]] = {
-    "prompt": ("native", "the pipeline's prompt"),
-    "model": ("converted", "model id or alias -> the checkpoint (and adapter) that serves it"),
-    "n": ("emulated", "one batched pipeline call with one generator per image; image i uses seed+i"),
-    "size": (
-        "converted",
-        "'WxH' snapped to multiples of 16 and scaled to the model's limit; 'W:H' = aspect_ratio",
-    ),
-    "aspect_ratio": ("converted", "nearest ratio of the model's 1K table"),
-    "resolution": (
-        "converted",
-        "nearest available tier (0.5K/1K/2K/4K or megapixels) scaling the ratio's size",
-    ),
-    "resolution_mode": (
-        "converted",
-        "edits with size auto: 'auto' = nearest table size, 'match_input' = input size",
-    ),
-    "width": ("converted", "with height, the same as size 'WxH' when size is not given"),
-    "height": ("converted", "with width, the same as size 'WxH' when size is not given"),
-    "seed": ("native", "CPU torch generator per image; random when absent, always reported back"),
-    "cfg_scale": ("renamed", "guidance_scale"),
-    "num_inference_steps": ("native", "denoising steps"),
-    "response_format": ("emulated", "url: stored locally with a TTL; b64_json: inline"),
-    "output_format": ("converted", "png, jpeg, webp, avif, gif encoded with Pillow"),
-    "output_compression": ("native", "quality of jpeg/webp/avif, 0-100"),
-    "output_quality": ("renamed", "output_compression (ignored for png and gif, as replicate documents)"),
-    "sync_mode": ("emulated", "returns a data: URI in url"),
-    "quality": ("accepted", "echoed; steps are set by num_inference_steps"),
-    "background": ("accepted", "opaque and auto; transparent is refused (FLUX has no alpha channel)"),
-    "style": ("accepted", "no effect on FLUX"),
-    "moderation": ("accepted", "no local moderation"),
-    "user": ("accepted", "logged with the request id only"),
-    "input_fidelity": ("accepted", "no effect: references are always used at full fidelity"),
-    "prompt_enhancement": ("converted", "'on' rewrites the prompt with the model's own language model"),
-    "enhance_prompt": ("renamed", "prompt_enhancement"),
-    "enable_prompt_expansion": ("renamed", "prompt_enhancement"),
-    "prompt_upsampling": ("renamed", "prompt_enhancement"),
-    "acceleration": ("accepted", "speed is a per-server setting (the worker's mode), not per request"),
-    "go_fast": ("accepted", "speed is a per-server setting (the worker's mode), not per request"),
-    "enable_safety_checker": ("accepted", "fluxd runs no safety checker"),
-    "disable_safety_checker": ("accepted", "fluxd runs no safety checker"),
-    "safety_tolerance": ("accepted", "fluxd runs no safety checker"),
-    "stream": ("native", "server-sent events of partial and completed images"),
-    "partial_images": ("native", "previews decoded from intermediate latents"),
-    "image": ("native", "reference image(s): PNG, JPEG or WebP, detected from the bytes"),
-    "mask": ("accepted", "refused with a 400: no served model inpaints"),
-    "*": ("passthrough", "any other field the pipeline's __call__ takes, e.g. max_sequence_length"),
-}
-
+EchoQuality = Literal["low", "medium", "high"]
+# The qualities the SDK's response types know: `auto` and the DALL-E names are not echoed.
+_ECHO_QUALITY: dict[str, EchoQuality] = {"low": "low", "medium": "medium", "high": "high"}
 STREAM_FORMATS = frozenset({"png", "jpeg", "webp"})
 ENHANCE_FIELDS = ("prompt_enhancement", "enhance_prompt", "enable_prompt_expansion", "prompt_upsampling")
 
@@ -83,12 +34,14 @@ ENHANCE_FIELDS = ("prompt_enhancement", "enhance_prompt", "enable_prompt_expansi
 class Reply:
     """How the answer is shaped, decided with the request."""
 
-    output_format: str
+    output_format: OutputFormat
     compression: int | None
-    response_format: Literal["url", "b64_json"]
+    # None: the client named none, and clients disagree about which field to read (gpt-image-era ones read
+    # b64_json, DALL-E-era ones url), so the answer carries both.
+    response_format: Literal["url", "b64_json"] | None
     sync_mode: bool
-    quality: str | None
-    background: str
+    quality: EchoQuality | None
+    background: Literal["opaque"]
     stream: bool
 
 
@@ -133,6 +86,10 @@ def _passthrough(body: _ImageFields, signature: Mapping[str, str]) -> dict[str, 
         if value is None:
             continue
         extra[name] = _argument(name, value, signature[name], strict)
+        if isinstance(extra[name], str) and len(extra[name]) > MAX_PROMPT_CHARS:
+            raise InvalidParameter(
+                name, f"'{name}' is longer than {MAX_PROMPT_CHARS} characters, as prompt may be."
+            )
         bounds = PASSTHROUGH_BOUNDS.get(name)
         if bounds is not None and not bounds[0] <= extra[name] <= bounds[1]:
             raise InvalidParameter(
@@ -208,9 +165,9 @@ def _reply(body: _ImageFields) -> Reply:
     return Reply(
         output_format=fmt,
         compression=compression,
-        response_format=body.response_format or "url",
+        response_format=body.response_format,
         sync_mode=bool(body.sync_mode),
-        quality=body.quality if body.quality in ("low", "medium", "high") else None,
+        quality=_ECHO_QUALITY.get(body.quality or ""),
         background="opaque",
         stream=bool(body.stream),
     )
@@ -230,7 +187,8 @@ def build_request(
     if prompt_required and not body.prompt.strip():
         raise InvalidParameter("prompt", "prompt must not be empty.", "missing_required_parameter")
     for name in body.model_fields_set:
-        if name in NORMALISATION and name not in _OPENAI_FIELDS and not spec.takes(name):
+        declared = DECLARATIONS.parameters.get(name)
+        if declared is not None and not declared.takes(spec):
             raise InvalidParameter(name, f"'{spec.id}' does not take '{name}'.", "unknown_parameter")
     reply = _reply(body)
     width, height = _size(body, spec, input_size)
@@ -239,10 +197,6 @@ def build_request(
     if not 1 <= steps <= spec.max_steps:
         raise InvalidParameter(
             "num_inference_steps", f"num_inference_steps must be between 1 and {spec.max_steps}."
-        )
-    if spec.adapter is not None and spec.adapter.sigmas is not None and steps != len(spec.adapter.sigmas):
-        raise InvalidParameter(
-            "num_inference_steps", f"'{spec.id}' runs its fixed {len(spec.adapter.sigmas)}-step schedule."
         )
     guidance = spec.default_guidance if body.cfg_scale is None else body.cfg_scale
     low, high = spec.guidance_range
@@ -267,26 +221,3 @@ def build_request(
         partial_images=body.partial_images or 0,
     )
     return request, reply
-
-
-_OPENAI_FIELDS = frozenset(
-    {
-        "prompt",
-        "model",
-        "n",
-        "size",
-        "quality",
-        "background",
-        "moderation",
-        "output_format",
-        "output_compression",
-        "partial_images",
-        "stream",
-        "response_format",
-        "style",
-        "user",
-        "input_fidelity",
-        "image",
-        "mask",
-    }
-)

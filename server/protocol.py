@@ -1,6 +1,8 @@
-"""Pydantic models of the OpenAI Images API as the official SDKs send and parse it, plus the seeds' fields.
+"""Pydantic models of the OpenAI Images API as the official SDKs send and parse it, plus the parameters the
+hosted gateways' model pages (Lumenfall's, fal's and replicate's) add.
 
-Fields follow the OpenAI spec's order; the seeds' extra parameters (hosted gateways' names) come after.
+Each request field is the one declaration of that parameter (server/parameters.py): its type and bounds, how
+fluxd handles it and where it comes from. Fields follow the OpenAI spec's order; the gateways' come after.
 `None` everywhere means "use the default", because the SDKs send Python None as JSON null.
 """
 
@@ -10,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.parameters import LUMENFALL, OPENAI, Declarations, declare
+
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 32_000
 
@@ -17,6 +21,8 @@ OutputFormat = Literal["png", "jpeg", "webp", "avif", "gif"]
 Quality = Literal["low", "medium", "high", "auto", "standard", "hd"]
 Background = Literal["transparent", "opaque", "auto"]
 Text = Annotated[str, Field(min_length=1)]  # "" is neither a value nor "use the default": that is null
+SAFETY = "fluxd runs no safety checker"
+ENHANCE = "prompt_enhancement (one switch under the gateways' several names)"
 
 
 class _ImageFields(BaseModel):
@@ -24,38 +30,140 @@ class _ImageFields(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
-    model: Text | None = None
-    n: Annotated[int, Field(ge=1, le=10)] | None = None
-    size: Text | None = None
-    quality: Quality | None = None
-    background: Background | None = None
-    output_format: OutputFormat | None = None
-    output_compression: Annotated[int, Field(ge=0, le=100)] | None = None
-    partial_images: Annotated[int, Field(ge=0, le=3)] | None = None
-    stream: bool | None = None
-    response_format: Literal["url", "b64_json"] | None = None
-    user: str | None = None
-    # The seeds' parameters.
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
-    aspect_ratio: Text | None = None
-    resolution: Text | None = None
-    resolution_mode: Literal["auto", "match_input"] | None = None
-    width: Annotated[int, Field(ge=1, le=14142)] | None = None
-    height: Annotated[int, Field(ge=1, le=14142)] | None = None
-    cfg_scale: float | None = None
-    num_inference_steps: int | None = None
-    output_quality: Annotated[int, Field(ge=0, le=100)] | None = None
-    sync_mode: bool | None = None
-    prompt_enhancement: Literal["off", "on"] | bool | None = None
-    enhance_prompt: bool | None = None
-    enable_prompt_expansion: bool | None = None
-    prompt_upsampling: bool | None = None
-    acceleration: Literal["none", "regular", "high"] | None = None
-    go_fast: bool | None = None
-    enable_safety_checker: bool | None = None
-    disable_safety_checker: bool | None = None
-    safety_tolerance: Annotated[int, Field(ge=1, le=6)] | None = None
+    prompt: str = declare(
+        "native", "the pipeline's prompt", OPENAI, required=True, max_length=MAX_PROMPT_CHARS
+    )
+    model: Text | None = declare(
+        "converted",
+        "model id or alias -> the checkpoint (and adapter) that serves it",
+        OPENAI,
+        default="--default-model",
+    )
+    n: int | None = declare(
+        "emulated",
+        "one batched pipeline call with one generator per image; image i uses seed + i",
+        OPENAI,
+        default=1,
+        ge=1,
+        le=10,
+    )
+    size: Text | None = declare(
+        "converted",
+        "'WxH' snapped to multiples of 16 and scaled down (aspect kept) to the model's limit; 'W:H' is "
+        "aspect_ratio; 'auto': the model's default, or an edit's first image",
+        OPENAI,
+        default="auto",
+    )
+    quality: Quality | None = declare(
+        "accepted", "echoed where the SDK allows; steps are set by num_inference_steps", OPENAI
+    )
+    background: Background | None = declare(
+        "accepted",
+        "opaque and auto; transparent is a 400 (FLUX has no alpha channel)",
+        OPENAI,
+        default="auto",
+    )
+    output_format: OutputFormat | None = declare(
+        "converted", "png, jpeg, webp, avif, gif, encoded with Pillow", OPENAI, default="png"
+    )
+    output_compression: int | None = declare(
+        "native", "quality of jpeg/webp/avif, 0-100 (Pillow's default when absent)", OPENAI, ge=0, le=100
+    )
+    partial_images: int | None = declare(
+        "native", "previews decoded from intermediate latents, with stream", OPENAI, default=0, ge=0, le=3
+    )
+    stream: bool | None = declare(
+        "native", "server-sent events of partial and completed images", OPENAI, default=False
+    )
+    response_format: Literal["url", "b64_json"] | None = declare(
+        "emulated",
+        "url: stored locally with a TTL; b64_json: inline; absent: both, since clients that send none "
+        "disagree about which they read",
+        OPENAI,
+    )
+    user: str | None = declare("accepted", "logged with the request id only", OPENAI)
+    seed: int | None = declare(
+        "native",
+        "CPU torch generator per image; random when absent, always reported back",
+        LUMENFALL,
+        ge=0,
+        le=MAX_SEED,
+    )
+    aspect_ratio: Text | None = declare(
+        "converted", "nearest ratio of the model's 1K table (Kontext adds 21:9 and 9:21)", LUMENFALL
+    )
+    resolution: Text | None = declare(
+        "converted",
+        "nearest available tier (0.5K/1K/2K/4K or megapixels) scaling the ratio's size",
+        LUMENFALL,
+        default="1K",
+    )
+    resolution_mode: Literal["auto", "match_input"] | None = declare(
+        "converted",
+        "edits with size auto: 'auto' = nearest table size, 'match_input' = the input's size",
+        f"{LUMENFALL}: FLUX.1 Kontext [dev] (fal)",
+        default="auto",
+    )
+    width: int | None = declare(
+        "converted",
+        "with height, the same as size 'WxH' when size is not given",
+        f"{LUMENFALL}: FLUX.2 [dev], FLUX1.1 [pro] (replicate)",
+        ge=1,
+        le=14142,
+    )
+    height: int | None = declare(
+        "converted",
+        "with width, the same as size 'WxH' when size is not given",
+        f"{LUMENFALL}: FLUX.2 [dev], FLUX1.1 [pro] (replicate)",
+        ge=1,
+        le=14142,
+    )
+    cfg_scale: float | None = declare(
+        "renamed", "guidance_scale", LUMENFALL, model_default="default_guidance"
+    )
+    num_inference_steps: int | None = declare(
+        "native",
+        "denoising steps",
+        f"{LUMENFALL}: FLUX.2 [dev] (fal), FLUX.1 Kontext [dev]",
+        model_default="default_steps",
+    )
+    output_quality: int | None = declare(
+        "renamed",
+        "output_compression (ignored for png and gif, as replicate documents)",
+        f"{LUMENFALL} (replicate)",
+        ge=0,
+        le=100,
+    )
+    sync_mode: bool | None = declare(
+        "emulated", "returns a data: URI in url", f"{LUMENFALL} (fal)", default=False
+    )
+    prompt_enhancement: Literal["off", "on"] | bool | None = declare(
+        "converted",
+        "'on': FLUX.2 rewrites the prompt with its own Mistral encoder (returned as revised_prompt); "
+        "other models have no language model, so 'on' is a 400 there",
+        f"{LUMENFALL}: FLUX.2 [dev]",
+        default="off",
+    )
+    enhance_prompt: bool | None = declare(
+        "renamed", ENHANCE, f"{LUMENFALL}: FLUX.1 Kontext [dev], FLUX1.1 [pro] (fal)"
+    )
+    enable_prompt_expansion: bool | None = declare(
+        "renamed", ENHANCE, f"{LUMENFALL}: FLUX.2 [dev], FLUX.2 [dev] Turbo (fal)"
+    )
+    prompt_upsampling: bool | None = declare("renamed", ENHANCE, f"{LUMENFALL}: FLUX1.1 [pro] (replicate)")
+    acceleration: Literal["none", "regular", "high"] | None = declare(
+        "accepted",
+        "speed is a per-server setting (the worker's run mode), not per request",
+        f"{LUMENFALL}: FLUX.2 [dev], FLUX.1 Kontext [dev] (fal)",
+    )
+    go_fast: bool | None = declare(
+        "accepted",
+        "speed is a per-server setting (the worker's run mode), not per request",
+        f"{LUMENFALL}: FLUX.2 [dev] (replicate)",
+    )
+    enable_safety_checker: bool | None = declare("accepted", SAFETY, f"{LUMENFALL} (fal)")
+    disable_safety_checker: bool | None = declare("accepted", SAFETY, f"{LUMENFALL} (replicate)")
+    safety_tolerance: int | None = declare("accepted", SAFETY, f"{LUMENFALL}: FLUX1.1 [pro]", ge=1, le=6)
 
 
 class ImageGenerationRequest(_ImageFields):
@@ -64,14 +172,25 @@ class ImageGenerationRequest(_ImageFields):
 
     model_config = ConfigDict(extra="allow", strict=True)
 
-    moderation: Literal["low", "auto"] | None = None
-    style: Literal["vivid", "natural"] | None = None
+    moderation: Literal["low", "auto"] | None = declare("accepted", "no local moderation", OPENAI)
+    style: Literal["vivid", "natural"] | None = declare("accepted", "no effect on FLUX", OPENAI)
 
 
 class ImageEditRequest(_ImageFields):
-    """Text fields of POST /v1/images/edits (the files are handled apart)."""
+    """Text fields of POST /v1/images/edits (the files, `image` and `mask`, are read from the form apart)."""
 
-    input_fidelity: Literal["low", "high"] | None = None
+    input_fidelity: Literal["low", "high"] | None = declare(
+        "accepted", "no effect: references are always used at full fidelity", OPENAI
+    )
+    image: list[bytes] | None = declare(
+        "native",
+        "reference image(s), multipart `image` or `image[]`: PNG, JPEG or WebP, detected from the bytes",
+        OPENAI,
+    )
+    mask: bytes | None = declare("accepted", "a 400 naming mask: no served model inpaints", OPENAI)
+
+
+DECLARATIONS = Declarations({"generations": ImageGenerationRequest, "edits": ImageEditRequest})
 
 
 class ImageData(BaseModel):

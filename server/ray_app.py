@@ -38,7 +38,7 @@ from ray.serve.schema import ApplicationStatus
 from pipelines.jobs import Assigned, Failure, Progress, Ready, RenderRequest, RenderResult, WorkerConfig
 from pipelines.specs import ModelSpec
 from server.app import create_app, worker_configs
-from server.config import Settings, load_settings
+from server.config import Settings
 from server.ray_pool import RayPool, lane_count
 from server.registry import adapter_present, checkpoint_present, served_specs
 
@@ -140,21 +140,18 @@ class FluxdEngine:
 class FluxdFront:
     """fluxd's FastAPI app, its batches sent to the engine deployment."""
 
-    def __init__(
-        self, settings: Settings, specs: dict[str, ModelSpec], config: WorkerConfig, engine: DeploymentHandle
-    ) -> None:
+    def __init__(self, settings: Settings, specs: dict[str, ModelSpec], engine: DeploymentHandle) -> None:
         _log_to(settings.log_level)
         self.settings = settings
         self.specs = specs
-        self.config = config
         self.engine = engine
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         lanes = lane_count(self.settings)
         return create_app(
             self.settings,
+            lambda configs, on_restart: RayPool(self.engine, configs[0], lanes, on_restart),
             self.specs,
-            lambda on_restart: RayPool(self.engine, self.config, lanes, on_restart),
         )
 
 
@@ -212,13 +209,13 @@ def application(settings: Settings, specs: Mapping[str, ModelSpec], gpus: float)
     # replica (5 by default) must never bind first, or requests would wait in the proxy, unseen by the
     # scheduler's batching and deadlines. Room for every queued and running job, and the light routes.
     capacity = settings.queue_size * len(specs) + lane_count(settings) * settings.max_batch_images + 256
-    return FRONT_DEPLOYMENT.options(max_ongoing_requests=capacity).bind(settings, dict(specs), config, engine)
+    return FRONT_DEPLOYMENT.options(max_ongoing_requests=capacity).bind(settings, dict(specs), engine)
 
 
 def build(args: dict[str, Any]) -> serve.Application:
     """The application builder of a Serve config file (KubeRay's RayService: `import_path:
     server.ray_app:build`): `args` are settings by field name, over FLUXD_* environment variables."""
-    settings = for_the_cluster(load_settings({"ray": "auto", **args}))
+    settings = for_the_cluster(Settings(**{"ray": "auto", **args}))  # arguments over FLUXD_* variables
     if not settings.all_api_keys() and not settings.no_auth:
         raise ValueError("fluxd on a cluster needs an API key: set FLUXD_API_KEYS (or no_auth: true)")
     specs = served_specs(settings)

@@ -6,6 +6,7 @@ A worker gets one batch at a time, so jobs wait here, where they can still be ba
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 from pipelines.jobs import RenderRequest, RenderResult
 from pipelines.specs import ModelSpec
-from server.errors import APIError, busy
+from server.errors import APIError
 from server.metrics import Metrics
 from server.workers import ProgressListener, WorkerHandle, WorkerPool
 
@@ -98,7 +99,11 @@ class Scheduler:
         """Queue, wait for a worker and the result. Cancelling the awaiting task drops or stops the job."""
         queue = self.queues.setdefault(request.model, deque())
         if len(queue) >= self.queue_size:
-            raise busy(f"The queue for '{request.model}' is full; retry later.", self.retry_after_s())
+            raise APIError(
+                "rate_limit_exceeded",
+                f"The queue for '{request.model}' is full; retry later.",
+                retry_after_s=self.retry_after_s(),
+            )
         loop = asyncio.get_running_loop()
         job = Job(
             request,
@@ -118,12 +123,8 @@ class Scheduler:
                     queue.remove(job)
                     self._update_depth(request.model)
                     raise APIError(
-                        504,
+                        "queue_timeout",
                         f"The request waited more than {self.queue_timeout_s:g} s in the queue.",
-                        "timeout",
-                        code="queue_timeout",
-                        # The SDK would queue it twice more, tripling the wait the server is set to bound.
-                        headers={"x-should-retry": "false"},
                     ) from None
             return await job.future
         except asyncio.CancelledError:
@@ -160,16 +161,24 @@ class Scheduler:
         batch = self._take_batch(head)
         model = head.request.model
         self._update_depth(model)
-        futures = worker.submit(
-            [job.request for job in batch], {job.request.id: job.on_progress for job in batch}
-        )
+        try:
+            futures = worker.submit(
+                [job.request for job in batch], {job.request.id: job.on_progress for job in batch}
+            )
+        except Exception as exc:
+            # The dispatcher must outlive any one batch: dying here would leave every later request queued.
+            logger.exception("submitting a batch to worker %s failed", worker.name)
+            for job in batch:
+                job.future.set_exception(exc)
+                job.started.set()
+            return True
         started = time.monotonic()
         self.metrics.batch_images.labels(model).observe(sum(job.request.n for job in batch))
         for job, future in zip(batch, futures, strict=True):
             self.metrics.queue_wait.labels(model).observe(started - job.enqueued_at)
             job.worker = worker
             job.started.set()
-            future.add_done_callback(lambda f, job=job: self._settle(job, f, started))
+            future.add_done_callback(functools.partial(self._settle, job, started=started))
         return True
 
     def _pick_worker(self, weights: str) -> WorkerHandle | None:
@@ -180,7 +189,8 @@ class Scheduler:
 
     def _take_batch(self, head: Job) -> list[Job]:
         queue = self.queues[head.request.model]
-        batch, images = [], 0
+        batch: list[Job] = []
+        images = 0
         for job in list(queue):
             if job.key != head.key or (batch and images + job.request.n > self.max_batch_images):
                 continue
@@ -189,12 +199,13 @@ class Scheduler:
             images += job.request.n
         return batch
 
-    def _settle(self, job: Job, result: asyncio.Future, started: float) -> None:
+    def _settle(self, job: Job, outcome: asyncio.Future[RenderResult], started: float) -> None:
         if not job.future.done():
-            if result.exception() is not None:
-                job.future.set_exception(result.exception())
+            failure = outcome.exception()
+            if failure is not None:
+                job.future.set_exception(failure)
             else:
-                rendered = result.result()
+                rendered = outcome.result()
                 elapsed = time.monotonic() - started
                 images = max(1, int(rendered.timings_ms.get("batch_images", 1)))
                 self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / images

@@ -4,64 +4,44 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from fastapi import Request
+from starlette.datastructures import MutableHeaders
 
 from pipelines.errors import InvalidParameter
-from pipelines.images import decode_image
+from pipelines.images import reference_sizes
 from pipelines.jobs import Progress, RenderRequest, RenderResult
 from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
 from server.encode import CONTENT_TYPES, encode
-from server.errors import APIError, to_api_error
+from server.errors import APIError, envelope, to_api_error
 from server.normalize import Reply, build_request
 from server.protocol import ImageData, ImagesResponse, InputTokensDetails, Usage, _ImageFields
 from server.scheduler import Scheduler
-from server.store import ImageStore
+from server.store import ImageStore, StoreUnavailable
 from server.workers import WorkerCrashed, WorkerFailure
 
 logger = logging.getLogger(__name__)
 
-_ECHO_FORMATS = {"png", "jpeg", "webp", "gif"}
+# The formats the SDK's response types know: an `avif` echo would fail their strict validation.
+_ECHO_FORMATS: dict[str, Literal["png", "webp", "jpeg", "gif"]] = {
+    "png": "png",
+    "webp": "webp",
+    "jpeg": "jpeg",
+    "gif": "gif",
+}
 
 
 class ClientGone(Exception):
     """The client disconnected; nothing is sent back."""
-
-
-def worker_error(exc: Exception) -> APIError:
-    if isinstance(exc, WorkerFailure):
-        failure = exc.failure
-        if failure.kind == "invalid":
-            return to_api_error(
-                InvalidParameter(failure.param or "body", failure.message, failure.code or "invalid_value")
-            )
-        if failure.kind == "unavailable":
-            return APIError(
-                503, failure.message, "server_error", failure.param, failure.code, {"x-should-retry": "false"}
-            )
-        if failure.kind == "out_of_memory":
-            return APIError(
-                503,
-                failure.message,
-                "server_error",
-                code="out_of_memory",
-                headers={"Retry-After": "5", "x-should-retry": "true"},
-            )
-    if isinstance(exc, WorkerCrashed):
-        return APIError(
-            503,
-            "The worker running this request crashed and is being restarted; retry.",
-            "server_error",
-            code="worker_restarted",
-            headers={"Retry-After": "1", "x-should-retry": "true"},
-        )
-    return to_api_error(exc)
 
 
 def usage(request: RenderRequest) -> Usage:
@@ -101,27 +81,24 @@ class ImageService:
         self.store = store
         self.signatures = signatures
 
-    def spec(self, model: str | None, default: str) -> ModelSpec:
-        return get_spec(model or default, self.specs)
-
     async def prepare(
         self, body: _ImageFields, images: list[bytes] | None = None, prompt_required: bool = True
     ) -> Prepared:
+        # One default for every route: a server whose default model cannot edit says so on an edit (400).
+        spec = get_spec(body.model or self.settings.default_model, self.specs)
         if images is None:
-            spec = self.spec(body.model, self.settings.default_model)
             render, reply = build_request(body, spec, self.signatures.get(spec.pipeline_class, {}))
             return Prepared(render, reply, spec)
-        spec = self.spec(body.model, self.settings.default_edit_model)
         if "edit" not in spec.modes:
             raise InvalidParameter("model", f"'{spec.id}' does not edit images; use /v1/images/generations.")
-        decoded = await asyncio.to_thread(lambda: [decode_image(data, "image") for data in images])
-        spec.check_references([image.size for image in decoded])
+        spec.check_references(len(images))
+        sizes = await asyncio.to_thread(reference_sizes, images)
         render, reply = build_request(
             body,
             spec,
             self.signatures.get(spec.pipeline_class, {}),
             images,
-            decoded[0].size if decoded else None,
+            sizes[0] if sizes else None,
             prompt_required=prompt_required,
         )
         return Prepared(render, reply, spec)
@@ -143,7 +120,7 @@ class ImageService:
         try:
             result = task.result()
         except (WorkerFailure, WorkerCrashed) as exc:
-            raise worker_error(exc) from exc
+            raise to_api_error(exc) from exc
         render, timings = prepared.render, result.timings_ms
         http.state.job = (
             f"model={render.model} size={render.width}x{render.height} steps={render.steps} n={render.n} "
@@ -153,36 +130,56 @@ class ImageService:
             http.state.job += f" prompt={render.prompt!r}"
         return result
 
-    async def respond(self, http: Request, prepared: Prepared, result: RenderResult) -> ImagesResponse:
+    async def respond(
+        self,
+        http: Request,
+        prepared: Prepared,
+        result: RenderResult,
+        headers: MutableHeaders | None = None,
+    ) -> ImagesResponse:
+        """The answer; `headers` receives `x-fluxd-store-error` when url images had to come inline."""
         reply, render = prepared.reply, prepared.render
-        encoded = await asyncio.to_thread(
-            lambda: [encode(image, reply.output_format, reply.compression) for image in result.images]
+        base = public_base(http, self.settings)
+        payloads = await asyncio.to_thread(
+            lambda: [
+                self._payload(reply, encode(image, reply.output_format, reply.compression), base)
+                for image in result.images
+            ]
         )
+        failures = sorted({failure for _, failure in payloads if failure})
+        if failures and headers is not None:
+            headers["x-fluxd-store-error"] = "; ".join(failures)
         data = [
-            ImageData(
-                **self._payload(http, reply, blob), revised_prompt=result.revised_prompt, seed=image.seed
-            )
-            for image, blob in zip(result.images, encoded, strict=True)
+            ImageData(**payload, revised_prompt=result.revised_prompt, seed=image.seed)
+            for image, (payload, _) in zip(result.images, payloads, strict=True)
         ]
         return ImagesResponse(
             created=int(time.time()),
             data=data,
             background=reply.background,
-            output_format=reply.output_format if reply.output_format in _ECHO_FORMATS else None,
+            output_format=_ECHO_FORMATS.get(reply.output_format),
             quality=reply.quality,
             size=f"{render.width}x{render.height}",
             usage=usage(render),
             model=prepared.spec.id,
         )
 
-    def _payload(self, http: Request, reply: Reply, blob: bytes) -> dict[str, str]:
+    def _payload(self, reply: Reply, blob: bytes, base: str) -> tuple[dict[str, str], str | None]:
+        """One image's `url` and/or `b64_json` fields (both when the request named no response_format), and
+        why a url image came inline; runs in a thread."""
         if reply.sync_mode:
             content_type = CONTENT_TYPES[reply.output_format]
-            return {"url": f"data:{content_type};base64,{base64.b64encode(blob).decode()}"}
+            return {"url": f"data:{content_type};base64,{base64.b64encode(blob).decode()}"}, None
+        inline = base64.b64encode(blob).decode()
+        payload = {} if reply.response_format == "url" else {"b64_json": inline}
         if reply.response_format == "b64_json":
-            return {"b64_json": base64.b64encode(blob).decode()}
-        image_id = self.store.put(blob, reply.output_format)
-        return {"url": f"{public_base(http, self.settings)}/v1/files/images/{image_id}.{reply.output_format}"}
+            return payload, None
+        try:
+            image_id = self.store.put(blob, reply.output_format)
+        except StoreUnavailable as exc:  # the image the GPU made still reaches the client
+            return {"b64_json": inline}, str(exc)
+        payload["url"] = f"{base}/v1/files/images/{image_id}.{reply.output_format}"
+        return payload, None
 
     async def stream(self, http: Request, prepared: Prepared, kind: str) -> AsyncIterator[bytes]:
         """Server-sent events: partial images as previews arrive, then exactly one completed event."""
@@ -207,20 +204,22 @@ class ImageService:
                 blob = await asyncio.to_thread(
                     encode, progress.preview, reply.output_format, reply.compression
                 )
+                event = f"{kind}.partial_image"
                 payload = {
-                    "type": f"{kind}.partial_image",
+                    "type": event,
                     "b64_json": base64.b64encode(blob).decode(),
                     "created_at": int(time.time()),
                     "partial_image_index": sent,
                     **common,
                 }
                 sent += 1
-                yield _sse(payload["type"], payload)
+                yield _sse(event, payload)
             result = job.result()
             [image] = result.images
             blob = await asyncio.to_thread(encode, image, reply.output_format, reply.compression)
+            event = f"{kind}.completed"
             payload = {
-                "type": f"{kind}.completed",
+                "type": event,
                 "b64_json": base64.b64encode(blob).decode(),
                 "created_at": int(time.time()),
                 "usage": usage(render).model_dump(),
@@ -229,7 +228,7 @@ class ImageService:
                 "seed": image.seed,
                 "revised_prompt": result.revised_prompt,
             }
-            yield _sse(payload["type"], payload)
+            yield _sse(event, payload)
         except ClientGone:
             return
         except Exception as exc:
@@ -237,19 +236,8 @@ class ImageService:
             if not isinstance(exc, APIError):
                 logger.exception("stream %s failed", render.id)
             # The response already began as a 200: count the error here, as the middleware counts the others.
-            http.app.state.metrics.errors.labels(str(error.status), error.code or error.type).inc()
-            yield _sse(
-                "error",
-                {
-                    "type": "error",
-                    "error": {
-                        "message": error.message,
-                        "type": error.type,
-                        "param": error.param,
-                        "code": error.code,
-                    },
-                },
-            )
+            http.app.state.metrics.errors.labels(str(error.status), error.code).inc()
+            yield _sse("error", {"type": "error", **envelope(error)})
         finally:
             job.cancel()
 
@@ -259,11 +247,34 @@ def _sse(event: str, payload: dict) -> bytes:
 
 
 def public_base(http: Request, settings: Settings) -> str:
-    """--public-url, else X-Forwarded-Proto/Host/Prefix, else the address the client used."""
+    """--public-url; else X-Forwarded-Proto/Host/Prefix when the request comes from a proxy named in
+    --forwarded-allow-ips (from anyone else they would let a client point the returned URLs elsewhere);
+    else the address the client used."""
     if settings.public_url:
         return settings.public_url.rstrip("/")
+    own = f"{http.url.scheme}://{http.headers.get('host', http.url.netloc)}"
     headers = http.headers
-    proto = headers.get("x-forwarded-proto", http.url.scheme).split(",")[0].strip()
+    if not trusted_proxy(http.client.host if http.client else None, settings.forwarded_allow_ips):
+        return own
+    proto = headers.get("x-forwarded-proto", http.url.scheme).split(",")[0].strip().lower()
     host = headers.get("x-forwarded-host", headers.get("host", http.url.netloc)).split(",")[0].strip()
     prefix = headers.get("x-forwarded-prefix", "").rstrip("/")
+    if proto not in ("http", "https") or not _HOST.match(host) or not _PREFIX.match(prefix):
+        return own
     return f"{proto}://{host}{prefix}"
+
+
+_HOST = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+_PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+)*$")
+
+
+def trusted_proxy(client: str | None, allowed: list[str]) -> bool:
+    if client is None:
+        return False
+    if "*" in allowed:
+        return True
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(entry, strict=False) for entry in allowed)

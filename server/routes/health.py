@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -16,7 +18,10 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: 503 until every worker is up with its preloaded models."""
+    """Readiness: 503 until every worker is up with its preloaded models.
+
+    `store` reports the url image store; one that cannot write does not make the server unready, since
+    every image is still answered (inline as `b64_json`, with an `x-fluxd-store-error` header)."""
     pool = request.app.state.pool
     workers = [
         {
@@ -30,7 +35,11 @@ async def ready(request: Request) -> JSONResponse:
         for w in pool.workers
     ]
     ok = pool.all_ready()
-    body: dict = {"status": "ready" if ok else "starting", "workers": workers}
+    body: dict = {
+        "status": "ready" if ok else "starting",
+        "workers": workers,
+        "store": asdict(request.app.state.store.health()),
+    }
     replicas = getattr(pool, "replicas", None)  # a pool spread over a Ray cluster says which replicas served
     if replicas is not None:
         body["replicas"] = replicas()

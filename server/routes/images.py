@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.errors import InvalidParameter
 from server.errors import validation_error
@@ -22,7 +23,9 @@ def _service(request: Request) -> ImageService:
     return request.app.state.images
 
 
-async def _answer(request: Request, prepared: Prepared, kind: str) -> Response | ImagesResponse:
+async def _answer(
+    request: Request, response: Response, prepared: Prepared, kind: str
+) -> Response | ImagesResponse:
     service = _service(request)
     if prepared.reply.stream:
         return StreamingResponse(service.stream(request, prepared, kind), media_type="text/event-stream")
@@ -30,18 +33,31 @@ async def _answer(request: Request, prepared: Prepared, kind: str) -> Response |
         result = await service.run(request, prepared)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
-    return await service.respond(request, prepared, result)
+    return await service.respond(request, prepared, result, response.headers)
 
 
 @router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True)
-async def create_image(body: ImageGenerationRequest, request: Request) -> Response | ImagesResponse:
-    """Create images from a prompt (OpenAI `images.generate`), with the seeds' extra parameters."""
+async def create_image(
+    body: ImageGenerationRequest, request: Request, response: Response
+) -> Response | ImagesResponse:
+    """Create images from a prompt (OpenAI `images.generate`), with the gateways' extra parameters."""
     prepared = await _service(request).prepare(body)
-    return await _answer(request, prepared, "image_generation")
+    return await _answer(request, response, prepared, "image_generation")
 
 
 async def _read_edit_form(request: Request) -> tuple[ImageEditRequest, list[bytes]]:
-    form = await request.form(max_files=MAX_FILES, max_fields=256)
+    try:
+        form = await request.form(max_files=MAX_FILES, max_fields=256)
+    except StarletteHTTPException as exc:
+        # Starlette stops at the file limit before any part is looked at; the only files fluxd reads are
+        # references, so too many of them is a bad `image` (its message is the one thing that says so).
+        if not str(exc.detail).startswith("Too many files"):
+            raise
+        raise InvalidParameter(
+            "image",
+            f"Too many files: at most {MAX_FILES} are read from one request, more images than any model "
+            "takes (limits.max_reference_images in /v1/models).",
+        ) from None
     fields: dict[str, str] = {}
     images: list[bytes] = []
     for key, value in form.multi_items():
@@ -72,16 +88,16 @@ async def _read_edit_form(request: Request) -> tuple[ImageEditRequest, list[byte
 
 
 @router.post("/edits", response_model=ImagesResponse, response_model_exclude_none=True)
-async def edit_image(request: Request) -> Response | ImagesResponse:
+async def edit_image(request: Request, response: Response) -> Response | ImagesResponse:
     """Edit or compose from 1-4 reference images (multipart: `image`, `image[]`), OpenAI `images.edit`."""
     body, images = await _read_edit_form(request)
     prepared = await _service(request).prepare(body, images)
-    return await _answer(request, prepared, "image_edit")
+    return await _answer(request, response, prepared, "image_edit")
 
 
 @router.post("/variations", response_model=ImagesResponse, response_model_exclude_none=True)
-async def create_variation(request: Request) -> Response | ImagesResponse:
-    """Variations (legacy): an edit with an empty instruction on the default edit model."""
+async def create_variation(request: Request, response: Response) -> Response | ImagesResponse:
+    """Variations (legacy): an edit with an empty instruction on the default model (`--default-model`)."""
     body, images = await _read_edit_form(request)
     if body.prompt:
         raise InvalidParameter(
@@ -90,4 +106,4 @@ async def create_variation(request: Request) -> Response | ImagesResponse:
     if len(images) > 1:
         raise InvalidParameter("image", "Variations take one image; use /v1/images/edits for several.")
     prepared = await _service(request).prepare(body, images, prompt_required=False)
-    return await _answer(request, prepared, "image_edit")
+    return await _answer(request, response, prepared, "image_edit")

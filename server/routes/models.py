@@ -7,8 +7,7 @@ from fastapi import APIRouter, Request
 from pipelines.sizes import fit
 from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
-from server.normalize import NORMALISATION
-from server.protocol import Model, ModelList
+from server.protocol import DECLARATIONS, Model, ModelList
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -24,7 +23,7 @@ def describe(
         "adapter": spec.adapter.name if spec.adapter else None,
         "modes": sorted(spec.modes),
         "default_size": f"{spec.default_size[0]}x{spec.default_size[1]}",
-        # What is really generated: the seeds' table snapped to multiples of 16 and fitted to the limits.
+        # What is really generated: the model page's 1K table, snapped to multiples of 16 and fitted.
         "sizes_1k": {ratio: "{}x{}".format(*fit(w, h, spec)) for ratio, (w, h) in spec.sizes_1k.items()},
         "resolutions": sorted(spec.tiers, key=spec.tiers.__getitem__),
         "size_multiple": 16,
@@ -41,7 +40,7 @@ def describe(
             "max_reference_images": spec.max_references,
             "source": spec.limits.source,
         },
-        "parameters": sorted(spec.params),
+        "parameters": DECLARATIONS.taken_by(spec),
         "prompt_enhancement": spec.enhances_prompt,
         # Per worker: resident / fast / lowvram / offload / cpu, the weights' storage and why; empty until the
         # workers have started.
@@ -53,9 +52,7 @@ def describe(
     elif settings.synthetic_weights:
         info["note"] = "synthetic: full-size random weights for benchmarks, images are noise"
     if detail:
-        info["normalisation"] = {
-            name: {"behaviour": b, "detail": d} for name, (b, d) in NORMALISATION.items()
-        }
+        info["normalisation"] = DECLARATIONS.normalisation(spec)
     owner = "black-forest-labs" if spec.adapter is None else "fal"
     return Model(id=spec.id, created=created, owned_by=owner, **info)
 

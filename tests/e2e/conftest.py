@@ -114,6 +114,15 @@ def stop_server(server: Server) -> None:
         server.process.kill()
 
 
+def wait_until(predicate, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition never became true")
+
+
 @pytest.fixture(scope="session")
 def server(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     running = start_server(tiny_weights, tmp_path_factory.mktemp("server"), "--image-ttl", "3")

@@ -21,6 +21,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from server.store import SUBFOLDER
 from tests.e2e.conftest import Server, free_port, launch, stop_server
 
 DEMO_SIZE = (256, 256)  # README: "Demo models default to 256x256"
@@ -101,7 +102,8 @@ def test_first_demo_run_writes_the_tiny_weights_itself(tmp_path: Path) -> None:
         assert f"writing tiny random-weight checkpoints into {tiny}" in server.logs()
         assert (tiny / "flux.2-dev" / "model_index.json").exists()
         assert_generates_an_image(server)
-        assert any((cache / "fluxd" / "images").iterdir()), "the url image was not stored under the cache"
+        stored = cache / "fluxd" / "images" / SUBFOLDER
+        assert any(stored.iterdir()), "the url image was not stored under the cache"
     finally:
         stop_server(server)
 

@@ -53,7 +53,6 @@ GENERATION_CASES = [
     ({"acceleration": "ludicrous"}, "acceleration"),
     ({"model": "flux.1-dev", "prompt_enhancement": "on"}, "prompt_enhancement"),
     ({"model": "flux1.1-pro", "enhance_prompt": True}, "enhance_prompt"),
-    ({"model": "flux.2-dev-turbo", "num_inference_steps": 20}, "num_inference_steps"),
     # JSON carries types: none is converted behind the client's back.
     ({"n": True}, "n"),
     ({"seed": True}, "seed"),
@@ -126,7 +125,6 @@ EDIT_CASES = [
     ({"image": ("a.png", png()[:50], "image/png")}, {}, "image"),
     ({"image": ("a.png", bomb(), "image/png")}, {}, "image"),
     ({"image": ("a.gif", b"GIF89a" + b"\0" * 20, "image/gif")}, {}, "image"),
-    ({"image": ("a.png", png(32, 32), "image/png")}, {}, "image"),
     ({"image": ("a.png", png(), "image/png"), "mask": ("m.png", png(mode="RGBA"), "image/png")}, {}, "mask"),
     ({"image": ("a.png", png(), "image/png")}, {"model": "flux.1-dev"}, "model"),
     ({"image": ("a.png", png(), "image/png")}, {"n": "eleven"}, "n"),
@@ -161,6 +159,13 @@ def test_too_many_references(server: Server) -> None:
         f"{server.url}/v1/images/edits", data={"prompt": "x", "model": "flux.1-kontext-dev"}, files=files[:2]
     )
     assert kontext.status_code == 400 and kontext.json()["error"]["param"] == "image"
+
+
+def test_more_files_than_a_request_is_read_for_name_image(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.edit(image=[png() for _ in range(17)], prompt="x", size="64x64", extra_body=FAST)
+    assert info.value.status_code == 400 and info.value.param == "image"
+    assert "Too many files" in info.value.message
 
 
 def test_a_field_sent_twice_is_refused_not_overwritten(server: Server) -> None:

@@ -18,7 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import HTTP, Server, start_server, stop_server
+from tests.e2e.conftest import HTTP, Server, start_server, stop_server, wait_until
 
 LONG = {"prompt": "long", "size": "768x768", "num_inference_steps": 100, "response_format": "b64_json"}
 
@@ -41,15 +41,6 @@ def in_background(call) -> tuple[threading.Thread, list]:
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     return thread, out
-
-
-def wait_until(predicate, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition never became true")
 
 
 def pixels(response: httpx.Response) -> list[np.ndarray]:

@@ -114,7 +114,7 @@ def test_entrypoint_is_the_projects_console_script() -> None:
 
 
 def test_exposed_port_is_the_default_port() -> None:
-    default = Settings().port
+    default = Settings.model_fields["port"].default
     assert arguments("EXPOSE") == [str(default)]
     assert flag(exec_form("ENTRYPOINT"), "--port") == str(default)
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from server.cli import build_parser
 from server.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,15 +23,15 @@ def test_the_http_side_imports_neither_ray_nor_torch() -> None:
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
 
-def test_serve_takes_a_ray_address_and_replica_settings_from_the_environment() -> None:
-    args = build_parser().parse_args(["serve", "--ray", "auto"])
-    assert args.ray == "auto"
-    settings = load_settings(
-        {"ray": args.ray}, environ={"FLUXD_RAY_MAX_REPLICAS": "4", "FLUXD_RAY_TARGET_ONGOING_REQUESTS": "2"}
-    )
+def test_serve_takes_a_ray_address_and_replica_settings_from_flags_and_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FLUXD_RAY_MAX_REPLICAS", "4")
+    settings = load_settings(["--ray", "auto", "--ray-target-ongoing-requests", "2"])
     assert (settings.ray, settings.ray_min_replicas, settings.ray_max_replicas) == ("auto", 1, 4)
     assert settings.ray_target_ongoing_requests == 2.0
-    assert Settings().ray is None
+    monkeypatch.delenv("FLUXD_RAY_MAX_REPLICAS")
+    assert load_settings().ray is None
 
 
 def test_fewer_max_replicas_than_min_is_refused() -> None:

@@ -1,0 +1,52 @@
+"""`--default-model` is the model of every route that takes `model`: generations, edits and variations.
+
+A server started with only Kontext in mind (`--default-model flux.1-kontext-dev`) must answer an SDK edit that
+names no model with Kontext, not with flux.2-dev.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.e2e.conftest import Server, start_server, stop_server
+from tests.e2e.test_images_api import FAST, decode
+from tests.imagery import png as png_bytes
+
+DEFAULT = "flux.1-kontext-dev"
+
+
+@pytest.fixture(scope="module")
+def kontext(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    server: Server = start_server(
+        tiny_weights, tmp_path_factory.mktemp("kontext"), "--default-model", DEFAULT
+    )
+    yield server.client(max_retries=0)
+    stop_server(server)
+
+
+def test_an_edit_without_model_runs_on_the_default_model(kontext: openai.OpenAI) -> None:
+    result = kontext.images.edit(
+        image=("ref.png", png_bytes(), "image/png"),
+        prompt="make it red",
+        size="64x64",
+        response_format="b64_json",
+        extra_body=FAST,
+    )
+    assert result.model_extra and result.model_extra["model"] == DEFAULT
+    assert result.data and result.data[0].b64_json
+    assert decode(result.data[0].b64_json).size == (64, 64)
+
+
+def test_a_generation_and_a_variation_without_model_run_on_it_too(kontext: openai.OpenAI) -> None:
+    generated = kontext.images.generate(
+        prompt="a fox", size="64x64", response_format="b64_json", extra_body=FAST
+    )
+    varied = kontext.images.create_variation(
+        image=png_bytes(), size="64x64", response_format="b64_json", extra_body=FAST
+    )
+    for result in (generated, varied):
+        assert result.model_extra and result.model_extra["model"] == DEFAULT
