@@ -10,14 +10,15 @@ one per node) and measured again with the same load as the batching measure of `
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from server.bench import HOST, READY_TIMEOUT_S, BenchError, free_port, measure_throughput, write_tiny_weights
 from server.bench_report import Row, Throughput, ratio
-from server.config import Settings
+from server.config import ENV_PREFIX, Settings
 
 if TYPE_CHECKING:
     import httpx
@@ -59,6 +60,16 @@ def replica_rows(measured: list[ReplicaThroughput], concurrency: int, max_batch_
     return rows
 
 
+def _without_environment(values: dict[str, Any]) -> Settings:
+    """Settings from `values` and the defaults: the caller's FLUXD_* variables (keys, queue sizes, a config
+    file) would change what is measured."""
+    saved = {name: os.environ.pop(name) for name in list(os.environ) if name.startswith(ENV_PREFIX)}
+    try:
+        return Settings.model_validate(values)
+    finally:
+        os.environ.update(saved)
+
+
 def _wait_ready(client: httpx.Client, url: str) -> None:
     import httpx
 
@@ -93,7 +104,7 @@ def measure_replicas(args: argparse.Namespace, client: httpx.Client, workdir: Pa
         serve.start(proxy_location="HeadOnly", http_options={"host": HOST, "port": port})
         for replicas in REPLICAS:
             settings = for_the_cluster(
-                Settings.model_validate(
+                _without_environment(
                     {
                         "ray": args.ray,
                         "demo": True,
