@@ -48,6 +48,7 @@ APP_NAME = "fluxd"
 FRONT = "FluxdFront"
 ENGINE = "FluxdEngine"
 FRONT_CPUS = 1.0
+ENGINE_DRAIN_S = 600.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -192,6 +193,9 @@ def application(settings: Settings, specs: Mapping[str, ModelSpec], gpus: float)
     options: dict[str, Any] = {
         "ray_actor_options": {"num_gpus": gpus, "num_cpus": settings.ray_cpus_per_replica},
         "max_ongoing_requests": max(1, math.ceil(settings.ray_target_ongoing_requests)),
+        # A replica being removed (scaling down, a redeploy) first finishes its batch: Serve's default of 20 s
+        # is shorter than a FLUX batch in the offload modes.
+        "graceful_shutdown_timeout_s": ENGINE_DRAIN_S,
         "autoscaling_config": {
             "min_replicas": settings.ray_min_replicas,
             "initial_replicas": settings.ray_min_replicas,
