@@ -95,6 +95,15 @@ WORKER_ENTRY = "pipelines.worker:main"
 
 
 @dataclass
+class Assigned:
+    """Sent first by a Ray Serve replica that takes a batch: which replica, on which node and process."""
+
+    replica: str
+    node: str  # the Ray node id
+    pid: int
+
+
+@dataclass
 class WorkerConfig:
     weights_dir: str
     device: str = "cpu"

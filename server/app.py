@@ -23,6 +23,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.messages import WorkerConfig
+from pipelines.specs import ModelSpec
 from server.config import Settings
 from server.encode import CONTENT_TYPES
 from server.errors import (
@@ -144,9 +145,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         jobs.close()
 
 
-def create_app(settings: Settings, make_pool: Callable[..., WorkerPool] = WorkerPool) -> FastAPI:
+def create_app(
+    settings: Settings,
+    make_pool: Callable[..., WorkerPool] = WorkerPool,
+    specs: dict[str, ModelSpec] | None = None,
+) -> FastAPI:
     """The app; `make_pool(configs, liveness, on_restart)` builds what runs the renders (the spawned workers,
-    unless a test stands in for the process boundary)."""
+    the Ray Serve replicas of server/ray_app.py, or a test's stand-in for the process boundary); `specs`, the
+    models served (default: those whose weights are in --weights-dir here)."""
     app = FastAPI(
         title="fluxd",
         summary="FLUX image generation behind the OpenAI Images API",
@@ -155,7 +161,7 @@ def create_app(settings: Settings, make_pool: Callable[..., WorkerPool] = Worker
     )
     app.state.settings = settings
     app.state.make_pool = make_pool
-    app.state.specs = served_specs(settings)
+    app.state.specs = served_specs(settings) if specs is None else specs
     app.state.store = ImageStore(
         settings.store_dir, settings.image_ttl_s, int(settings.store_quota_mb * 2**20), CONTENT_TYPES
     )

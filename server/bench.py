@@ -7,6 +7,9 @@
 - soak: --soak-requests over mixed models, sizes, n and response formats at --soak-concurrency: requests
   lost (no answer), 5xx, and the HTTP process's resident memory at request 100 and at the end.
 
+With --ray, it measures instead images/s through Ray Serve with one and with two engine replicas
+(server/bench_ray.py).
+
 It prints one markdown table and exits 1 when a target is missed, 2 when the run itself failed. The
 arithmetic, the verdicts and the table are pure functions (tests/unit/test_bench_serve.py). This module does
 not import torch at import time: only the direct call and writing the tiny weights need it.
@@ -370,6 +373,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help=f"smoke run: {QUICK[0]} requests, soak {QUICK[1]} at {QUICK[2]}"
     )
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    parser.add_argument(
+        "--ray",
+        help="instead: images/s through Ray Serve with 1 and 2 engine replicas; local (two simulated nodes "
+        "here), auto or a cluster address",
+    )
+    parser.add_argument("--port", type=int, help="with --ray: Serve's HTTP port (default: a free one)")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for name, default in zip(("requests", "soak_requests", "soak_concurrency"), defaults, strict=True):
@@ -424,16 +433,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="fluxd-bench-") as tmp,
     ):
         try:
-            measured = measure(args, client, Path(tmp))
+            if args.ray:
+                from server.bench_ray import LOCAL_NOTE, measure_replicas
+
+                rows = measure_replicas(args, client, Path(tmp))
+                note = LOCAL_NOTE if args.ray == "local" else ""
+            else:
+                rows, note = table_rows(measure(args, client, Path(tmp))), ""
         except BenchError as exc:
             print(f"fluxd bench serve: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("fluxd bench serve: interrupted; the servers were stopped", file=sys.stderr)
             return 130
-    rows = table_rows(measured)
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    report = format_report(rows, machine_description(), date)
+    report = format_report(rows, machine_description(), date) + (f"\n\n{note}" if note else "")
     print(report, flush=True)
     if args.out:
         args.out.write_text(report + "\n")

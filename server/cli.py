@@ -62,6 +62,10 @@ def serve(settings: Settings) -> int:
         return 2
     if settings.demo:
         _ensure_tiny(settings.weights_dir)
+    if settings.ray:
+        from server.ray_app import serve_on_ray
+
+        return serve_on_ray(settings)
 
     import uvicorn
 

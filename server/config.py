@@ -236,6 +236,47 @@ class Settings(BaseSettings):
     models: dict[str, ModelEntry] = Field(
         default={}, description="the model registry: `[models.<id>]` tables in the TOML file (JSON elsewhere)"
     )
+    # Beyond one machine (server/ray_app.py): read only when `ray` is set.
+    ray: str | None = Field(
+        default=None,
+        min_length=1,
+        description="serve through Ray Serve: `auto` joins the running Ray cluster, an address (host:6379, "
+        "ray://host:10001) joins that one, `local` starts one here; unset: local worker processes",
+    )
+    ray_min_replicas: int = Field(default=1, ge=1, description="engine replicas Ray Serve keeps running")
+    ray_max_replicas: int = Field(default=1, ge=1, description="engine replicas Ray Serve may scale up to")
+    ray_target_ongoing_requests: float = Field(
+        default=1.0,
+        gt=0,
+        description="batches in flight (running or waiting) per engine replica that Ray Serve scales "
+        "towards; a replica runs one batch at a time, as a local worker does",
+    )
+    ray_upscale_delay_s: float = Field(
+        default=30.0, ge=0, description="seconds of high load before Ray Serve adds a replica"
+    )
+    ray_downscale_delay_s: float = Field(
+        default=600.0, ge=0, description="seconds of low load before Ray Serve removes a replica"
+    )
+    ray_autoscaling_window_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds of in-flight counts averaged for each scaling decision (keep it above Serve's "
+        "10 s metrics interval)",
+    )
+    ray_gpus_per_replica: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs of each engine replica; unset: 1 when the cluster has GPUs, else 0 (the CPU)",
+    )
+    ray_cpus_per_replica: float = Field(
+        default=1.0,
+        gt=0,
+        description="logical CPUs of each engine replica (a node must declare at least that many, or the "
+        "replica waits for ever)",
+    )
+    ray_max_replicas_per_node: int | None = Field(
+        default=None, ge=1, description="engine replicas one node may hold; unset: as its GPUs or CPUs allow"
+    )
 
     @model_validator(mode="after")
     def _demo_weights(self) -> Self:
@@ -252,6 +293,15 @@ class Settings(BaseSettings):
         if secret is not None:
             secret_key(secret)  # a ValueError says what is wrong with it
         return secret
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> Self:
+        if self.ray_max_replicas < self.ray_min_replicas:
+            raise ValueError(
+                f"ray_max_replicas ({self.ray_max_replicas}) is below "
+                f"ray_min_replicas ({self.ray_min_replicas})"
+            )
+        return self
 
     @field_validator("forwarded_allow_ips")
     @classmethod

@@ -138,15 +138,27 @@ class WorkerHandle:
             self._pending[request.id] = _Pending(future, request.n, self._sent, listeners.get(request.id))
             futures.append(future)
         self.busy_images += sum(request.n for request in batch)
-        self._inbox.put(batch)
+        self._send(batch)
         return futures
 
     def cancel(self, request_id: str) -> None:
         pending = self._pending.get(request_id)
         if pending is not None:
             pending.cancelled = True
-            self._control.put(request_id)
+            self._send_cancel(request_id)
             logger.info("request %s cancelled while running on worker %s", request_id, self.name)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    # Transport: a worker process's queues here; a Ray Serve call in server/ray_pool.py.
+
+    def _send(self, batch: list[RenderRequest]) -> None:
+        self._inbox.put(batch)
+
+    def _send_cancel(self, request_id: str) -> None:
+        self._control.put(request_id)
 
     def holds(self, model_weights: str) -> bool:
         return self.info is not None and model_weights in self.info.loaded
@@ -190,6 +202,10 @@ class WorkerHandle:
         if process is not self.process:
             return  # a late word from a process already replaced
         self._heard = time.monotonic()
+        self._handle(message)
+
+    def _handle(self, message: object) -> None:
+        """A worker's message, whatever carried it (a process's pipe here, a Ray Serve call in ray_pool)."""
         if isinstance(message, Heartbeat):
             self._settle_finished(message.batches)
         elif isinstance(message, Ready):
@@ -201,7 +217,7 @@ class WorkerHandle:
         elif isinstance(message, Progress):
             pending = self._pending.get(message.id)
             if pending is not None:
-                self._batches[pending.batch].progress(message.step, self._heard)
+                self._batches[pending.batch].progress(message.step, time.monotonic())
                 if pending.on_progress is not None:
                     pending.on_progress(message)
         elif isinstance(message, RenderResult):

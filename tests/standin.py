@@ -16,11 +16,6 @@ from pipelines.messages import RenderedImage, RenderRequest, RenderResult, Worke
 
 
 @dataclass
-class _Process:
-    pid: int = 0
-
-
-@dataclass
 class StandInHandle:
     name: str
     loop: asyncio.AbstractEventLoop
@@ -28,7 +23,7 @@ class StandInHandle:
     restarts: int = 0
     busy_images: int = 0
     info: Any = None
-    process: _Process = field(default_factory=_Process)
+    pid: int | None = 0
     batches: list[list[RenderRequest]] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     fail_with: BaseException | None = None
