@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from pipelines.messages import RenderRequest, RenderResult
+from pipelines.messages import Progress, RenderRequest, RenderResult
 from pipelines.specs import ModelSpec
 from server.errors import APIError
 from server.metrics import Metrics
@@ -160,10 +160,23 @@ class Scheduler:
         if job in queue:
             queue.remove(job)
             self._update_depth(job.request.model)
+            self.metrics.cancelled.labels(job.request.model, "queued").inc()
             logger.info("request %s dropped from the queue: cancelled", job.request.id)
         elif job.worker is not None:
             # Cancelling the awaiting task cancelled job.future too: the worker knows if the job still runs.
+            self.metrics.cancelled.labels(job.request.model, "running").inc()
             job.worker.cancel(job.request.id)
+
+    def _listener(self, job: Job) -> ProgressListener:
+        """The job's own progress listener, counting every denoising step a worker reports."""
+        steps = self.metrics.steps.labels(job.request.model)
+
+        def listen(progress: Progress) -> None:
+            steps.inc()
+            if job.on_progress is not None:
+                job.on_progress(progress)
+
+        return listen
 
     async def _dispatch_forever(self) -> None:
         while True:
@@ -185,7 +198,7 @@ class Scheduler:
         self._update_depth(model)
         try:
             futures = worker.submit(
-                [job.request for job in batch], {job.request.id: job.on_progress for job in batch}
+                [job.request for job in batch], {job.request.id: self._listener(job) for job in batch}
             )
         except Exception as exc:
             # The dispatcher must outlive any one batch: dying here would leave every later request queued.

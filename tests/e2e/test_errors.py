@@ -9,7 +9,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import HTTP, Server
+from tests.e2e.conftest import HTTP, Server, metric
 from tests.imagery import png
 
 FAST = {"num_inference_steps": 2}
@@ -185,20 +185,14 @@ def test_missing_image(server: Server) -> None:
     assert response.status_code == 400
 
 
-def _invalid_value_errors(server: Server) -> float:
-    """The server's own count of 400 invalid_value answers, from /metrics."""
-    series = 'fluxd_errors_total{code="invalid_value",status="400"} '
-    text = HTTP.get(f"{server.url}/metrics").text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series))
-
-
 def test_sdk_sends_a_4xx_once_and_the_next_request_succeeds(server: Server) -> None:
     client = server.client(max_retries=2)
-    before = _invalid_value_errors(server)
+    answered = 'fluxd_errors_total{code="invalid_value",status="400"}'
+    before = metric(server, answered)
     with pytest.raises(openai.BadRequestError) as info:
         client.images.generate(prompt="x", size="nope")
     assert info.value.param == "size" if hasattr(info.value, "param") else info.value.body["param"] == "size"
-    assert _invalid_value_errors(server) == before + 1  # answered once: the SDK did not retry it
+    assert metric(server, answered) == before + 1  # answered once: the SDK did not retry it
     ok = client.images.generate(prompt="x", size="16x16", response_format="b64_json", extra_body=FAST)
     assert ok.data[0].b64_json
 

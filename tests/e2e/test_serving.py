@@ -20,7 +20,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import HTTP, Server, start_server, stop_server, wait_until
+from tests.e2e.conftest import HTTP, Server, metric, start_server, stop_server, wait_until
 
 LONG = {"prompt": "long", "size": "768x768", "num_inference_steps": 100, "response_format": "b64_json"}
 
@@ -106,17 +106,19 @@ def test_queue_limits_answer_429_when_full_and_504_past_the_deadline(fresh: Serv
 
 
 def test_a_client_that_goes_away_frees_the_worker(plain: Server) -> None:
+    running = 'fluxd_cancelled_total{model="flux.2-dev",stage="running"}'
+    queued = 'fluxd_cancelled_total{model="flux.2-dev",stage="queued"}'
+    before = {series: metric(plain, series) for series in (running, queued)}
     with pytest.raises(httpx.TimeoutException):
         generate(plain, timeout=2, **LONG)
-    wait_until(lambda: "cancelled while running" in plain.logs())
+    wait_until(lambda: metric(plain, running) == before[running] + 1)
     # The interrupted job skips its remaining steps, so the next request is served, not stuck behind it.
     assert generate(plain).status_code == 200
-    queued_before = plain.logs().count("dropped from the queue")
     in_background(lambda: generate(plain, **LONG))
     wait_until(lambda: batches(plain) >= 3)
     with pytest.raises(httpx.TimeoutException):
         generate(plain, timeout=1, size="32x32")
-    wait_until(lambda: plain.logs().count("dropped from the queue") == queued_before + 1)
+    wait_until(lambda: metric(plain, queued) == before[queued] + 1)  # dropped before it ever ran
 
 
 def test_a_killed_worker_gives_503_then_the_next_request_succeeds(plain: Server) -> None:
