@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pipelines import loading
+from pipelines.acceleration import accelerated
 from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit
 from pipelines.families import flux1, flux2
 from pipelines.images import decode_image, limit_reference
@@ -357,7 +358,8 @@ class Engine:
         }
         denoise_started = time.perf_counter()
         try:
-            images = to_uint8(pipe(**kwargs).images)
+            with accelerated(pipe, first.acceleration, first.steps):
+                images = to_uint8(pipe(**kwargs).images)
         except Cancelled:
             pipe.maybe_free_model_hooks()  # what the call would have done at its end: offload hooks reset
             raise
@@ -394,6 +396,7 @@ class Engine:
                         "prompt_cache_hits": cache_hits,
                         "prompt_cache_misses": cache_misses,
                     },
+                    acceleration=first.acceleration,
                 )
             )
         logger.info(

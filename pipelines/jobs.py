@@ -23,6 +23,7 @@ class RenderRequest:
     enhance_prompt: bool = False
     enhance_temperature: float = 0.15
     partial_images: int = 0
+    acceleration: str = "none"  # step caching level (pipelines.acceleration); batches never mix levels
 
     @property
     def n(self) -> int:
@@ -47,6 +48,7 @@ class RenderResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     loaded: list[str] = field(default_factory=list)  # checkpoints the worker holds after this job
     device_memory_bytes: int = 0  # accelerator memory the worker holds after this job
+    acceleration: str = "none"  # the step caching that ran, reported to the client
 
 
 @dataclass

@@ -56,6 +56,24 @@ def _enhancement(body: _ImageFields, spec: ModelSpec) -> bool:
     return any(given.values())
 
 
+def _acceleration(body: _ImageFields, spec: ModelSpec) -> str:
+    """The step caching level: acceleration, or go_fast under replicate's name (true is 'regular')."""
+    fast = None if body.go_fast is None else ("regular" if body.go_fast else "none")
+    given = body.acceleration
+    if given is not None and fast is not None and (given == "none") != (fast == "none"):
+        raise InvalidParameter(
+            "go_fast", "go_fast and acceleration disagree: go_fast true is acceleration 'regular'; give one."
+        )
+    level = body.acceleration or fast or spec.default_acceleration
+    if level != "none" and not spec.accelerates:
+        name = "acceleration" if body.acceleration is not None else "go_fast"
+        raise InvalidParameter(
+            name,
+            f"'{spec.id}' runs {spec.default_steps} steps, too few to skip: acceleration must be 'none'.",
+        )
+    return level
+
+
 # A passthrough argument that does nothing unless another one is set past a threshold (diffusers' FluxPipeline
 # runs true CFG only when true_cfg_scale > 1): without it the request would silently lose what it asked for.
 NEEDS = {"negative_prompt": ("true_cfg_scale", 1.0), "negative_prompt_2": ("true_cfg_scale", 1.0)}
@@ -218,5 +236,6 @@ def build_request(
         enhance_prompt=_enhancement(body, spec),
         enhance_temperature=enhance_temperature,
         partial_images=body.partial_images or 0,
+        acceleration=_acceleration(body, spec),
     )
     return request, reply

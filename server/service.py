@@ -156,6 +156,7 @@ class ImageService:
             size=f"{render.width}x{render.height}",
             usage=usage(render),
             model=prepared.spec.id,
+            acceleration=result.acceleration,
         )
 
     def _payload(self, reply: Reply, blob: bytes, base: str) -> tuple[dict[str, str], str | None]:
@@ -215,6 +216,7 @@ class ImageService:
                 # Extra fields the SDK's event type keeps in model_extra: what a client needs to reproduce it.
                 "seed": image.seed,
                 "revised_prompt": result.revised_prompt,
+                "acceleration": result.acceleration,
             }
             yield _sse(payload["type"], payload)
         except ClientGone:
