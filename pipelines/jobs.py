@@ -24,6 +24,7 @@ class RenderRequest:
     enhance_temperature: float = 0.15
     partial_images: int = 0
     acceleration: str = "none"  # step caching level (pipelines.acceleration); batches never mix levels
+    safety_check: bool = False  # run the safety checker on this request's images (pipelines.safety)
 
     @property
     def n(self) -> int:
@@ -38,6 +39,8 @@ class RenderedImage:
     width: int
     height: int
     seed: int
+    nsfw: bool | None = None  # the safety checker's verdict; None: not checked
+    safety_note: str | None = None  # why an image that was to be checked was not
 
 
 @dataclass
@@ -98,3 +101,4 @@ class WorkerConfig:
     parent_pid: int | None = None  # the server; the worker exits when it is gone
     log_level: str = "INFO"
     specs: dict[str, Any] = field(default_factory=dict)  # ModelSpec per id, as the front resolved them
+    safety_threshold: float = 0.5  # nsfw probability from which the safety checker flags an image

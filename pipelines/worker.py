@@ -66,6 +66,8 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
 
     from pipelines.arguments import passthrough_signatures
     from pipelines.engine import Engine, SyntheticWeights
+    from pipelines.safety import FOLDER as SAFETY_FOLDER
+    from pipelines.safety import SafetyChecker
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -98,6 +100,7 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
     engine.warm_up()
     cancelled: set[str] = set()
     threading.Thread(target=_watch_cancellations, args=(control, cancelled), daemon=True).start()
+    safety = SafetyChecker(Path(config.weights_dir) / SAFETY_FOLDER, config.safety_threshold, config.device)
     signatures = passthrough_signatures(config.specs)
     outbox.put(Ready(config.device, signatures, engine.loaded(), engine.describe_modes()))
 
@@ -122,7 +125,9 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
             continue
         ids = [request.id for request in live]
         try:
-            for result in engine.render(live, on_step):
+            results = engine.render(live, on_step)
+            safety.apply(live, results)
+            for result in results:
                 result.loaded = engine.loaded()
                 result.device_memory_bytes = engine.device_memory()
                 outbox.put(result)

@@ -62,6 +62,7 @@ def worker_configs(settings: Settings, specs: dict) -> list[WorkerConfig]:
             synthetic=settings.synthetic_weights,
             log_level=settings.log_level,
             specs=specs,
+            safety_threshold=settings.safety_threshold,
         )
         for device in settings.devices
     ]

@@ -175,6 +175,15 @@ class Settings(BaseSettings):
     prompt_cache_mb: float = Field(
         default=512.0, ge=0, description="text-encoder outputs kept per worker; 0 is off"
     )
+    safety_checker: bool = Field(
+        default=False,
+        description="check images with the NSFW classifier in weights/safety-checker (`fluxd weights pull "
+        "safety-checker`) unless a request says otherwise; off on a self-hosted box, where fal's default on "
+        "would black out a user's own images",
+    )
+    safety_threshold: float = Field(
+        default=0.5, ge=0, le=1, description="nsfw probability from which the safety checker flags an image"
+    )
     log_prompts: bool = Field(default=False, description="log prompts")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING")
     models: dict[str, ModelEntry] = Field(

@@ -56,6 +56,18 @@ def _enhancement(body: _ImageFields, spec: ModelSpec) -> bool:
     return any(given.values())
 
 
+def _safety_check(body: _ImageFields, default: bool) -> bool:
+    enable, disable = body.enable_safety_checker, body.disable_safety_checker
+    if enable is not None and disable is not None and enable == disable:
+        raise InvalidParameter(
+            "disable_safety_checker",
+            "enable_safety_checker and disable_safety_checker disagree: they are one switch; give one.",
+        )
+    if enable is not None:
+        return enable
+    return default if disable is None else not disable
+
+
 def _acceleration(body: _ImageFields, spec: ModelSpec) -> str:
     """The step caching level: acceleration, or go_fast under replicate's name (true is 'regular')."""
     fast = None if body.go_fast is None else ("regular" if body.go_fast else "none")
@@ -194,6 +206,7 @@ def build_request(
     input_size: tuple[int, int] | None = None,
     enhance_temperature: float = 0.15,
     prompt_required: bool = True,
+    safety_default: bool = False,
 ) -> tuple[RenderRequest, Reply]:
     """Validate everything and apply every default; raise InvalidParameter naming the first bad field.
     Only variations go without a prompt."""
@@ -237,5 +250,6 @@ def build_request(
         enhance_temperature=enhance_temperature,
         partial_images=body.partial_images or 0,
         acceleration=_acceleration(body, spec),
+        safety_check=_safety_check(body, safety_default),
     )
     return request, reply

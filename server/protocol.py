@@ -22,7 +22,9 @@ OutputFormat = Literal["png", "jpeg", "webp", "avif", "gif"]
 Quality = Literal["low", "medium", "high", "auto", "standard", "hd"]
 Background = Literal["transparent", "opaque", "auto"]
 Text = Annotated[str, Field(min_length=1)]  # "" is neither a value nor "use the default": that is null
-SAFETY = "fluxd runs no safety checker"
+SAFETY = (
+    "BFL's moderation level; fluxd's checker (enable_safety_checker) has one threshold, --safety-threshold"
+)
 ENHANCE = "prompt_enhancement (one switch under the gateways' several names)"
 
 
@@ -168,8 +170,20 @@ class _ImageFields(BaseModel):
         "otherwise); a 400 on Turbo, which takes only 'none'",
         f"{LUMENFALL}: FLUX.2 [dev] (replicate)",
     )
-    enable_safety_checker: bool | None = declare("accepted", SAFETY, f"{LUMENFALL} (fal)")
-    disable_safety_checker: bool | None = declare("accepted", SAFETY, f"{LUMENFALL} (replicate)")
+    enable_safety_checker: bool | None = declare(
+        "emulated",
+        "true: each image is classified by an open NSFW classifier (Falconsai/nsfw_image_detection, a ViT, "
+        "through transformers) after decode; a flagged image is black, and each reports has_nsfw_concepts, "
+        "as on fal. On a server without the classifier (`fluxd weights pull safety-checker`) each image "
+        "comes back unchecked with a safety_note saying so",
+        f"{LUMENFALL} (fal)",
+        default="--safety-checker (off)",
+    )
+    disable_safety_checker: bool | None = declare(
+        "renamed",
+        "enable_safety_checker negated (replicate's name); given with it, the two must agree",
+        f"{LUMENFALL} (replicate)",
+    )
     safety_tolerance: int | None = declare("accepted", SAFETY, f"{LUMENFALL}: FLUX1.1 [pro]", ge=1, le=6)
 
 
@@ -205,6 +219,8 @@ class ImageData(BaseModel):
     b64_json: str | None = None
     revised_prompt: str | None = None
     seed: int
+    has_nsfw_concepts: bool | None = None  # fal's: the safety checker's verdict, when it ran
+    safety_note: str | None = None  # why an image the request asked to check was not
 
 
 class InputTokensDetails(BaseModel):
