@@ -8,6 +8,10 @@ transformer's full evaluations, counted by forward hooks on its blocks, and the 
 much), so the wall-time ratio understates what the same evaluation ratio saves on a full-size model, where
 the transformer is nearly all of it. It prints one markdown table and exits 1 when a level misses its
 target (regular at least 1.5x, high at least 2x fewer evaluations).
+
+It also times the safety checker: Falconsai/nsfw_image_detection's architecture (ViT-base at 224 px, from
+transformers' ViTConfig defaults, the checkpoint's own) with random weights, whose cost does not depend on
+the weights' values, on batches of the rendered size.
 """
 
 from __future__ import annotations
@@ -67,6 +71,47 @@ def format_table(rows: Sequence[Row], steps: int, size: str, machine: str, date:
             f"| {row.faster(none):.2f}x |"
         )
     return "\n".join(lines) + "\n"
+
+
+def format_safety(rows: Sequence[tuple[int, float]], size: str) -> str:
+    lines = [
+        f"safety checker (ViT-base, 224 px input, random weights), images of {size}:",
+        "",
+        "| images per batch | ms per batch (median) | ms per image |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {images} | {ms:.0f} | {ms / images:.0f} |" for images, ms in rows]
+    return "\n".join(lines) + "\n"
+
+
+def measure_safety(
+    scratch: Path, size: tuple[int, int], repeats: int, batches: Sequence[int] = (1, 4)
+) -> list[tuple[int, float]]:
+    """Median ms of one checker pass over batches of `batches` images."""
+    import time
+
+    import numpy as np
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from pipelines.safety import SafetyChecker
+
+    folder = scratch / "safety-checker-base"
+    labels = {0: "normal", 1: "nsfw"}
+    config = ViTConfig(id2label=labels, label2id={label: index for index, label in labels.items()})
+    ViTForImageClassification(config).save_pretrained(folder, safe_serialization=True)
+    ViTImageProcessor().save_pretrained(folder)
+    checker = SafetyChecker(folder)
+    noise = np.random.default_rng(0).integers(0, 256, (max(batches), size[1], size[0], 3), dtype=np.uint8)
+    checker.flags([noise[0]])  # loads the model and warms up
+    rows = []
+    for images in batches:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            checker.flags(list(noise[:images]))
+            times.append((time.perf_counter() - started) * 1000)
+        rows.append((images, statistics.median(times)))
+    return rows
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -133,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             write_tiny(weights)
         try:
             rows = measure(weights, args.models, (width, height), args.steps, args.repeats)
+            safety = measure_safety(Path(scratch), (width, height), max(3, args.repeats))
         except Exception as exc:  # the run itself failed: say so and exit 2
             print(f"fluxd bench accel: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 2
@@ -142,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     date = datetime.date.today().isoformat()
     print(format_table(rows, args.steps, f"{width}x{height}", machine, date))
+    print(format_safety(safety, f"{width}x{height}"))
     failures = missed(rows)
     for failure in failures:
         print(f"missed its target: {failure}", file=sys.stderr)
