@@ -347,9 +347,11 @@ def write_safety_checker(folder: Path, seed: int = 0, verdict: str = "normal") -
         label2id={label: index for index, label in labels.items()},
     )
     model = ViTForImageClassification(config)
+    head = model.classifier
+    assert isinstance(head, torch.nn.Linear)
     with torch.no_grad():
-        model.classifier.weight.zero_()
-        model.classifier.bias.copy_(torch.tensor([4.0, -4.0] if verdict == "normal" else [-4.0, 4.0]))
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([4.0, -4.0] if verdict == "normal" else [-4.0, 4.0]))
     model.save_pretrained(folder, safe_serialization=True)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
