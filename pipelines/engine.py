@@ -16,12 +16,15 @@ import numpy as np
 import torch
 
 from pipelines import loading
+from pipelines.acceleration import accelerated
 from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit
 from pipelines.families import flux1, flux2
 from pipelines.images import decode_image, fit_reference
 from pipelines.messages import Progress, RenderedImage, RenderRequest, RenderResult
 from pipelines.modes import HEADROOM_BYTES, ResolvedMode, choose_mode
 from pipelines.prompt_cache import PromptCache
+from pipelines.safety import FOLDER as SAFETY_FOLDER
+from pipelines.safety import SafetyChecker
 from pipelines.specs import SIZE_MULTIPLE, LoraAdapter, ModelSpec
 
 if TYPE_CHECKING:
@@ -107,6 +110,7 @@ class Engine:
         prompt_cache_bytes: int = 0,
         modes: Mapping[str, str] | None = None,
         synthetic: SyntheticWeights | None = None,
+        safety: SafetyChecker | None = None,
     ) -> None:
         self.specs = specs
         self.weights_dir = weights_dir
@@ -118,6 +122,8 @@ class Engine:
         self.gpu_bytes = self._gpu_bytes()
         self.modes = self._resolve_modes(modes or {})
         self.synthetic = synthetic
+        # Checks the images of requests that ask for it after decode (a note says so where it is absent).
+        self.safety = safety or SafetyChecker(weights_dir / SAFETY_FOLDER, device=device)
 
     def _gpu_bytes(self) -> int | None:
         """GPU memory this worker may use for models: the device's, or less when a memory budget says so,
@@ -299,20 +305,21 @@ class Engine:
         prompts = [new or request.prompt for request, new in zip(batch, revised, strict=True)]
         steps = StepReports(batch, family, on_step)
         started = time.perf_counter()
-        images = _call(
-            pipe,
-            {
-                **_inputs(batch, prompts),
-                "width": first.width,
-                "height": first.height,
-                "num_inference_steps": first.steps,
-                "guidance_scale": first.guidance,
-                "output_type": "np",
-                "callback_on_step_end": steps,
-                **family.call_kwargs(spec, pipe, references, first.width, first.height, first.steps),
-            },
-            first.extra,
-        )
+        with accelerated(pipe, first.acceleration, first.steps):
+            images = _call(
+                pipe,
+                {
+                    **_inputs(batch, prompts),
+                    "width": first.width,
+                    "height": first.height,
+                    "num_inference_steps": first.steps,
+                    "guidance_scale": first.guidance,
+                    "output_type": "np",
+                    "callback_on_step_end": steps,
+                    **family.call_kwargs(spec, pipe, references, first.width, first.height, first.steps),
+                },
+                first.extra,
+            )
         timings.update(run=(time.perf_counter() - started) * 1000, previews=steps.preview_ms)
         timings["batch_images"] = len(images)
         logger.info(
@@ -325,7 +332,9 @@ class Engine:
             timings["run"],
         )
         lookups = (self.prompts.hits - hits, self.prompts.misses - misses)
-        return _results(batch, images, revised, timings, lookups)
+        results = _results(batch, images, revised, timings, lookups)
+        self.safety.apply(batch, results)
+        return results
 
     def _check_enhancement(self, spec: ModelSpec) -> None:
         """Whether this worker can rewrite prompts with `spec`'s language model, before anything loads."""
@@ -427,5 +436,7 @@ def _results(
         offset += request.n
         hits, misses = lookups if index == 0 else (0, 0)
         timings = {**timings, "prompt_cache_hits": hits, "prompt_cache_misses": misses}
-        results.append(RenderResult(request.id, rendered, revised_prompt, timings))
+        results.append(
+            RenderResult(request.id, rendered, revised_prompt, timings, acceleration=request.acceleration)
+        )
     return results

@@ -23,6 +23,8 @@ class RenderRequest:
     enhance_prompt: bool = False
     enhance_temperature: float = 0.15
     partial_images: int = 0
+    acceleration: str = "none"  # step caching level (pipelines.acceleration); batches never mix levels
+    safety_check: bool = False  # run the safety checker on this request's images (pipelines.safety)
 
     @property
     def n(self) -> int:
@@ -37,6 +39,8 @@ class RenderedImage:
     width: int
     height: int
     seed: int
+    nsfw: bool | None = None  # the safety checker's verdict; None: not checked
+    safety_note: str | None = None  # why an image that was to be checked was not
 
 
 @dataclass
@@ -47,6 +51,7 @@ class RenderResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     loaded: list[str] = field(default_factory=list)  # checkpoints the worker holds after this job
     device_memory_bytes: int = 0  # accelerator memory the worker holds after this job
+    acceleration: str = "none"  # the step caching that ran, reported to the client
 
 
 @dataclass
@@ -118,3 +123,4 @@ class WorkerConfig:
     specs: dict[str, Any] = field(default_factory=dict)  # ModelSpec per id, as the front resolved them
     entry: str = WORKER_ENTRY
     heartbeat_s: float = 1.0
+    safety_threshold: float = 0.5  # nsfw probability from which the safety checker flags an image

@@ -19,6 +19,7 @@ Family = Literal["flux2", "flux1", "flux1-kontext"]
 # attributes at run time, which no static type of diffusers declares.
 Pipeline = Any
 Mode = Literal["generate", "edit"]
+Acceleration = Literal["none", "regular", "high"]  # step caching per request (pipelines.acceleration)
 
 SIZE_MULTIPLE = 16  # VAE downsampling (8) x latent patch size (2), the same for FLUX.1 and FLUX.2.
 # Lumenfall model pages: "Custom 1-14142px per side" accepted as input before clamping to the model.
@@ -102,6 +103,8 @@ class ModelSpec:
     # What the pipeline takes as a reference; the worker fits every reference into it, none is refused.
     min_reference_side: int = 1
     max_reference_aspect: float = 100.0
+    default_acceleration: Acceleration = "none"
+    accelerates: bool = True  # False: any level but "none" is a 400 (Turbo: its 8 steps leave little to skip)
 
     @property
     def weights_id(self) -> str:
@@ -167,8 +170,10 @@ SPECS: dict[str, ModelSpec] = {
             modes=frozenset({"generate", "edit"}),
             default_steps=28,
             default_guidance=4.0,
-            defaults_source="28 steps: fal's FLUX.2 [dev] endpoint (the provider behind its Lumenfall page); "
-            "guidance 4.0: diffusers Flux2Pipeline default and BFL's reference sampling",
+            defaults_source="28 steps and acceleration 'regular': fal's FLUX.2 [dev] endpoint (the provider "
+            "behind its Lumenfall page); guidance 4.0: diffusers Flux2Pipeline default and BFL's reference "
+            "sampling",
+            default_acceleration="regular",
             limits=FLUX2_LIMITS,
             sizes_1k=SIZES_1K,
             enhances_prompt=True,
@@ -196,6 +201,7 @@ SPECS: dict[str, ModelSpec] = {
                 sigmas=TURBO_SIGMAS,
             ),
             base="flux.2-dev",
+            accelerates=False,
         ),
         ModelSpec(
             id="flux.1-kontext-dev",

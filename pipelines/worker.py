@@ -105,6 +105,8 @@ def start_engine(config: WorkerConfig) -> Engine:
     import torch
 
     from pipelines.engine import Engine, SyntheticWeights
+    from pipelines.safety import FOLDER as SAFETY_FOLDER
+    from pipelines.safety import SafetyChecker
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -128,6 +130,7 @@ def start_engine(config: WorkerConfig) -> Engine:
         config.prompt_cache_bytes,
         config.modes,
         synthetic,
+        SafetyChecker(Path(config.weights_dir) / SAFETY_FOLDER, config.safety_threshold, config.device),
     )
     for model_id in config.preload:
         try:

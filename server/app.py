@@ -69,6 +69,7 @@ def worker_configs(settings: Settings, specs: dict) -> list[WorkerConfig]:
             entry=settings.worker_entry,
             # Several beats per timeout, so that one late beat on a loaded machine does not kill a worker.
             heartbeat_s=min(1.0, settings.worker_heartbeat_timeout_s / 5),
+            safety_threshold=settings.safety_threshold,
         )
         for device in settings.devices
     ]

@@ -1,4 +1,4 @@
-"""`fluxd serve | weights tiny|pull|list|verify | bench gpu|serve`. Logging is configured here, once."""
+"""`fluxd serve | weights tiny|pull|list|verify | bench gpu|serve|accel`. Logging is configured here, once."""
 
 from __future__ import annotations
 
@@ -177,6 +177,10 @@ def bench(args: argparse.Namespace, rest: list[str]) -> int:
         from server.bench import main as serve_main
 
         return serve_main(rest)
+    if args.target == "accel":
+        from pipelines.bench_accel import main as accel_main
+
+        return accel_main(rest)
     from pipelines.bench_gpu import main as gpu_main
 
     return gpu_main(rest)
@@ -212,10 +216,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, CliSettingsSource[Any]]:
     # No -h of its own: `fluxd bench serve --help` reaches the target's parser, which knows the options.
     bench_parser = sub.add_parser(
         "bench",
-        help="gpu: synthetic full-size models on a CUDA device; serve: HTTP overhead, batching, soak",
+        help="gpu: synthetic full-size models on a CUDA device; serve: HTTP overhead, batching, soak; "
+        "accel: what each acceleration level saves",
         add_help=False,
     )
-    bench_parser.add_argument("target", choices=["gpu", "serve"])
+    bench_parser.add_argument("target", choices=["gpu", "serve", "accel"])
     return parser, serve_settings
 
 

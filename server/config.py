@@ -231,6 +231,15 @@ class Settings(BaseSettings):
         description="the loop each worker process runs, as module:function; tests name one that wraps it "
         "with an injected fault",
     )
+    safety_checker: bool = Field(
+        default=False,
+        description="check images with the NSFW classifier in weights/safety-checker (`fluxd weights pull "
+        "safety-checker`) unless a request says otherwise; off on a self-hosted box, where fal's default on "
+        "would black out a user's own images",
+    )
+    safety_threshold: float = Field(
+        default=0.5, ge=0, le=1, description="nsfw probability from which the safety checker flags an image"
+    )
     log_prompts: bool = Field(default=False, description="log prompts")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING")
     models: dict[str, ModelEntry] = Field(

@@ -50,6 +50,9 @@ class Metrics:
             registry=r,
         )
         self.steps = Counter(
-            "fluxd_denoise_steps", "Denoising steps the workers ran, counted per request", ["model"], registry=r
+            "fluxd_denoise_steps",
+            "Denoising steps the workers ran, counted per request",
+            ["model"],
+            registry=r,
         )
         self.jobs = Gauge("fluxd_jobs", "Async jobs stored, by status", ["status"], registry=r)

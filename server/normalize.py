@@ -61,6 +61,36 @@ def _enhancement(body: _ImageFields, spec: ModelSpec) -> bool:
     return any(given.values())
 
 
+def _safety_check(body: _ImageFields, default: bool) -> bool:
+    enable, disable = body.enable_safety_checker, body.disable_safety_checker
+    if enable is not None and disable is not None and enable == disable:
+        raise InvalidParameter(
+            "disable_safety_checker",
+            "enable_safety_checker and disable_safety_checker disagree: they are one switch; give one.",
+        )
+    if enable is not None:
+        return enable
+    return default if disable is None else not disable
+
+
+def _acceleration(body: _ImageFields, spec: ModelSpec) -> str:
+    """The step caching level: acceleration, or go_fast under replicate's name (true is 'regular')."""
+    fast = None if body.go_fast is None else ("regular" if body.go_fast else "none")
+    given = body.acceleration
+    if given is not None and fast is not None and (given == "none") != (fast == "none"):
+        raise InvalidParameter(
+            "go_fast", "go_fast and acceleration disagree: go_fast true is acceleration 'regular'; give one."
+        )
+    level = body.acceleration or fast or spec.default_acceleration
+    if level != "none" and not spec.accelerates:
+        name = "acceleration" if body.acceleration is not None else "go_fast"
+        raise InvalidParameter(
+            name,
+            f"'{spec.id}' runs {spec.default_steps} steps, too few to skip: acceleration must be 'none'.",
+        )
+    return level
+
+
 # A passthrough argument that does nothing unless another one is set past a threshold (diffusers' FluxPipeline
 # runs true CFG only when true_cfg_scale > 1): without it the request would silently lose what it asked for.
 NEEDS = {"negative_prompt": ("true_cfg_scale", 1.0), "negative_prompt_2": ("true_cfg_scale", 1.0)}
@@ -181,6 +211,7 @@ def build_request(
     input_size: tuple[int, int] | None = None,
     enhance_temperature: float = 0.15,
     prompt_required: bool = True,
+    safety_default: bool = False,
 ) -> tuple[RenderRequest, Reply]:
     """Validate everything and apply every default; raise InvalidParameter naming the first bad field.
     Only variations go without a prompt."""
@@ -219,5 +250,7 @@ def build_request(
         enhance_prompt=_enhancement(body, spec),
         enhance_temperature=enhance_temperature,
         partial_images=body.partial_images or 0,
+        acceleration=_acceleration(body, spec),
+        safety_check=_safety_check(body, safety_default),
     )
     return request, reply

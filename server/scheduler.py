@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 
 def batch_key(request: RenderRequest) -> tuple:
-    """Jobs with equal keys can share one pipeline call: same model, shape, schedule and references."""
+    """Jobs with equal keys can share one pipeline call: same model, shape, schedule (step caching
+    included: the cache hook is on for a whole call) and references."""
     references = hashlib.sha256(
         b"".join(hashlib.sha256(image).digest() for image in request.images)
     ).hexdigest()
@@ -37,6 +38,7 @@ def batch_key(request: RenderRequest) -> tuple:
         references,
         repr(sorted(request.extra.items())),
         request.partial_images,
+        request.acceleration,
     )
 
 

@@ -86,7 +86,9 @@ class ImageService:
         # One default for every route: a server whose default model cannot edit says so on an edit (400).
         spec = get_spec(body.model or self.settings.default_model, self.specs)
         if images is None:
-            render, reply = build_request(body, spec, PASSTHROUGH[spec.pipeline_class])
+            render, reply = build_request(
+                body, spec, PASSTHROUGH[spec.pipeline_class], safety_default=self.settings.safety_checker
+            )
             return Prepared(render, reply, spec)
         if "edit" not in spec.modes:
             raise InvalidParameter("model", f"'{spec.id}' does not edit images; use /v1/images/generations.")
@@ -99,6 +101,7 @@ class ImageService:
             images,
             sizes[0] if sizes else None,
             prompt_required=prompt_required,
+            safety_default=self.settings.safety_checker,
         )
         return Prepared(render, reply, spec)
 
@@ -149,7 +152,13 @@ class ImageService:
         if failures and headers is not None:
             headers["x-fluxd-store-error"] = "; ".join(failures)
         data = [
-            ImageData(**payload, revised_prompt=result.revised_prompt, seed=image.seed)
+            ImageData(
+                **payload,
+                revised_prompt=result.revised_prompt,
+                seed=image.seed,
+                has_nsfw_concepts=image.nsfw,
+                safety_note=image.safety_note,
+            )
             for image, (payload, _) in zip(result.images, payloads, strict=True)
         ]
         return ImagesResponse(
@@ -161,6 +170,7 @@ class ImageService:
             size=f"{render.width}x{render.height}",
             usage=usage(render),
             model=prepared.spec.id,
+            acceleration=result.acceleration,
         )
 
     def _payload(self, reply: Reply, blob: bytes, base: str) -> tuple[dict[str, str], str | None]:
@@ -226,6 +236,9 @@ class ImageService:
                 # Extra fields the SDK's event type keeps in model_extra: what a client needs to reproduce it.
                 "seed": image.seed,
                 "revised_prompt": result.revised_prompt,
+                "acceleration": result.acceleration,
+                "has_nsfw_concepts": image.nsfw,
+                "safety_note": image.safety_note,
             }
             yield _sse(event, payload)
         except ClientGone:

@@ -62,7 +62,9 @@ class StandInHandle:
 def _result(request: RenderRequest) -> RenderResult:
     pixels = bytes([128]) * (request.width * request.height * 3)
     images = [RenderedImage(pixels, request.width, request.height, seed) for seed in request.seeds]
-    return RenderResult(request.id, images, timings_ms={"batch_images": request.n})
+    return RenderResult(
+        request.id, images, timings_ms={"batch_images": request.n}, acceleration=request.acceleration
+    )
 
 
 class StandInPool:
