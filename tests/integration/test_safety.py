@@ -1,10 +1,11 @@
-"""The safety checker on the tiny mirrors, as the worker runs it after Engine.render: a flagged image is black
+"""The safety checker on the tiny mirrors, as Engine.render runs it after decode: a flagged image is black
 and says has_nsfw_concepts true, an unflagged one is untouched, a request that does not ask is not checked,
 and a worker without the classifier says so per image instead of pretending."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,9 @@ def rendered(tiny_weights: Path) -> tuple[list[RenderRequest], list[RenderResult
         RenderRequest(f"r{i}", "flux.1-dev", "a fox", 64, 48, 2, 3.5, [i, i + 10], safety_check=check)
         for i, check in enumerate((True, False))
     ]
-    return batch, Engine(SPECS, tiny_weights).render(batch)
+    # Rendered unchecked (the engine checks those that ask, after decode), for each test to check its way.
+    unchecked = [dataclasses.replace(request, safety_check=False) for request in batch]
+    return batch, Engine(SPECS, tiny_weights).render(unchecked)
 
 
 def checked(
