@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pipelines.loras import LoraChoice
+
 
 @dataclass
 class RenderRequest:
@@ -23,6 +25,7 @@ class RenderRequest:
     enhance_prompt: bool = False
     enhance_temperature: float = 0.15
     partial_images: int = 0
+    loras: list[LoraChoice] = field(default_factory=list)  # on top of the model's own adapter (Turbo)
 
     @property
     def n(self) -> int:
@@ -91,6 +94,7 @@ class WorkerConfig:
     threads: int | None = None
     memory_budget_bytes: int | None = None
     prompt_cache_bytes: int = 0
+    lora_cache_bytes: int = 0
     modes: dict[str, str] = field(default_factory=dict)  # requested mode per checkpoint; others are auto
     synthetic: bool = False  # full-size random weights from the published configs instead of checkpoints
     parent_pid: int | None = None  # the server; the worker exits when it is gone

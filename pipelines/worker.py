@@ -89,6 +89,7 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
         config.prompt_cache_bytes,
         config.modes,
         synthetic,
+        config.lora_cache_bytes,
     )
     for model_id in config.preload:
         try:
