@@ -56,9 +56,8 @@ def load_user_lora(choice: LoraChoice) -> Callable[[Any, str], None]:
         except Exception as exc:  # a client's file may fail in any of diffusers' converters
             if key in {k for keys in pipe.get_list_adapters().values() for k in keys}:
                 pipe.delete_adapters(key)
-            raise InvalidParameter(
-                PARAM, f"LoRA '{choice.name}' does not load on this model: {type(exc).__name__}: {str(exc)[:300]}"
-            ) from exc
+            why = f"{type(exc).__name__}: {str(exc)[:300]}"
+            raise InvalidParameter(PARAM, f"LoRA '{choice.name}' does not load on this model: {why}") from exc
         holders = _components_holding(pipe, key)
         if holders != ["transformer"]:
             if holders:

@@ -401,7 +401,8 @@ def write_tiny(root: Path, seed: int = 0) -> list[Path]:
         written.append(folder)
         if model_id in EXAMPLE_LORAS:
             name, layout = EXAMPLE_LORAS[model_id]
-            save_file(lora_state_dict(pipe.transformer, layout, seed + 1), lora_folder / f"{name}.safetensors")
+            state = lora_state_dict(pipe.transformer, layout, seed + 1)
+            save_file(state, lora_folder / f"{name}.safetensors")
     turbo = SPECS["flux.2-dev-turbo"].adapter
     assert turbo is not None
     turbo_folder = root / "flux.2-dev-turbo"

@@ -132,8 +132,6 @@ def test_the_cache_keeps_the_budget_least_recently_used_first(weights: Path) -> 
     assert sorted(engine.pipeline(SPECS["flux.2-dev"]).get_list_adapters()["transformer"]) == sorted(
         engine.adapters.loaded("flux.2-dev")
     )
-        keys[k] for k in engine.pipeline(SPECS["flux.2-dev"]).get_list_adapters()["transformer"] if k in keys
-    }
 
 
 def test_a_flux1_lora_on_flux2_is_refused_naming_loras(engine: Engine, weights: Path) -> None:
