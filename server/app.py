@@ -58,6 +58,7 @@ def worker_configs(settings: Settings, specs: dict) -> list[WorkerConfig]:
             parent_pid=os.getpid(),
             memory_budget_bytes=int(settings.memory_budget_gb * 2**30) if settings.memory_budget_gb else None,
             prompt_cache_bytes=int(settings.prompt_cache_mb * 2**20),
+            lora_cache_bytes=int(settings.lora_cache_mb * 2**20),
             modes=requested_modes(settings, specs),
             synthetic=settings.synthetic_weights,
             log_level=settings.log_level,

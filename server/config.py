@@ -175,6 +175,12 @@ class Settings(BaseSettings):
     prompt_cache_mb: float = Field(
         default=512.0, ge=0, description="text-encoder outputs kept per worker; 0 is off"
     )
+    lora_cache_mb: float = Field(
+        default=2048.0,
+        ge=0,
+        description="LoRA adapters kept loaded per worker beside the model weights, least recently used "
+        "unloaded first (a request's own LoRAs always load)",
+    )
     log_prompts: bool = Field(default=False, description="log prompts")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING")
     models: dict[str, ModelEntry] = Field(

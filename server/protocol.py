@@ -8,10 +8,12 @@ fluxd handles it and where it comes from. Fields follow the OpenAI spec's order;
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pipelines.loras import MAX_LORAS
 from server.parameters import LUMENFALL, OPENAI, Declarations, declare
 
 MAX_SEED = 2**32 - 1
@@ -23,6 +25,15 @@ Background = Literal["transparent", "opaque", "auto"]
 Text = Annotated[str, Field(min_length=1)]  # "" is neither a value nor "use the default": that is null
 SAFETY = "fluxd runs no safety checker"
 ENHANCE = "prompt_enhancement (one switch under the gateways' several names)"
+
+
+class LoraWeight(BaseModel):
+    """One entry of `loras`, in fal's shape."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Text
+    scale: float = 1.0
 
 
 class _ImageFields(BaseModel):
@@ -158,6 +169,14 @@ class _ImageFields(BaseModel):
         "speed is a per-server setting (the worker's run mode), not per request",
         f"{LUMENFALL}: FLUX.2 [dev] (replicate)",
     )
+    loras: list[LoraWeight] | None = declare(
+        "native",
+        f"up to {MAX_LORAS} of the server's LoRAs, [{{path, scale}}]: a name under weights/loras/ or a "
+        "Hugging Face repo pulled with `fluxd weights pull --lora`; scale -4 to 4 (default 1); applied "
+        "unfused on the shared base (diffusers/PEFT, kohya, BFL/ai-toolkit layouts), stacking on Turbo; "
+        "multipart: a JSON text field",
+        "fal's FLUX LoRA endpoints (fal-ai/flux-lora, fal-ai/flux-2/lora)",
+    )
     enable_safety_checker: bool | None = declare("accepted", SAFETY, f"{LUMENFALL} (fal)")
     disable_safety_checker: bool | None = declare("accepted", SAFETY, f"{LUMENFALL} (replicate)")
     safety_tolerance: int | None = declare("accepted", SAFETY, f"{LUMENFALL}: FLUX1.1 [pro]", ge=1, le=6)
@@ -185,6 +204,18 @@ class ImageEditRequest(_ImageFields):
         OPENAI,
     )
     mask: bytes | None = declare("accepted", "a 400 naming mask: no served model inpaints", OPENAI)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_from_form(cls, value: Any) -> Any:
+        """Multipart carries `loras` as one JSON text field (the SDK's `loras[][path]` fields arrive as a
+        list already, gathered by the route)."""
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError('loras must be a JSON list such as [{"path": "style", "scale": 0.8}]') from None
 
 
 DECLARATIONS = Declarations({"generations": ImageGenerationRequest, "edits": ImageEditRequest})

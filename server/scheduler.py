@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 
 def batch_key(request: RenderRequest) -> tuple:
-    """Jobs with equal keys can share one pipeline call: same model, shape, schedule and references."""
+    """Jobs with equal keys can share one pipeline call: same model, shape, schedule, references and LoRAs
+    at the same scales."""
     references = hashlib.sha256(
         b"".join(hashlib.sha256(image).digest() for image in request.images)
     ).hexdigest()
@@ -36,6 +37,7 @@ def batch_key(request: RenderRequest) -> tuple:
         references,
         repr(sorted(request.extra.items())),
         request.partial_images,
+        tuple((lora.key, lora.scale) for lora in request.loras),
     )
 
 

@@ -80,7 +80,12 @@ class ImageService:
         # One default for every route: a server whose default model cannot edit says so on an edit (400).
         spec = get_spec(body.model or self.settings.default_model, self.specs)
         if images is None:
-            render, reply = build_request(body, spec, self.signatures.get(spec.pipeline_class, {}))
+            render, reply = build_request(
+                body,
+                spec,
+                self.signatures.get(spec.pipeline_class, {}),
+                weights_dir=self.settings.weights_dir,
+            )
             return Prepared(render, reply, spec)
         if "edit" not in spec.modes:
             raise InvalidParameter("model", f"'{spec.id}' does not edit images; use /v1/images/generations.")
@@ -94,6 +99,7 @@ class ImageService:
             images,
             sizes[0] if sizes else None,
             prompt_required=prompt_required,
+            weights_dir=self.settings.weights_dir,
         )
         return Prepared(render, reply, spec)
 
