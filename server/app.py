@@ -35,7 +35,7 @@ from server.errors import (
 from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.registry import requested_modes, served_specs
-from server.routes import files, health, images, models
+from server.routes import files, health, images, loras, models
 from server.scheduler import Scheduler
 from server.service import ImageService
 from server.store import ImageStore
@@ -143,7 +143,7 @@ def create_app(settings: Settings, make_pool: Callable[..., WorkerPool] = Worker
 
     install_error_handlers(app)
     install_openapi(app)
-    for router in (images.router, models.router, files.router, health.router):
+    for router in (images.router, models.router, loras.router, files.router, health.router):
         app.include_router(router)
 
     @app.get("/metrics", include_in_schema=False)

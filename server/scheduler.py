@@ -214,6 +214,11 @@ class Scheduler:
                 self.metrics.images.labels(model).inc(len(rendered.images))
                 for result, key in (("hit", "prompt_cache_hits"), ("miss", "prompt_cache_misses")):
                     self.metrics.prompt_cache.labels(model, result).inc(rendered.timings_ms.get(key, 0))
+                for result, key in (("hit", "lora_cache_hits"), ("load", "lora_loads")):
+                    self.metrics.lora_adapters.labels(model, result).inc(rendered.timings_ms.get(key, 0))
+                self.metrics.lora_load_seconds.labels(model).inc(
+                    rendered.timings_ms.get("lora_load", 0) / 1000
+                )
                 if job.worker is not None:
                     self.metrics.device_memory.labels(job.worker.name).set(rendered.device_memory_bytes)
                 job.future.set_result(rendered)
