@@ -20,6 +20,7 @@ from pipelines.specs import SPECS
 from pipelines.tiny import LORA_LAYOUTS, build_flux1, build_flux2, lora_state_dict
 from tests.imagery import png
 from tests.integration.test_engine import base_storage, pixels, request
+from tests.integration.test_run_modes import CPU
 
 # A model per family and mode: FLUX.2 text-to-image, FLUX.1 [dev], and Kontext editing with FLUX.1's LoRAs.
 MODELS = {"flux2": "flux.2-dev", "flux1": "flux.1-dev"}
@@ -111,6 +112,20 @@ def test_loras_are_adapters_on_the_one_copy_of_the_base(weights: Path) -> None:
     assert base_storage(transformer) == storage  # no base weight was copied, moved or fused
     assert sum(p.numel() for n, p in transformer.named_parameters() if "lora_" not in n) == count
     assert len(engine.adapters.loaded("flux.2-dev")) == 4
+
+
+def test_a_lora_applies_on_a_float8_base(weights: Path) -> None:
+    from torchao.quantization import Float8Tensor
+
+    engine = Engine(SPECS, weights)
+    engine.modes["flux.2-dev"] = dataclasses.replace(CPU, transformer="float8")
+    base = pixels(engine, request("flux.2-dev", [2]))[0]
+    lora = pixels(engine, with_loras(weights, request("flux.2-dev", [2]), ("flux2-kohya-1", 1.0)))[0]
+    zero = pixels(engine, with_loras(weights, request("flux.2-dev", [2]), ("flux2-kohya-1", 0.0)))[0]
+    layer = engine.pipeline(SPECS["flux.2-dev"]).transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(layer.base_layer.weight, Float8Tensor)  # wrapped by the adapter, still fp8
+    assert np.abs(lora.astype(int) - base.astype(int)).mean() > 1
+    assert np.array_equal(zero, base)
 
 
 def test_the_cache_keeps_the_budget_least_recently_used_first(weights: Path) -> None:
