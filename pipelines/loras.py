@@ -240,7 +240,6 @@ def locate(name: str, weights_dir: Path) -> Path:
         PARAM,
         f"No LoRA named '{name}' on this server: GET /v1/loras lists them (files under weights/{FOLDER}/ "
         "and repos pulled with `fluxd weights pull --lora REPO`).",
-        "lora_not_found",
     )
 
 
