@@ -21,7 +21,7 @@ from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit
 from pipelines.families import flux1, flux2
 from pipelines.images import decode_image, limit_reference
 from pipelines.jobs import Progress, RenderedImage, RenderRequest, RenderResult
-from pipelines.loras import LoraChoice
+from pipelines.loras import DEFAULT_CACHE_MB, LoraChoice
 from pipelines.modes import HEADROOM_BYTES, ResolvedMode, choose_mode
 from pipelines.prompt_cache import PromptCache
 from pipelines.specs import SIZE_MULTIPLE, LoraAdapter, ModelSpec
@@ -109,7 +109,7 @@ class Engine:
         prompt_cache_bytes: int = 0,
         modes: Mapping[str, str] | None = None,
         synthetic: SyntheticWeights | None = None,
-        lora_cache_bytes: int = 2**30,
+        lora_cache_bytes: int = DEFAULT_CACHE_MB * 2**20,
     ) -> None:
         self.specs = specs
         self.weights_dir = weights_dir

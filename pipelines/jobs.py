@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipelines.loras import LoraChoice
+from pipelines.loras import DEFAULT_CACHE_MB, LoraChoice
 
 
 @dataclass
@@ -94,7 +94,7 @@ class WorkerConfig:
     threads: int | None = None
     memory_budget_bytes: int | None = None
     prompt_cache_bytes: int = 0
-    lora_cache_bytes: int = 0
+    lora_cache_bytes: int = DEFAULT_CACHE_MB * 2**20
     modes: dict[str, str] = field(default_factory=dict)  # requested mode per checkpoint; others are auto
     synthetic: bool = False  # full-size random weights from the published configs instead of checkpoints
     parent_pid: int | None = None  # the server; the worker exits when it is gone

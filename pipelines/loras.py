@@ -30,6 +30,7 @@ MAX_LORAS = 3  # fal's FLUX LoRA endpoints take up to 3
 MAX_SCALE = 4.0  # fal's bound on a LoRA's scale
 SUFFIX = ".safetensors"
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+DEFAULT_CACHE_MB = 2048  # adapters a worker keeps loaded (--lora-cache-mb)
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 
 Layout = Literal["diffusers", "kohya", "bfl", "peft"]

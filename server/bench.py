@@ -6,8 +6,8 @@
   the same request mix against a second server with --max-batch-images 1.
 - soak: --soak-requests over mixed models, sizes, n and response formats at --soak-concurrency: requests
   lost (no answer), 5xx, and the HTTP process's resident memory at request 100 and at the end.
-- LoRA: in-process on the tiny checkpoints, a user LoRA's first load, and the p50 of renders with it switched on
-  against renders without it, alternating (so each one switches adapters): information, no target.
+- LoRA: in-process on the tiny checkpoints, a user LoRA's first load, and the p50 of renders with it switched
+  on against renders without it, alternating (so each one switches adapters): information, no target.
 
 It prints one markdown table and exits 1 when a target is missed, 2 when the run itself failed. The
 arithmetic, the verdicts and the table are pure functions (tests/unit/test_bench_serve.py). This module does

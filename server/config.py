@@ -32,6 +32,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from pipelines.loras import DEFAULT_CACHE_MB
 from pipelines.modes import Mode
 
 ENV_PREFIX = "FLUXD_"
@@ -176,7 +177,7 @@ class Settings(BaseSettings):
         default=512.0, ge=0, description="text-encoder outputs kept per worker; 0 is off"
     )
     lora_cache_mb: float = Field(
-        default=2048.0,
+        default=float(DEFAULT_CACHE_MB),
         ge=0,
         description="LoRA adapters kept loaded per worker beside the model weights, least recently used "
         "unloaded first (a request's own LoRAs always load)",

@@ -178,7 +178,10 @@ def test_loras_are_listed_with_family_and_rank(served: Server) -> None:
 def test_a_burst_mixing_lora_sets_is_batched_by_set(served: Server) -> None:
     wait_until(lambda: idle(served), 120)
     dispatched = batches(served)
-    in_background(lambda: generate(served, **LONG))
+    # A blocker holds the worker while the burst queues (LONG's 768 px would take minutes on a loaded CPU).
+    in_background(
+        lambda: generate(served, timeout=600, **{**LONG, "size": "256x256", "num_inference_steps": 40})
+    )
     wait_until(lambda: batches(served) > dispatched)
     sets = {
         100: [{"path": FLUX2_LORA, "scale": 1.0}],
@@ -189,15 +192,16 @@ def test_a_burst_mixing_lora_sets_is_batched_by_set(served: Server) -> None:
     }
     same = {"prompt": "batch me", "num_inference_steps": 3}
     calls = {
-        seed: in_background(lambda s=seed: generate(served, seed=s, loras=sets[s], **same)) for seed in sets
+        seed: in_background(lambda s=seed: generate(served, 600, seed=s, loras=sets[s], **same))
+        for seed in sets
     }
     for thread, _ in calls.values():
-        thread.join(180)
+        thread.join(600)
     # The blocker, then at most one call per LoRA set (three): never more calls than sets, never a mixed one.
     assert batches(served) - dispatched <= 4
     for seed, (_, out) in calls.items():
         [batched] = pixels(out[0])
-        [solo] = pixels(generate(served, seed=seed, loras=sets[seed], **same))
+        [solo] = pixels(generate(served, 600, seed=seed, loras=sets[seed], **same))
         assert np.abs(batched - solo).max() <= 1
     metrics = HTTP.get(f"{served.url}/metrics").text
     assert 'fluxd_lora_adapters_total{model="flux.2-dev",result="hit"}' in metrics
