@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from pipelines.errors import InvalidParameter
-from pipelines.loras import FOLDER, inspect, locate, resolve
+from pipelines.loras import FOLDER, catalog, inspect, locate, resolve
 
 
 def lora(path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None) -> Path:
@@ -116,3 +116,20 @@ def test_an_edited_file_is_another_adapter(tmp_path: Path) -> None:
     lora(path, {**FLUX1_BFL, "lora_unet_single_blocks_1_linear2.lora_down.weight": (16, 15360)})
     assert inspect(path, "one").key != before
     assert json.dumps(inspect(path, "one").describe())
+
+
+def test_a_repo_in_the_hugging_face_cache_is_found_and_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--flux-style"
+    lora(repo / "snapshots" / "abc123" / "style.safetensors", FLUX2_BFL)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    weights = tmp_path / "weights"
+    assert locate("someone/flux-style", weights).name == "style.safetensors"
+    [listed] = [entry for entry in catalog(weights) if not isinstance(entry, tuple)]
+    assert (listed.name, listed.family) == ("someone/flux-style", "flux2")
