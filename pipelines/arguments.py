@@ -1,15 +1,22 @@
 """Which arguments of a pipeline's __call__ a client may pass through, and which fluxd sets itself.
 
-Importing this module imports neither torch nor diffusers: the HTTP process names, in its 400s, the request
-parameter to use instead of an argument fluxd sets.
+Importing this module imports neither torch nor diffusers: the HTTP process validates passthrough arguments
+against PASSTHROUGH, read from signatures.json, which `python -m pipelines.arguments` writes from the
+installed diffusers (a test fails when the two differ). So what a request may pass never waits for a worker
+to start, and the HTTP process names, in its 400s, the request parameter to use instead of an argument fluxd
+sets.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+import json
+from collections.abc import Iterable
+from pathlib import Path
 
-from pipelines.specs import ModelSpec
+from pipelines.specs import SPECS
+
+SIGNATURES = Path(__file__).with_name("signatures.json")
 
 # Call arguments fluxd sets itself, each with the request parameter that sets it where a client has one.
 SET_BY_FLUXD: dict[str, str | None] = {
@@ -46,14 +53,31 @@ SET_BY_FLUXD: dict[str, str | None] = {
 }
 
 
-def passthrough_signatures(specs: Mapping[str, ModelSpec]) -> dict[str, dict[str, str]]:
-    """Per pipeline class: the call arguments a client may pass through, with their annotation as text."""
+def passthrough_signatures(pipeline_classes: Iterable[str]) -> dict[str, dict[str, str]]:
+    """Per diffusers pipeline class: the call arguments a client may pass through, with their annotation as
+    text. Imports diffusers (and torch)."""
     import diffusers
 
     signatures: dict[str, dict[str, str]] = {}
-    for class_name in {spec.pipeline_class for spec in specs.values()}:
+    for class_name in sorted(set(pipeline_classes)):
         params = inspect.signature(getattr(diffusers, class_name).__call__).parameters
         signatures[class_name] = {
             name: str(param.annotation) for name, param in params.items() if name not in SET_BY_FLUXD
         }
     return signatures
+
+
+def served_pipeline_classes() -> set[str]:
+    """Every model, the TOML registry's included, runs one of the built-in models' pipeline classes."""
+    return {spec.pipeline_class for spec in SPECS.values()}
+
+
+def write_signatures(path: Path = SIGNATURES) -> None:
+    path.write_text(json.dumps(passthrough_signatures(served_pipeline_classes()), indent=2) + "\n")
+
+
+if __name__ == "__main__":  # before PASSTHROUGH reads the file, so that a missing one can be written
+    write_signatures()
+
+PASSTHROUGH: dict[str, dict[str, str]] = json.loads(SIGNATURES.read_text())
+"""What `passthrough_signatures` gives for the served pipeline classes, as diffusers had it when written."""

@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipelines.modes import MODES, ResolvedMode, choose_mode
-from pipelines.specs import SIZE_MULTIPLE, ModelSpec, get_spec
+from pipelines.schedules import resample_sigmas
+from pipelines.specs import SIZE_MULTIPLE, ModelSpec, Pipeline, get_spec
 from pipelines.synthetic import (
     FAMILY_COMPONENTS,
     LORA_RANK,
@@ -28,9 +29,6 @@ from pipelines.synthetic import (
     load_config,
     synthetic_pipeline,
 )
-
-if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -291,13 +289,13 @@ def _call_kwargs(spec: ModelSpec, width: int, height: int, steps: int, device: s
     }
     if references_of(spec):
         kwargs["image"] = Image.new("RGB", (width, height), (128, 128, 128))
-    if spec.adapter is not None and spec.adapter.sigmas is not None and steps == len(spec.adapter.sigmas):
-        kwargs["sigmas"] = list(spec.adapter.sigmas)
+    if spec.adapter is not None and spec.adapter.sigmas is not None:
+        kwargs["sigmas"] = resample_sigmas(spec.adapter.sigmas, steps)
     return kwargs
 
 
 def _timed_call(
-    pipe: DiffusionPipeline,
+    pipe: Pipeline,
     watch: _Stopwatch,
     spec: ModelSpec,
     steps: int,

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines import safety
 from pipelines.specs import SPECS, ModelSpec, get_spec
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,11 @@ def pull(model_id: str, weights_dir: Path, token: str | None = None) -> Path:
     """Download (resuming) into weights/<id>/ with huggingface_hub, then verify."""
     from huggingface_hub import snapshot_download
 
+    if model_id == safety.FOLDER:
+        target = weights_dir / safety.FOLDER
+        logger.info("downloading %s into %s", safety.REPO_ID, target)
+        snapshot_download(safety.REPO_ID, local_dir=target, token=token)
+        return target
     spec: ModelSpec = get_spec(model_id)
     target = weights_dir / (spec.adapter.folder if spec.adapter else spec.weights_id)
     repo = spec.adapter.repo_id if spec.adapter else spec.repo_id
@@ -73,6 +79,12 @@ def pull_lora(repo_id: str, token: str | None = None) -> Path:
 
 
 def offline_hint(model_id: str, weights_dir: Path) -> str:
+    if model_id == safety.FOLDER:
+        return (
+            f"The Hugging Face Hub is not reachable. On a machine that reaches it run\n"
+            f"  hf download {safety.REPO_ID} --local-dir {safety.FOLDER}\n"
+            f"and copy that folder to {weights_dir / safety.FOLDER}."
+        )
     spec = get_spec(model_id)
     repo = spec.adapter.repo_id if spec.adapter else spec.repo_id
     target = weights_dir / (spec.adapter.folder if spec.adapter else spec.weights_id)

@@ -16,14 +16,17 @@ import numpy as np
 import torch
 
 from pipelines import loading
+from pipelines.acceleration import accelerated
 from pipelines.adapters import Adapter, AdapterCache, user_adapters
 from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit
 from pipelines.families import flux1, flux2
-from pipelines.images import decode_image, limit_reference
-from pipelines.jobs import Progress, RenderedImage, RenderRequest, RenderResult
+from pipelines.images import decode_image, fit_reference
 from pipelines.loras import DEFAULT_CACHE_MB, LoraChoice
+from pipelines.messages import Progress, RenderedImage, RenderRequest, RenderResult
 from pipelines.modes import HEADROOM_BYTES, ResolvedMode, choose_mode
 from pipelines.prompt_cache import PromptCache
+from pipelines.safety import FOLDER as SAFETY_FOLDER
+from pipelines.safety import SafetyChecker
 from pipelines.specs import SIZE_MULTIPLE, LoraAdapter, ModelSpec
 
 if TYPE_CHECKING:
@@ -109,6 +112,7 @@ class Engine:
         prompt_cache_bytes: int = 0,
         modes: Mapping[str, str] | None = None,
         synthetic: SyntheticWeights | None = None,
+        safety: SafetyChecker | None = None,
         lora_cache_bytes: int = DEFAULT_CACHE_MB * 2**20,
     ) -> None:
         self.specs = specs
@@ -121,6 +125,8 @@ class Engine:
         self.gpu_bytes = self._gpu_bytes()
         self.modes = self._resolve_modes(modes or {})
         self.synthetic = synthetic
+        # Checks the images of requests that ask for it after decode (a note says so where it is absent).
+        self.safety = safety or SafetyChecker(weights_dir / SAFETY_FOLDER, device=device)
 
     def _gpu_bytes(self) -> int | None:
         """GPU memory this worker may use for models: the device's, or less when a memory budget says so,
@@ -283,139 +289,167 @@ class Engine:
         return 0
 
     def render(self, batch: list[RenderRequest], on_step: StepHook | None = None) -> list[RenderResult]:
-        """Run requests that share model, size, steps, guidance and references as one pipeline call."""
+        """Run requests that share model, size, steps, guidance and references as one pipeline call.
+
+        The front validated every request against its model's spec; what is checked here is what only this
+        worker knows: its run mode, and what the pipeline itself makes of passed-through arguments."""
         first = batch[0]
         spec = self.specs[first.model]
         family = FAMILIES[spec.family]
+        if any(request.enhance_prompt for request in batch):
+            self._check_enhancement(spec)
         started = time.perf_counter()
         adapter_counts = self.adapters.counts()
         pipe = self.pipeline(spec, first.loras)
-        references = [limit_reference(decode_image(data, "image")) for data in first.images]
-        if references:
-            spec.check_references([image.size for image in references])
-        loaded_ms = (time.perf_counter() - started) * 1000
+        references = [
+            fit_reference(decode_image(data, "image"), spec.min_reference_side, spec.max_reference_aspect)
+            for data in first.images
+        ]
+        timings: dict[str, float] = {"load": (time.perf_counter() - started) * 1000}
         hits, misses = self.prompts.hits, self.prompts.misses
-
-        prompts: list[str] = []
-        generators: list[torch.Generator] = []
-        revised: list[str | None] = []
-        for request in batch:
-            prompt = request.prompt
-            if request.enhance_prompt:
-                if not spec.enhances_prompt:
-                    raise InvalidParameter(
-                        "prompt_enhancement", f"'{spec.id}' has no language model to enhance prompts."
-                    )
-                mode = self.mode(spec.weights_id)
-                if mode.offload in ("encoder", "group"):
-                    # Streamed block by block, the encoder would cross PCIe once per generated token.
-                    raise InvalidParameter(
-                        "prompt_enhancement",
-                        f"'{spec.id}' runs with its text encoder streamed from CPU memory on this server "
-                        f"({mode.mode} mode), too slow to generate a prompt with.",
-                    )
-                prompt = family.enhance(
-                    pipe, prompt, references, request.enhance_temperature, request.seeds[0]
-                )
-            revised.append(prompt if request.enhance_prompt else None)
-            for seed in request.seeds:
-                prompts.append(prompt)
-                # CPU generators: the same seed gives the same noise on every device.
-                generators.append(torch.Generator("cpu").manual_seed(seed))
-
-        total = first.steps
-        # The batch row of each request's first image: the one a preview shows (streaming asks for n=1).
-        firsts = np.cumsum([0] + [request.n for request in batch])[:-1]
-        rows = {request.id: int(row) for request, row in zip(batch, firsts, strict=True)}
-        preview_at = {request.id: preview_steps(total, request.partial_images) for request in batch}
-        preview_ms = 0.0
-
-        def step_end(pipeline: Any, step: int, _timestep: Any, tensors: dict) -> dict:
-            nonlocal preview_ms
-            if on_step is None:
-                return {}
-            done = step + 1
-            wanted = [request for request in batch if done in preview_at[request.id]]
-            previews: dict[str, RenderedImage] = {}
-            if wanted:
-                decode_started = time.perf_counter()
-                latents = tensors["latents"][[rows[request.id] for request in wanted]]
-                pixels = to_uint8(family.preview(pipeline, latents, first.width, first.height))
-                previews = {
-                    request.id: RenderedImage(image.tobytes(), first.width, first.height, request.seeds[0])
-                    for request, image in zip(wanted, pixels, strict=True)
-                }
-                preview_ms += (time.perf_counter() - decode_started) * 1000
-            stops = [on_step(Progress(rid, done, total, previews.get(rid)), pipeline) for rid in rows]
-            # A batch stops early only when every request in it was cancelled; mates keep running. Raising
-            # (rather than diffusers' `_interrupt`, which still decodes the latents) frees the worker now.
-            if all(stops):
-                logger.info("stopping %s after step %d of %d: cancelled", list(rows), done, total)
-                raise Cancelled(list(rows))
-            return {}
-
-        kwargs = {
-            "prompt": prompts,
-            "width": first.width,
-            "height": first.height,
-            "num_inference_steps": first.steps,
-            "guidance_scale": first.guidance,
-            "generator": generators,
-            "output_type": "np",
-            "callback_on_step_end": step_end,
-            **family.call_kwargs(spec, pipe, references, first.width, first.height),
-            **first.extra,
-        }
-        denoise_started = time.perf_counter()
-        try:
-            images = to_uint8(pipe(**kwargs).images)
-        except Cancelled:
-            pipe.maybe_free_model_hooks()  # what the call would have done at its end: offload hooks reset
-            raise
-        except (ValueError, TypeError) as exc:
-            if not first.extra:
-                raise
-            # With client-supplied pipeline arguments in the call, a ValueError is most likely theirs.
-            raise InvalidParameter(
-                next(iter(first.extra)), f"The pipeline rejected the arguments: {exc}"
-            ) from exc
-        run_ms = (time.perf_counter() - denoise_started) * 1000
-
-        results: list[RenderResult] = []
-        offset = 0
-        # The cache works on the batch's prompts as a whole: its counts go with the first result only, so a
-        # sum over results counts each lookup once.
-        lookups = [(self.prompts.hits - hits, self.prompts.misses - misses)] + [(0, 0)] * (len(batch) - 1)
-        for request, revised_prompt, (cache_hits, cache_misses) in zip(batch, revised, lookups, strict=True):
-            rendered = [
-                RenderedImage(images[offset + i].tobytes(), images.shape[2], images.shape[1], seed)
-                for i, seed in enumerate(request.seeds)
-            ]
-            offset += request.n
-            results.append(
-                RenderResult(
-                    request.id,
-                    rendered,
-                    revised_prompt,
-                    {
-                        "load": loaded_ms,
-                        "run": run_ms,
-                        "previews": preview_ms,
-                        "batch_images": len(prompts),
-                        "prompt_cache_hits": cache_hits,
-                        "prompt_cache_misses": cache_misses,
-                    },
-                )
+        revised = [
+            family.enhance(pipe, request.prompt, references, request.enhance_temperature, request.seeds[0])
+            if request.enhance_prompt
+            else None
+            for request in batch
+        ]
+        prompts = [new or request.prompt for request, new in zip(batch, revised, strict=True)]
+        steps = StepReports(batch, family, on_step)
+        started = time.perf_counter()
+        with accelerated(pipe, first.acceleration, first.steps):
+            images = _call(
+                pipe,
+                {
+                    **_inputs(batch, prompts),
+                    "width": first.width,
+                    "height": first.height,
+                    "num_inference_steps": first.steps,
+                    "guidance_scale": first.guidance,
+                    "output_type": "np",
+                    "callback_on_step_end": steps,
+                    **family.call_kwargs(spec, pipe, references, first.width, first.height, first.steps),
+                },
+                first.extra,
             )
-        # Like the prompt cache's, the adapter counts go with the first result only.
-        results[0].timings_ms.update(self._adapter_timings(adapter_counts))
+        timings.update(run=(time.perf_counter() - started) * 1000, previews=steps.preview_ms)
+        timings["batch_images"] = len(images)
         logger.info(
             "rendered %d image(s) of %s at %dx%d, %d steps in %.0f ms",
-            len(prompts),
+            len(images),
             spec.id,
             first.width,
             first.height,
             first.steps,
-            run_ms,
+            timings["run"],
         )
+        lookups = (self.prompts.hits - hits, self.prompts.misses - misses)
+        results = _results(batch, images, revised, timings, lookups)
+        # Like the prompt cache's, the adapter counts go with the first result only.
+        results[0].timings_ms.update(self._adapter_timings(adapter_counts))
+        self.safety.apply(batch, results)
         return results
+
+    def _check_enhancement(self, spec: ModelSpec) -> None:
+        """Whether this worker can rewrite prompts with `spec`'s language model, before anything loads."""
+        mode = self.mode(spec.weights_id)
+        if mode.offload in ("encoder", "group"):
+            # Streamed block by block, the encoder would cross PCIe once per generated token.
+            raise InvalidParameter(
+                "prompt_enhancement",
+                f"'{spec.id}' runs with its text encoder streamed from CPU memory on this server "
+                f"({mode.mode} mode), too slow to generate a prompt with.",
+            )
+
+
+class StepReports:
+    """The pipeline's step-end callback: after each step a Progress per request, carrying a preview where
+    one is due. Raises Cancelled when no request of the batch is wanted any more."""
+
+    def __init__(self, batch: list[RenderRequest], family: ModuleType, on_step: StepHook | None) -> None:
+        self.batch = batch
+        self.family = family
+        self.on_step = on_step
+        self.total = batch[0].steps
+        # The batch row of each request's first image: the one a preview shows (streaming asks for n=1).
+        firsts = np.cumsum([0] + [request.n for request in batch])[:-1]
+        self.rows = {request.id: int(row) for request, row in zip(batch, firsts, strict=True)}
+        self.preview_at = {request.id: preview_steps(self.total, request.partial_images) for request in batch}
+        self.preview_ms = 0.0
+
+    def __call__(self, pipeline: Any, step: int, _timestep: Any, tensors: dict) -> dict:
+        if self.on_step is None:
+            return {}
+        done = step + 1
+        previews = self._previews(pipeline, done, tensors["latents"])
+        stops = [
+            self.on_step(Progress(rid, done, self.total, previews.get(rid)), pipeline) for rid in self.rows
+        ]
+        # A batch stops early only when every request in it was cancelled; mates keep running. Raising
+        # (rather than diffusers' `_interrupt`, which still decodes the latents) frees the worker now.
+        if all(stops):
+            logger.info("stopping %s after step %d of %d: cancelled", list(self.rows), done, self.total)
+            raise Cancelled(list(self.rows))
+        return {}
+
+    def _previews(self, pipeline: Any, done: int, latents: torch.Tensor) -> dict[str, RenderedImage]:
+        wanted = [request for request in self.batch if done in self.preview_at[request.id]]
+        if not wanted:
+            return {}
+        started = time.perf_counter()
+        width, height = self.batch[0].width, self.batch[0].height
+        rows = [self.rows[request.id] for request in wanted]
+        pixels = to_uint8(self.family.preview(pipeline, latents[rows], width, height))
+        self.preview_ms += (time.perf_counter() - started) * 1000
+        return {
+            request.id: RenderedImage(image.tobytes(), width, height, request.seeds[0])
+            for request, image in zip(wanted, pixels, strict=True)
+        }
+
+
+def _inputs(batch: list[RenderRequest], prompts: list[str]) -> dict[str, list]:
+    """One prompt and one generator per image: image i of a request gets its own seed."""
+    rows = [(prompt, seed) for request, prompt in zip(batch, prompts, strict=True) for seed in request.seeds]
+    return {
+        "prompt": [prompt for prompt, _ in rows],
+        # CPU generators: the same seed gives the same noise on every device.
+        "generator": [torch.Generator("cpu").manual_seed(seed) for _, seed in rows],
+    }
+
+
+def _call(pipe: Any, kwargs: dict[str, Any], extra: dict[str, Any]) -> np.ndarray:
+    """The pipeline call with the client's passed-through arguments, as uint8 pixels (images x H x W x 3)."""
+    try:
+        return to_uint8(pipe(**kwargs, **extra).images)
+    except Cancelled:
+        pipe.maybe_free_model_hooks()  # what the call would have done at its end: offload hooks reset
+        raise
+    except (ValueError, TypeError) as exc:
+        if not extra:
+            raise
+        # With client-supplied pipeline arguments in the call, a ValueError is most likely theirs.
+        raise InvalidParameter(next(iter(extra)), f"The pipeline rejected the arguments: {exc}") from exc
+
+
+def _results(
+    batch: list[RenderRequest],
+    images: np.ndarray,
+    revised: list[str | None],
+    timings: dict[str, float],
+    lookups: tuple[int, int],
+) -> list[RenderResult]:
+    """Each request's images, in the batch's order. The prompt cache works on the batch's prompts as a
+    whole: its counts go with the first result only, so that a sum over results counts each lookup once."""
+    results: list[RenderResult] = []
+    offset = 0
+    for index, (request, revised_prompt) in enumerate(zip(batch, revised, strict=True)):
+        rendered = [
+            RenderedImage(images[offset + i].tobytes(), images.shape[2], images.shape[1], seed)
+            for i, seed in enumerate(request.seeds)
+        ]
+        offset += request.n
+        hits, misses = lookups if index == 0 else (0, 0)
+        timings = {**timings, "prompt_cache_hits": hits, "prompt_cache_misses": misses}
+        results.append(
+            RenderResult(request.id, rendered, revised_prompt, timings, acceleration=request.acceleration)
+        )
+    return results

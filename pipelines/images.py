@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, ImageStat
 
 from pipelines.errors import InvalidParameter
 from pipelines.specs import MAX_REFERENCE_PIXELS
@@ -99,11 +100,34 @@ def decode_image(data: bytes, param: str = "image") -> Image.Image:
     return upright if upright.mode == "RGB" else upright.convert("RGB")
 
 
-def limit_reference(image: Image.Image, max_pixels: int = MAX_REFERENCE_PIXELS) -> Image.Image:
-    """References over the limit are resized down to it, aspect kept (Lumenfall's FLUX.2 [dev] page,
-    pricing notes)."""
+def fit_reference(
+    image: Image.Image,
+    min_side: int = 1,
+    max_aspect: float = math.inf,
+    max_pixels: int = MAX_REFERENCE_PIXELS,
+) -> Image.Image:
+    """A reference of any size brought into what the pipeline takes (its sides and ratio), never refused.
+
+    In order: an image more elongated than `max_aspect` is padded, centred, on its short side up to that
+    ratio with its own mean colour (padding, not cropping: nothing the client sent is cut away, and the
+    model is given a plain border rather than half a subject); one whose short side is under `min_side` is
+    scaled up to it, aspect kept; one over `max_pixels` is scaled down to it, aspect kept (the hosted
+    gateways resize references over 4 MP to 4 MP). An image that needs none of this comes back as it is.
+    """
+    width, height = image.size
+    if max(width, height) > max_aspect * min(width, height):
+        padding = math.ceil(max(width, height) / max_aspect) - min(width, height)
+        before, after = padding // 2, padding - padding // 2
+        border = (0, before, 0, after) if width > height else (before, 0, after, 0)
+        fill = tuple(round(channel) for channel in ImageStat.Stat(image).mean)
+        image = ImageOps.expand(image, border, fill)
+    if min(image.size) < min_side:
+        scale = min_side / min(image.size)
+        size = (max(min_side, round(image.width * scale)), max(min_side, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
     pixels = image.width * image.height
     if pixels <= max_pixels:
         return image
     scale = (max_pixels / pixels) ** 0.5
-    return image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.LANCZOS)
+    size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)

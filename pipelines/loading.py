@@ -14,7 +14,7 @@ from diffusers import DiffusionPipeline
 
 from pipelines.errors import WeightsMissing
 from pipelines.modes import Precision, ResolvedMode
-from pipelines.specs import LoraAdapter, ModelSpec
+from pipelines.specs import LoraAdapter, ModelSpec, Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def attention_backend(device: str) -> str | None:
     return None
 
 
-def load_pipeline(path: Path, device: str, mode: ResolvedMode) -> DiffusionPipeline:
+def load_pipeline(path: Path, device: str, mode: ResolvedMode) -> Pipeline:
     """The checkpoint at `path` on `device` as `mode` says, quantised while loading, then placed."""
     logger.info("loading %s on %s: %s", path, device, mode.describe())
     index = model_index(path)
@@ -130,7 +130,7 @@ def load_pipeline(path: Path, device: str, mode: ResolvedMode) -> DiffusionPipel
     # so loaded as one pipeline every nf4 component would be on the GPU at once (FLUX.2: ~34 GB) before
     # offloading could move any of them back.
     loaded = {
-        slot: load_component(path, slot, *index[slot], config, device, mode)
+        slot: load_component(path, slot, index[slot][0], index[slot][1], config, device, mode)
         for slot, config in quantizers(index, mode, device).items()
     }
     pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype_for(device), local_files_only=True, **loaded)
@@ -179,7 +179,7 @@ def offload_blocks(module: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def place(pipe: DiffusionPipeline, device: str, mode: ResolvedMode) -> DiffusionPipeline:
+def place(pipe: Pipeline, device: str, mode: ResolvedMode) -> Pipeline:
     """Put a loaded pipeline to work on `device`: resident, offloaded a component at a time (`model`) or
     streamed block by block (`group`; only the text encoders: `encoder`), the VAE sliced and tiled when
     memory is that tight, FlashAttention-3 where present, the repeated blocks compiled when `mode` says so.

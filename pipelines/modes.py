@@ -129,7 +129,9 @@ def _gb(value: float) -> str:
 
 def _candidates(requested: Mode, footprint: Footprint, gpu_memory_bytes: int) -> list[_Plan]:
     resident = [_Plan("resident", "bfloat16", "bfloat16"), _Plan("resident", "float8", "float8")]
-    fitting_encoder = next((p.encoder for p in resident if _fits(p, footprint, gpu_memory_bytes)), "float8")
+    fitting_encoder: Precision = next(
+        (p.encoder for p in resident if _fits(p, footprint, gpu_memory_bytes)), "float8"
+    )
     plans: dict[Mode, list[_Plan]] = {
         "resident": resident,
         "fast": [_Plan("fast", "float8", fitting_encoder, compile=True)],

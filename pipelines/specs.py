@@ -10,12 +10,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pipelines.errors import InvalidParameter, ModelNotFound
 
 Family = Literal["flux2", "flux1", "flux1-kontext"]
+# A loaded diffusers pipeline. DiffusionPipeline's subclasses set their components (transformer, vae, ...) as
+# attributes at run time, which no static type of diffusers declares.
+Pipeline = Any
 Mode = Literal["generate", "edit"]
+Acceleration = Literal["none", "regular", "high"]  # step caching per request (pipelines.acceleration)
 
 SIZE_MULTIPLE = 16  # VAE downsampling (8) x latent patch size (2), the same for FLUX.1 and FLUX.2.
 # Lumenfall model pages: "Custom 1-14142px per side" accepted as input before clamping to the model.
@@ -96,8 +100,11 @@ class ModelSpec:
     checkpoint_path: str | None = None  # an explicit diffusers folder (a model added in the TOML registry)
     max_steps: int = 100
     guidance_range: tuple[float, float] = (0.0, 20.0)
+    # What the pipeline takes as a reference; the worker fits every reference into it, none is refused.
     min_reference_side: int = 1
     max_reference_aspect: float = 100.0
+    default_acceleration: Acceleration = "none"
+    accelerates: bool = True  # False: any level but "none" is a 400 (Turbo: its 8 steps leave little to skip)
 
     @property
     def weights_id(self) -> str:
@@ -113,8 +120,10 @@ class ModelSpec:
             if 1024 * scale <= self.limits.max_side and (1024 * scale) ** 2 <= self.limits.max_pixels
         }
 
-    def check_reference_count(self, count: int) -> None:
-        """Refuse a number of reference images this model cannot take, naming `image`: before any is read."""
+    def check_references(self, count: int) -> None:
+        """Refuse a number of reference images this model cannot take, naming `image`, before any is read.
+        Their sizes are never refused: the worker fits each into `min_reference_side` and
+        `max_reference_aspect` (pipelines.images.fit_reference)."""
         if "edit" not in self.modes:
             raise InvalidParameter("image", f"'{self.id}' does not edit images; use /v1/images/generations.")
         if not count:
@@ -123,23 +132,6 @@ class ModelSpec:
             raise InvalidParameter(
                 "image", f"'{self.id}' takes at most {self.max_references} image(s); {count} were sent."
             )
-
-    def check_references(self, sizes: list[tuple[int, int]]) -> None:
-        """Refuse reference images this model cannot take, naming `image`."""
-        self.check_reference_count(len(sizes))
-        for width, height in sizes:
-            if min(width, height) < self.min_reference_side:
-                raise InvalidParameter(
-                    "image",
-                    f"'{self.id}' needs images of at least {self.min_reference_side} px per side; "
-                    f"got {width}x{height}.",
-                )
-            if max(width / height, height / width) > self.max_reference_aspect:
-                raise InvalidParameter(
-                    "image",
-                    f"'{self.id}' takes aspect ratios up to {self.max_reference_aspect:g}:1; "
-                    f"got {width}x{height}.",
-                )
 
     def with_overrides(self, **changes: object) -> ModelSpec:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -158,8 +150,13 @@ KONTEXT_LIMITS = Limits(
 
 TURBO_SIGMAS = (1.0, 0.6509, 0.4374, 0.2932, 0.1893, 0.1108, 0.0495, 0.00031)
 
-# diffusers' Flux2ImageProcessor.check_image_input: references of at least 64 px a side, at most 8:1.
-_FLUX2_REFERENCES = {"max_references": 4, "min_reference_side": 64, "max_reference_aspect": 8.0}
+# diffusers' Flux2ImageProcessor.check_image_input refuses references under 64 px a side or past 8:1; gateways
+# take any size, so the worker fits references into that range first (pipelines.images.fit_reference).
+_FLUX2_REFERENCES: dict[str, Any] = {
+    "max_references": 4,
+    "min_reference_side": 64,
+    "max_reference_aspect": 8.0,
+}
 
 SPECS: dict[str, ModelSpec] = {
     spec.id: spec
@@ -173,8 +170,10 @@ SPECS: dict[str, ModelSpec] = {
             modes=frozenset({"generate", "edit"}),
             default_steps=28,
             default_guidance=4.0,
-            defaults_source="28 steps: fal's FLUX.2 [dev] endpoint (the provider behind its Lumenfall page); "
-            "guidance 4.0: diffusers Flux2Pipeline default and BFL's reference sampling",
+            defaults_source="28 steps and acceleration 'regular': fal's FLUX.2 [dev] endpoint (the provider "
+            "behind its Lumenfall page); guidance 4.0: diffusers Flux2Pipeline default and BFL's reference "
+            "sampling",
+            default_acceleration="regular",
             limits=FLUX2_LIMITS,
             sizes_1k=SIZES_1K,
             enhances_prompt=True,
@@ -202,6 +201,7 @@ SPECS: dict[str, ModelSpec] = {
                 sigmas=TURBO_SIGMAS,
             ),
             base="flux.2-dev",
+            accelerates=False,
         ),
         ModelSpec(
             id="flux.1-kontext-dev",

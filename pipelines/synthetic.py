@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import DiffusionPipeline
 
     from pipelines.modes import ResolvedMode
+    from pipelines.specs import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def build_pipeline(
     tokenizer_dir: Path,
     seed: int = 0,
     overrides: Overrides | None = None,
-) -> DiffusionPipeline:
+) -> Pipeline:
     """The diffusers pipeline of `model_id` (Flux2Pipeline, FluxKontextPipeline, FluxPipeline) from
     synthetic components materialised on `device` in `dtype` (None: left on the meta device, for the caller
     to materialise and quantise piecewise).
@@ -284,7 +284,8 @@ def materialise_nf4(model: torch.nn.Module, device: str, seed: int) -> None:
                 data = torch.empty(linear.weight.shape, dtype=torch.bfloat16, device=device)
                 data.normal_(0.0, 0.02, generator=generator)
                 settings = linear.weight.__dict__
-                linear.weight = bnb.nn.Params4bit(data, requires_grad=False, **settings).to(device)
+                weight = bnb.nn.Params4bit(data, requires_grad=False, **settings)
+                linear.weight = weight.to(device)  # type: ignore[misc]  # bnb's Params4bit.to outgrows torch's stub
         materialise(block, device, torch.bfloat16, seed + index)
     materialise(model, device, torch.bfloat16, seed)
 
@@ -295,7 +296,7 @@ def synthetic_pipeline(
     device: str,
     tokenizer_dir: Path,
     overrides: Overrides | None = None,
-) -> DiffusionPipeline:
+) -> Pipeline:
     """The synthetic pipeline on `device`, its weights in the precisions `resolved` names, placed as
     `fluxd serve` places a loaded one (pipelines.loading.place). Offloaded modes are materialised in CPU
     memory first, which the offload then streams from. `overrides` shrinks the configs, for tests."""
@@ -321,7 +322,7 @@ def synthetic_pipeline(
     return place(pipe, device, resolved)
 
 
-def add_random_lora(pipe: DiffusionPipeline, adapter_name: str, rank: int = LORA_RANK) -> None:
+def add_random_lora(pipe: Pipeline, adapter_name: str, rank: int = LORA_RANK) -> None:
     """A random LoRA laid out as fal's Turbo file (BFL keys) on the pipeline's transformer, converted and
     injected by diffusers exactly as the file would be."""
     from pipelines.tiny import turbo_lora_state_dict

@@ -225,7 +225,7 @@ def build_flux1(pipeline_class: str, seed: int = 0):
         CLIPTokenizer,
         T5Config,
         T5EncoderModel,
-        T5TokenizerFast,
+        T5Tokenizer,
     )
 
     clip_tokenizer = CLIPTokenizer(
@@ -236,7 +236,7 @@ def build_flux1(pipeline_class: str, seed: int = 0):
         pad_token="<|endoftext|>",
         model_max_length=77,
     )
-    t5_tokenizer = T5TokenizerFast(
+    t5_tokenizer = T5Tokenizer(
         tokenizer_object=_unigram(600, ["<pad>", "</s>", "<unk>"]),
         unk_token="<unk>",
         eos_token="</s>",
@@ -380,6 +380,35 @@ def turbo_lora_state_dict(transformer, seed: int = 0, rank: int = TURBO_LORA_RAN
     return lora_state_dict(transformer, "bfl", seed, rank)
 
 
+def write_safety_checker(folder: Path, seed: int = 0, verdict: str = "normal") -> Path:
+    """A tiny ViT image classifier with the labels and classes of Falconsai/nsfw_image_detection. Its head
+    ignores the image and always answers `verdict` ("normal" or "nsfw"), so a test can force a flag through
+    the real transformers path; the demo's says "normal" and blacks nothing out."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    labels = {0: "normal", 1: "nsfw"}
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        image_size=32,
+        patch_size=8,
+        id2label=labels,
+        label2id={label: index for index, label in labels.items()},
+    )
+    model = ViTForImageClassification(config)
+    head = model.classifier
+    assert isinstance(head, torch.nn.Linear)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([4.0, -4.0] if verdict == "normal" else [-4.0, 4.0]))
+    model.save_pretrained(folder, safe_serialization=True)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
 def write_tiny(root: Path, seed: int = 0) -> list[Path]:
     """Write tiny checkpoints for every servable id under `root` (one folder per weights id)."""
     from pipelines.specs import SPECS
@@ -410,6 +439,9 @@ def write_tiny(root: Path, seed: int = 0) -> list[Path]:
     save_file(turbo_lora_state_dict(flux2.transformer, seed), turbo_folder / turbo.weight_name)
     written.append(turbo_folder)
     written.append(lora_folder)
+    from pipelines.safety import FOLDER
+
+    written.append(write_safety_checker(root / FOLDER, seed))
     for folder in written:
         (folder / TINY_MARKER).write_text(json.dumps({"tiny": True, "seed": seed}) + "\n")
     logger.info("wrote tiny random-weight checkpoints for %s under %s", [p.name for p in written], root)

@@ -8,64 +8,105 @@ from __future__ import annotations
 
 import logging
 import os
+import pkgutil
 import queue
 import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from multiprocessing.queues import Queue
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit, WeightsMissing
-from pipelines.jobs import Failure, Progress, Ready, RenderRequest, WorkerConfig
+from pipelines.messages import Failure, Heartbeat, Progress, Ready, RenderRequest, WorkerConfig
+
+if TYPE_CHECKING:
+    from pipelines.engine import Engine
 
 logger = logging.getLogger(__name__)
 
-FAULT_AFTER_STEP = "FLUXD_FAULT_AFTER_STEP"
-"""Debug only, unset by default: a worker started with it fails every job right after reporting that step,
-so tests can watch an error reach a client after streaming began."""
-FAULT_KIND = "FLUXD_FAULT_KIND"
-"""With FAULT_AFTER_STEP: "error" (default) raises a RuntimeError, "oom" a torch.OutOfMemoryError, so the
-out-of-memory path can be exercised without a GPU."""
+Send = Callable[[object], None]
 
 
-def _watch_cancellations(control: Queue, cancelled: set[str]) -> None:
-    while True:
-        request_id = control.get()
-        if request_id is None:
-            return
-        cancelled.add(request_id)
+def spawned(inbox: Queue, outbox: Connection, control: Queue, config: WorkerConfig) -> None:
+    """The process target: the loop `config.entry` names, `main` unless a test wraps it with a fault."""
+    pkgutil.resolve_name(config.entry)(inbox, Outbox(outbox), control, config)
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A worker outlives a SIGKILLed server otherwise, holding its device memory forever."""
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != parent:
-            os._exit(0)
-
-
-def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> None:
-    # The server's pid comes with the config: a server that died before this line ran would otherwise
-    # leave getppid() already pointing at init.
+def main(inbox: Queue, outbox: Outbox, control: Queue, config: WorkerConfig) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the server handles it and stops its workers in
     # order, after failing their queued requests cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = config.parent_pid or os.getppid()
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    # First, so that the server hears from this process while it imports torch and loads models. The
+    # server's pid comes with the config: a server that died before this line ran would otherwise leave
+    # getppid() already pointing at init.
+    lifeline = Lifeline(outbox, config.parent_pid or os.getppid(), config.heartbeat_s)
+    _configure_logging(config.log_level)
+    engine = start_engine(config)
+    cancelled = _watch_cancellations(control)
+    outbox.put(Ready(config.device, engine.loaded(), engine.describe_modes()))
+    serve(engine, _batches(inbox), outbox.put, cancelled, lifeline.batch_done)
+
+
+class Outbox:
+    """The write end of the pipe to the server, shared by the loop and the lifeline's thread."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._lock = threading.Lock()
+
+    def put(self, message: object) -> None:
+        with self._lock:
+            self._connection.send(message)
+
+
+class Lifeline:
+    """A thread that tells the server every `interval_s` that this process runs, with the number of batches
+    answered, and ends the process once the server is gone: a worker would otherwise outlive a SIGKILLed
+    server, holding its device memory forever."""
+
+    def __init__(self, outbox: Outbox, parent: int, interval_s: float) -> None:
+        self.batches = 0
+        self._outbox = outbox
+        self._parent = parent
+        self._interval_s = interval_s
+        threading.Thread(target=self._beat, name="fluxd-lifeline", daemon=True).start()
+
+    def batch_done(self) -> None:
+        """Called by the loop after a batch's last answer went out, so the count never runs ahead of them."""
+        self.batches += 1
+
+    def _beat(self) -> None:
+        try:
+            while os.getppid() == self._parent:
+                self._outbox.put(Heartbeat(self.batches))
+                time.sleep(self._interval_s)
+        except OSError:  # the server's end of the pipe is closed: the server is gone
+            pass
+        os._exit(0)
+
+
+def _configure_logging(level: str) -> None:
     logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s"
+        level=level, format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s"
     )
     # diffusers' FLUX.2 prompt encoding passes tokenizer options the way transformers now warns about, once
     # per encode: noise in every server log that no fluxd setting can act on.
     logging.getLogger("transformers.processing_utils").addFilter(
         lambda record: "processor_kwargs" not in record.getMessage()
     )
+
+
+def start_engine(config: WorkerConfig) -> Engine:
+    """The device set up, the Engine built, `--preload` models loaded and compiled ones warmed up."""
     import torch
 
-    from pipelines.arguments import passthrough_signatures
     from pipelines.engine import Engine, SyntheticWeights
+    from pipelines.safety import FOLDER as SAFETY_FOLDER
+    from pipelines.safety import SafetyChecker
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -89,7 +130,8 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
         config.prompt_cache_bytes,
         config.modes,
         synthetic,
-        config.lora_cache_bytes,
+        SafetyChecker(Path(config.weights_dir) / SAFETY_FOLDER, config.safety_threshold, config.device),
+        lora_cache_bytes=config.lora_cache_bytes,
     )
     for model_id in config.preload:
         try:
@@ -97,20 +139,23 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
         except ModeUnfit as exc:
             logger.error("not preloading %s: %s", model_id, exc.message)
     engine.warm_up()
+    return engine
+
+
+def _watch_cancellations(control: Queue) -> set[str]:
+    """Ids of requests whose clients went away, filled by a thread while the loop renders."""
     cancelled: set[str] = set()
-    threading.Thread(target=_watch_cancellations, args=(control, cancelled), daemon=True).start()
-    signatures = passthrough_signatures(config.specs)
-    outbox.put(Ready(config.device, signatures, engine.loaded(), engine.describe_modes()))
 
-    fault_after = int(os.environ.get(FAULT_AFTER_STEP, "0"))
+    def watch() -> None:
+        while (request_id := control.get()) is not None:
+            cancelled.add(request_id)
 
-    def on_step(progress: Progress, _pipe: Any) -> bool:
-        outbox.put(progress)
-        if fault_after and progress.step >= fault_after:
-            fault = torch.OutOfMemoryError if os.environ.get(FAULT_KIND) == "oom" else RuntimeError
-            raise fault(f"fault injected after step {progress.step} by {FAULT_AFTER_STEP}")
-        return progress.id in cancelled
+    threading.Thread(target=watch, daemon=True).start()
+    return cancelled
 
+
+def _batches(inbox: Queue) -> Iterator[list[RenderRequest]]:
+    """Batches as they arrive, until the server sends None."""
     while True:
         try:
             batch: list[RenderRequest] | None = inbox.get(timeout=1.0)
@@ -118,27 +163,64 @@ def main(inbox: Queue, outbox: Queue, control: Queue, config: WorkerConfig) -> N
             continue
         if batch is None:
             return
-        live = [request for request in batch if request.id not in cancelled]
-        if not live:
-            continue
-        ids = [request.id for request in live]
+        yield batch
+
+
+def serve(
+    engine: Engine,
+    batches: Iterator[list[RenderRequest]],
+    send: Send,
+    cancelled: set[str],
+    batch_done: Callable[[], None] = lambda: None,
+) -> None:
+    """Render each batch and send its answers: every request exactly one, a result or a Failure. The server
+    counts a worker busy until each request it sent has its answer, so one left unanswered wedges it."""
+    for batch in batches:
+        # A client can go away while its batch is still on its way here: its cancellation comes first.
+        gone = [request.id for request in batch if request.id in cancelled]
+        live = [request for request in batch if request.id not in gone]
         try:
-            for result in engine.render(live, on_step):
-                result.loaded = engine.loaded()
-                result.device_memory_bytes = engine.device_memory()
-                outbox.put(result)
-        except Cancelled:
-            outbox.put(Failure(ids, "cancelled", "Every client of this batch went away."))
-        except InvalidParameter as exc:
-            outbox.put(Failure(ids, "invalid", exc.message, exc.param, exc.code))
-        except (WeightsMissing, ModeUnfit) as exc:
-            outbox.put(Failure(ids, "unavailable", exc.message, "model", "model_unavailable"))
-        except torch.OutOfMemoryError:
-            logger.exception("out of memory rendering %s", ids)
-            torch.cuda.empty_cache()
-            outbox.put(Failure(ids, "out_of_memory", "The device ran out of memory for this request."))
-        except Exception:
-            logger.exception("rendering %s failed", ids)
-            outbox.put(Failure(ids, "internal", "The server failed to render the image."))
+            if gone:
+                send(Failure(gone, "cancelled", "The client went away before its request started."))
+            if live:
+                render(engine, live, send, cancelled)
         finally:
-            cancelled.difference_update(ids)
+            cancelled.difference_update(request.id for request in batch)
+        batch_done()
+
+
+def render(engine: Engine, batch: list[RenderRequest], send: Send, cancelled: set[str]) -> None:
+    """One pipeline call; each request gets its result, or all of them one Failure."""
+    ids = [request.id for request in batch]
+
+    def on_step(progress: Progress, _pipe: Any) -> bool:
+        send(progress)
+        return progress.id in cancelled
+
+    try:
+        results = engine.render(batch, on_step)
+    except Exception as exc:
+        send(failure(ids, exc))
+        return
+    for result in results:
+        result.loaded = engine.loaded()
+        result.device_memory_bytes = engine.device_memory()
+        send(result)
+
+
+def failure(ids: list[str], exc: Exception) -> Failure:
+    """What the server is told of a batch that raised `exc`; faults are logged here, with the traceback."""
+    import torch
+
+    if isinstance(exc, Cancelled):
+        return Failure(ids, "cancelled", "Every client of this batch went away.")
+    if isinstance(exc, InvalidParameter):
+        return Failure(ids, "invalid", exc.message, exc.param, exc.code)
+    if isinstance(exc, WeightsMissing | ModeUnfit):
+        return Failure(ids, "unavailable", exc.message, "model", "model_unavailable")
+    if isinstance(exc, torch.OutOfMemoryError):
+        logger.error("out of memory rendering %s", ids, exc_info=exc)
+        torch.cuda.empty_cache()
+        return Failure(ids, "out_of_memory", "The device ran out of memory for this request.")
+    logger.error("rendering %s failed", ids, exc_info=exc)
+    return Failure(ids, "internal", "The server failed to render the image.")

@@ -5,6 +5,7 @@ Importing this module never imports torch; models load in the spawned workers.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -21,7 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipelines.jobs import WorkerConfig
+from pipelines.messages import WorkerConfig
+from pipelines.specs import ModelSpec
 from server.config import Settings
 from server.encode import CONTENT_TYPES
 from server.errors import (
@@ -32,14 +34,16 @@ from server.errors import (
     error_response,
     install_error_handlers,
 )
+from server.job_service import JobService
 from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.registry import requested_modes, served_specs
-from server.routes import files, health, images, loras, models
+from server.routes import files, health, images, jobs, loras, models
 from server.scheduler import Scheduler
 from server.service import ImageService
 from server.store import ImageStore
-from server.workers import WorkerPool
+from server.webhooks import Webhooks
+from server.workers import Liveness, WorkerPool
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -63,6 +67,10 @@ def worker_configs(settings: Settings, specs: dict) -> list[WorkerConfig]:
             synthetic=settings.synthetic_weights,
             log_level=settings.log_level,
             specs=specs,
+            entry=settings.worker_entry,
+            # Several beats per timeout, so that one late beat on a loaded machine does not kill a worker.
+            heartbeat_s=min(1.0, settings.worker_heartbeat_timeout_s / 5),
+            safety_threshold=settings.safety_threshold,
         )
         for device in settings.devices
     ]
@@ -76,8 +84,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics: Metrics = app.state.metrics
     store: ImageStore = app.state.store
     await asyncio.to_thread(store.open)  # indexes what an earlier run stored, before a url is asked for
+    liveness = Liveness(
+        settings.worker_heartbeat_timeout_s, settings.batch_deadline_floor_s, settings.batch_deadline_factor
+    )
     pool = app.state.make_pool(
-        worker_configs(settings, app.state.specs), lambda name: metrics.worker_restarts.labels(name).inc()
+        worker_configs(settings, app.state.specs),
+        liveness,
+        lambda name: metrics.worker_restarts.labels(name).inc(),
     )
     scheduler = Scheduler(
         pool,
@@ -91,11 +104,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     scheduler.start()
     app.state.pool = pool
     app.state.scheduler = scheduler
-    app.state.images = ImageService(settings, app.state.specs, scheduler, app.state.store, {})
+    app.state.images = ImageService(settings, app.state.specs, scheduler, app.state.store)
+    # In a folder of its own beside the url store's.
+    jobs = JobService(
+        settings,
+        app.state.specs,
+        settings.store_dir / "fluxd-jobs",
+        scheduler,
+        app.state.images,
+        app.state.webhooks,
+        metrics,
+    )
+    app.state.jobs = jobs
+    await jobs.start()
 
     async def announce_ready() -> None:
         await pool.wait_ready(settings.worker_start_timeout_s)
-        app.state.images.signatures = pool.signatures()
         logger.info("ready: serving %s", ", ".join(app.state.specs))
 
     async def sweep_store() -> None:
@@ -117,13 +141,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool.closing()
         waiting.cancel()
         sweeping.cancel()
+        await jobs.stop()  # before the workers stop, or their jobs would fail instead of waiting
         await scheduler.stop()
         pool.stop()
+        jobs.close()
 
 
-def create_app(settings: Settings, make_pool: Callable[..., WorkerPool] = WorkerPool) -> FastAPI:
-    """The app; `make_pool(configs, on_restart)` builds what runs the renders (the spawned workers, unless a
-    test stands in for the process boundary)."""
+def create_app(
+    settings: Settings,
+    make_pool: Callable[..., WorkerPool] = WorkerPool,
+    specs: dict[str, ModelSpec] | None = None,
+) -> FastAPI:
+    """The app; `make_pool(configs, liveness, on_restart)` builds what runs the renders (the spawned workers,
+    the Ray Serve replicas of server/ray_app.py, or a test's stand-in for the process boundary); `specs`, the
+    models served (default: those whose weights are in --weights-dir here)."""
     app = FastAPI(
         title="fluxd",
         summary="FLUX image generation behind the OpenAI Images API",
@@ -132,18 +163,19 @@ def create_app(settings: Settings, make_pool: Callable[..., WorkerPool] = Worker
     )
     app.state.settings = settings
     app.state.make_pool = make_pool
-    app.state.specs = served_specs(settings)
+    app.state.specs = served_specs(settings) if specs is None else specs
     app.state.store = ImageStore(
         settings.store_dir, settings.image_ttl_s, int(settings.store_quota_mb * 2**20), CONTENT_TYPES
     )
     app.state.started = int(time.time())
     app.state.metrics = Metrics()
+    app.state.webhooks = Webhooks(settings.webhook_allow, settings.webhook_secret)
     keys = [key.encode() for key in settings.all_api_keys()]
     max_body = int(settings.max_body_mb * 2**20)
 
     install_error_handlers(app)
     install_openapi(app)
-    for router in (images.router, models.router, loras.router, files.router, health.router):
+    for router in (images.router, jobs.router, models.router, loras.router, files.router, health.router):
         app.include_router(router)
 
     @app.get("/metrics", include_in_schema=False)
@@ -214,6 +246,8 @@ class Guard:
                     raise BodyTooLarge(self.max_body)
             return message
 
+        # Async jobs belong to a key: its hash, never the key, goes into the job table.
+        request.state.caller = hashlib.sha256(_bearer(request)).hexdigest() if self.keys else ""
         refusal = _refuse(request, self.keys, self.max_body)
         try:
             await (refusal or self.app)(scope, receive_within_limit, send_with_id)
@@ -239,11 +273,15 @@ def _open(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
+def _bearer(request: Request) -> bytes:
+    header = request.headers.get("authorization", "")
+    return header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
+
+
 def _refuse(request: Request, keys: list[bytes], max_body: int) -> Response | None:
     """Auth and body size, answered before any body is read."""
     if keys and not _open(request.url.path) and request.method != "OPTIONS":
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
+        token = _bearer(request)
         # compare_digest against every key so the time taken does not reveal which key nearly matched.
         if not any([hmac.compare_digest(token, key) for key in keys]):
             message = (

@@ -9,6 +9,9 @@
 - LoRA: in-process on the tiny checkpoints, a user LoRA's first load, and the p50 of renders with it switched
   on against renders without it, alternating (so each one switches adapters): information, no target.
 
+With --ray, it measures instead images/s through Ray Serve with one and with two engine replicas
+(server/bench_ray.py).
+
 It prints one markdown table and exits 1 when a target is missed, 2 when the run itself failed. The
 arithmetic, the verdicts and the table are pure functions (tests/unit/test_bench_serve.py). This module does
 not import torch at import time: only the direct call and writing the tiny weights need it.
@@ -73,7 +76,7 @@ PROMPTS = (
     "turn the sky purple and add a moon",
 )
 SOAK_STEPS = 4
-FIXED_SCHEDULE = {"flux.2-dev-turbo"}  # runs its own 8 sigmas: any other step count is a 400
+FIXED_SCHEDULE = {"flux.2-dev-turbo"}  # soaks at its default 8 steps: fal's own sigmas, no derived schedule
 
 # (requests, soak requests, soak concurrency): full run, --quick smoke run.
 FULL = (64, 500, 16)
@@ -407,6 +410,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help=f"smoke run: {QUICK[0]} requests, soak {QUICK[1]} at {QUICK[2]}"
     )
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    parser.add_argument(
+        "--ray",
+        help="instead: images/s through Ray Serve with 1 and 2 engine replicas; local (two simulated nodes "
+        "here), auto or a cluster address",
+    )
+    parser.add_argument("--port", type=int, help="with --ray: Serve's HTTP port (default: a free one)")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for name, default in zip(("requests", "soak_requests", "soak_concurrency"), defaults, strict=True):
@@ -465,16 +474,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="fluxd-bench-") as tmp,
     ):
         try:
-            measured = measure(args, client, Path(tmp))
+            if args.ray:
+                from server.bench_ray import LOCAL_NOTE, measure_replicas
+
+                rows = measure_replicas(args, client, Path(tmp))
+                note = LOCAL_NOTE if args.ray == "local" else ""
+            else:
+                rows, note = table_rows(measure(args, client, Path(tmp))), ""
         except BenchError as exc:
             print(f"fluxd bench serve: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("fluxd bench serve: interrupted; the servers were stopped", file=sys.stderr)
             return 130
-    rows = table_rows(measured)
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    report = format_report(rows, machine_description(), date)
+    report = format_report(rows, machine_description(), date) + (f"\n\n{note}" if note else "")
     print(report, flush=True)
     if args.out:
         args.out.write_text(report + "\n")

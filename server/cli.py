@@ -1,4 +1,4 @@
-"""`fluxd serve | weights tiny|pull|list|verify | bench gpu|serve`. Logging is configured here, once."""
+"""`fluxd serve | weights tiny|pull|list|verify | bench gpu|serve|accel`. Logging is configured here, once."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from pydantic import ValidationError
@@ -61,6 +62,10 @@ def serve(settings: Settings) -> int:
         return 2
     if settings.demo:
         _ensure_tiny(settings.weights_dir)
+    if settings.ray:
+        from server.ray_app import serve_on_ray
+
+        return serve_on_ray(settings)
 
     import uvicorn
 
@@ -106,7 +111,7 @@ def serve(settings: Settings) -> int:
     )
     stop = server.handle_exit
 
-    def handle_exit(sig: int, frame: object) -> None:
+    def handle_exit(sig: int, frame: FrameType | None) -> None:
         # A signal to the whole process group (a terminal's Ctrl-C, `timeout`, systemd) also reaches the
         # workers; from the moment it arrives, a worker that exits is not replaced.
         pool = getattr(app.state, "pool", None)
@@ -186,6 +191,10 @@ def bench(args: argparse.Namespace, rest: list[str]) -> int:
         from server.bench import main as serve_main
 
         return serve_main(rest)
+    if args.target == "accel":
+        from pipelines.bench_accel import main as accel_main
+
+        return accel_main(rest)
     from pipelines.bench_gpu import main as gpu_main
 
     return gpu_main(rest)
@@ -226,10 +235,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, CliSettingsSource[Any]]:
     # No -h of its own: `fluxd bench serve --help` reaches the target's parser, which knows the options.
     bench_parser = sub.add_parser(
         "bench",
-        help="gpu: synthetic full-size models on a CUDA device; serve: HTTP overhead, batching, soak",
+        help="gpu: synthetic full-size models on a CUDA device; serve: HTTP overhead, batching, soak; "
+        "accel: what each acceleration level saves",
         add_help=False,
     )
-    bench_parser.add_argument("target", choices=["gpu", "serve"])
+    bench_parser.add_argument("target", choices=["gpu", "serve", "accel"])
     return parser, serve_settings
 
 

@@ -20,7 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Self, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -33,7 +41,9 @@ from pydantic_settings import (
 )
 
 from pipelines.loras import DEFAULT_CACHE_MB
+from pipelines.messages import WORKER_ENTRY
 from pipelines.modes import Mode
+from server.webhooks import secret_key
 
 ENV_PREFIX = "FLUXD_"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluxd"
@@ -144,6 +154,26 @@ class Settings(BaseSettings):
         gt=0,
         description="seconds between sweeps of expired url images (each write also sweeps)",
     )
+    job_ttl_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description="seconds a finished async job (Prefer: respond-async) and its result stay fetchable",
+    )
+    max_jobs: int = Field(
+        default=1000,
+        ge=1,
+        description="async jobs stored at once, finished ones included; past it a new job gets a 429",
+    )
+    webhook_allow: list[str] = Field(
+        default=[],
+        description="URL prefixes a job's webhook_url may target, e.g. https://hooks.lan:9000/fluxd; empty: "
+        "no webhooks (a server that POSTs wherever it is told is an SSRF)",
+    )
+    webhook_secret: str | None = Field(
+        default=None,
+        validate_default=True,  # so that a missing secret is checked against --webhook-allow
+        description="Standard Webhooks signing secret, whsec_<base64>; needed with --webhook-allow",
+    )
     queue_size: int = Field(default=64, ge=1, description="queued requests per model before 429")
     queue_timeout_s: float = Field(
         default=600.0,
@@ -182,10 +212,86 @@ class Settings(BaseSettings):
         description="LoRA adapters kept loaded per worker beside the model weights, least recently used "
         "unloaded first (a request's own LoRAs always load)",
     )
+    worker_heartbeat_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="a worker process that sends nothing for this long, not even the heartbeat a thread of "
+        "its own sends every second, is stopped or frozen: it is killed and replaced, its requests answered "
+        "503",
+    )
+    batch_deadline_floor_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="a batch may always run this long before its worker counts as hung (killed and replaced, "
+        "its requests answered 503); it covers what comes before the first step: loading a checkpoint on "
+        "first use (FLUX.2 [dev] reads 112 GB of bf16 weights, minutes from a slow disk), prompt "
+        "enhancement, compilation (--preload models load before the worker is ready, outside it)",
+    )
+    batch_deadline_factor: float = Field(
+        default=10.0,
+        ge=1,
+        description="a batch may also run this many times its steps x its own measured step time, when that "
+        "is longer than --batch-deadline-floor-s",
+    )
+    worker_entry: str = Field(
+        default=WORKER_ENTRY,
+        description="the loop each worker process runs, as module:function; tests name one that wraps it "
+        "with an injected fault",
+    )
+    safety_checker: bool = Field(
+        default=False,
+        description="check images with the NSFW classifier in weights/safety-checker (`fluxd weights pull "
+        "safety-checker`) unless a request says otherwise; off on a self-hosted box, where fal's default on "
+        "would black out a user's own images",
+    )
+    safety_threshold: float = Field(
+        default=0.5, ge=0, le=1, description="nsfw probability from which the safety checker flags an image"
+    )
     log_prompts: bool = Field(default=False, description="log prompts")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING")
     models: dict[str, ModelEntry] = Field(
         default={}, description="the model registry: `[models.<id>]` tables in the TOML file (JSON elsewhere)"
+    )
+    # Beyond one machine (server/ray_app.py): read only when `ray` is set.
+    ray: str | None = Field(
+        default=None,
+        min_length=1,
+        description="serve through Ray Serve: `auto` joins the running Ray cluster, an address (host:6379, "
+        "ray://host:10001) joins that one, `local` starts one here; unset: local worker processes",
+    )
+    ray_min_replicas: int = Field(default=1, ge=1, description="engine replicas Ray Serve keeps running")
+    ray_max_replicas: int = Field(default=1, ge=1, description="engine replicas Ray Serve may scale up to")
+    ray_target_ongoing_requests: float = Field(
+        default=1.0,
+        gt=0,
+        description="batches in flight (running or waiting) per engine replica that Ray Serve scales "
+        "towards; a replica runs one batch at a time, as a local worker does",
+    )
+    ray_upscale_delay_s: float = Field(
+        default=30.0, ge=0, description="seconds of high load before Ray Serve adds a replica"
+    )
+    ray_downscale_delay_s: float = Field(
+        default=600.0, ge=0, description="seconds of low load before Ray Serve removes a replica"
+    )
+    ray_autoscaling_window_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds of in-flight counts averaged for each scaling decision (keep it above Serve's "
+        "10 s metrics interval)",
+    )
+    ray_gpus_per_replica: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs of each engine replica; unset: 1 when the cluster has GPUs, else 0 (the CPU)",
+    )
+    ray_cpus_per_replica: float = Field(
+        default=1.0,
+        gt=0,
+        description="logical CPUs of each engine replica (a node must declare at least that many, or the "
+        "replica waits for ever)",
+    )
+    ray_max_replicas_per_node: int | None = Field(
+        default=None, ge=1, description="engine replicas one node may hold; unset: as its GPUs or CPUs allow"
     )
 
     @model_validator(mode="after")
@@ -193,6 +299,24 @@ class Settings(BaseSettings):
         # --demo without a weights folder of its own serves the tiny checkpoints it writes into the cache.
         if self.demo and "weights_dir" not in self.model_fields_set:
             self.weights_dir = DEFAULT_CACHE / "tiny"
+        return self
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhooks_are_signed(cls, secret: str | None, info: ValidationInfo) -> str | None:
+        if secret is None and info.data.get("webhook_allow"):
+            raise ValueError("needed with --webhook-allow: every webhook is signed (whsec_<base64>)")
+        if secret is not None:
+            secret_key(secret)  # a ValueError says what is wrong with it
+        return secret
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> Self:
+        if self.ray_max_replicas < self.ray_min_replicas:
+            raise ValueError(
+                f"ray_max_replicas ({self.ray_max_replicas}) is below "
+                f"ray_min_replicas ({self.ray_min_replicas})"
+            )
         return self
 
     @field_validator("forwarded_allow_ips")

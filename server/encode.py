@@ -6,7 +6,7 @@ import io
 
 from PIL import Image
 
-from pipelines.jobs import RenderedImage
+from pipelines.messages import RenderedImage
 
 CONTENT_TYPES = {
     "png": "image/png",

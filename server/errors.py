@@ -44,6 +44,8 @@ KINDS: dict[str, ErrorKind] = {
     "invalid_api_key": ErrorKind(401),
     "model_not_found": ErrorKind(404),
     "image_not_found": ErrorKind(404, "not_found"),
+    "job_not_found": ErrorKind(404, "not_found"),
+    "job_finished": ErrorKind(409),
     "not_found": ErrorKind(404, "not_found"),
     "method_not_allowed": ErrorKind(405),
     "request_too_large": ErrorKind(413),
@@ -54,8 +56,11 @@ KINDS: dict[str, ErrorKind] = {
     # A model this server cannot run, and a wait it was told to bound: retrying only repeats them (the SDK
     # would queue a timed-out request twice more, tripling the wait --queue-timeout bounds).
     "model_unavailable": ErrorKind(503, "server_error"),
+    "jobs_unavailable": ErrorKind(503, "server_error"),  # a job table the disk cannot open or write
     "queue_timeout": ErrorKind(504, "timeout"),
     "server_error": ErrorKind(500, "server_error", None),
+    # An async job that took its worker or the server down on each of its tries: another would too.
+    "job_crashed": ErrorKind(500, "server_error"),
 }
 _BY_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 

@@ -52,3 +52,16 @@ class Metrics:
         self.device_memory = Gauge(
             "fluxd_device_memory_bytes", "Accelerator memory allocated by a worker", ["worker"], registry=r
         )
+        self.cancelled = Counter(
+            "fluxd_cancelled",
+            "Requests whose client went away (or whose async job was cancelled), by where they were",
+            ["model", "stage"],
+            registry=r,
+        )
+        self.steps = Counter(
+            "fluxd_denoise_steps",
+            "Denoising steps the workers ran, counted per request",
+            ["model"],
+            registry=r,
+        )
+        self.jobs = Gauge("fluxd_jobs", "Async jobs stored, by status", ["status"], registry=r)

@@ -18,14 +18,17 @@ from pydantic import TypeAdapter, ValidationError
 
 from pipelines.arguments import SET_BY_FLUXD
 from pipelines.errors import InvalidParameter
-from pipelines.jobs import RenderRequest
 from pipelines.loras import LoraChoice
 from pipelines.loras import resolve as resolve_loras
+from pipelines.messages import RenderRequest
 from pipelines.sizes import resolve_size
 from pipelines.specs import PASSTHROUGH_BOUNDS, ModelSpec
 from server.encode import LOSSY
-from server.protocol import DECLARATIONS, MAX_PROMPT_CHARS, MAX_SEED, _ImageFields
+from server.protocol import DECLARATIONS, MAX_PROMPT_CHARS, MAX_SEED, OutputFormat, _ImageFields
 
+EchoQuality = Literal["low", "medium", "high"]
+# The qualities the SDK's response types know: `auto` and the DALL-E names are not echoed.
+_ECHO_QUALITY: dict[str, EchoQuality] = {"low": "low", "medium": "medium", "high": "high"}
 STREAM_FORMATS = frozenset({"png", "jpeg", "webp"})
 ENHANCE_FIELDS = ("prompt_enhancement", "enhance_prompt", "enable_prompt_expansion", "prompt_upsampling")
 
@@ -34,12 +37,14 @@ ENHANCE_FIELDS = ("prompt_enhancement", "enhance_prompt", "enable_prompt_expansi
 class Reply:
     """How the answer is shaped, decided with the request."""
 
-    output_format: str
+    output_format: OutputFormat
     compression: int | None
-    response_format: Literal["url", "b64_json"]
+    # None: the client named none, and clients disagree about which field to read (gpt-image-era ones read
+    # b64_json, DALL-E-era ones url), so the answer carries both.
+    response_format: Literal["url", "b64_json"] | None
     sync_mode: bool
-    quality: str | None
-    background: str
+    quality: EchoQuality | None
+    background: Literal["opaque"]
     stream: bool
 
 
@@ -57,6 +62,36 @@ def _enhancement(body: _ImageFields, spec: ModelSpec) -> bool:
         if on and not spec.enhances_prompt:
             raise InvalidParameter(name, f"'{spec.id}' has no language model to enhance prompts with.")
     return any(given.values())
+
+
+def _safety_check(body: _ImageFields, default: bool) -> bool:
+    enable, disable = body.enable_safety_checker, body.disable_safety_checker
+    if enable is not None and disable is not None and enable == disable:
+        raise InvalidParameter(
+            "disable_safety_checker",
+            "enable_safety_checker and disable_safety_checker disagree: they are one switch; give one.",
+        )
+    if enable is not None:
+        return enable
+    return default if disable is None else not disable
+
+
+def _acceleration(body: _ImageFields, spec: ModelSpec) -> str:
+    """The step caching level: acceleration, or go_fast under replicate's name (true is 'regular')."""
+    fast = None if body.go_fast is None else ("regular" if body.go_fast else "none")
+    given = body.acceleration
+    if given is not None and fast is not None and (given == "none") != (fast == "none"):
+        raise InvalidParameter(
+            "go_fast", "go_fast and acceleration disagree: go_fast true is acceleration 'regular'; give one."
+        )
+    level = body.acceleration or fast or spec.default_acceleration
+    if level != "none" and not spec.accelerates:
+        name = "acceleration" if body.acceleration is not None else "go_fast"
+        raise InvalidParameter(
+            name,
+            f"'{spec.id}' runs {spec.default_steps} steps, too few to skip: acceleration must be 'none'.",
+        )
+    return level
 
 
 # A passthrough argument that does nothing unless another one is set past a threshold (diffusers' FluxPipeline
@@ -163,9 +198,9 @@ def _reply(body: _ImageFields) -> Reply:
     return Reply(
         output_format=fmt,
         compression=compression,
-        response_format=body.response_format or "url",
+        response_format=body.response_format,
         sync_mode=bool(body.sync_mode),
-        quality=body.quality if body.quality in ("low", "medium", "high") else None,
+        quality=_ECHO_QUALITY.get(body.quality or ""),
         background="opaque",
         stream=bool(body.stream),
     )
@@ -188,6 +223,7 @@ def build_request(
     input_size: tuple[int, int] | None = None,
     enhance_temperature: float = 0.15,
     prompt_required: bool = True,
+    safety_default: bool = False,
     weights_dir: Path | None = None,
 ) -> tuple[RenderRequest, Reply]:
     """Validate everything and apply every default; raise InvalidParameter naming the first bad field.
@@ -206,10 +242,6 @@ def build_request(
     if not 1 <= steps <= spec.max_steps:
         raise InvalidParameter(
             "num_inference_steps", f"num_inference_steps must be between 1 and {spec.max_steps}."
-        )
-    if spec.adapter is not None and spec.adapter.sigmas is not None and steps != len(spec.adapter.sigmas):
-        raise InvalidParameter(
-            "num_inference_steps", f"'{spec.id}' runs its fixed {len(spec.adapter.sigmas)}-step schedule."
         )
     guidance = spec.default_guidance if body.cfg_scale is None else body.cfg_scale
     low, high = spec.guidance_range
@@ -232,6 +264,8 @@ def build_request(
         enhance_prompt=_enhancement(body, spec),
         enhance_temperature=enhance_temperature,
         partial_images=body.partial_images or 0,
+        acceleration=_acceleration(body, spec),
+        safety_check=_safety_check(body, safety_default),
         loras=_loras(body, spec, weights_dir),
     )
     return request, reply

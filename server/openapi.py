@@ -62,6 +62,8 @@ def install_openapi(app: FastAPI) -> None:
                 statuses = _ANY_ROUTE + (_IMAGE_ROUTES if path.startswith("/v1/images") else ())
                 if path.startswith(("/v1/models/", "/v1/files/")):
                     statuses += (404,)
+                if path.startswith("/v1/images/jobs/"):
+                    statuses += (409,)  # cancelling a job that has ended
                 for status in sorted(set(statuses)):
                     responses[str(status)] = {
                         "description": _statuses(status),

@@ -108,6 +108,10 @@ def _read(models: dict[Route, type[BaseModel]]) -> Iterator[Parameter]:
     yield PASSTHROUGH
 
 
+def _value(value: object) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
+
+
 class Declarations:
     """Every declared parameter of the request models, in declaration order."""
 
@@ -140,10 +144,10 @@ class Declarations:
         for name, p in self.parameters.items():
             if p.model_default:
                 values = {spec.id: getattr(spec, p.model_default) for spec in specs.values()}
-                default = ", ".join(f"{model} {value:g}" for model, value in values.items())
+                default = ", ".join(f"{model} {_value(value)}" for model, value in values.items())
             else:
                 default = "" if p.default is None else json.dumps(p.default).strip('"')
-            routes = "both" if len(p.routes) == 2 else p.routes[0]
+            routes: str = "both" if len(p.routes) == 2 else p.routes[0]
             if p.families is not None:
                 routes += f" ({', '.join(p.families)})"
             rows.append(f"| `{name}` | {routes} | {p.handling} | {default} | {p.detail} | {p.source} |")

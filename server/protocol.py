@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from pipelines.loras import MAX_LORAS
+from pipelines.specs import Acceleration
 from server.parameters import LUMENFALL, OPENAI, Declarations, declare
 
 MAX_SEED = 2**32 - 1
@@ -23,7 +24,9 @@ OutputFormat = Literal["png", "jpeg", "webp", "avif", "gif"]
 Quality = Literal["low", "medium", "high", "auto", "standard", "hd"]
 Background = Literal["transparent", "opaque", "auto"]
 Text = Annotated[str, Field(min_length=1)]  # "" is neither a value nor "use the default": that is null
-SAFETY = "fluxd runs no safety checker"
+SAFETY = (
+    "BFL's moderation level; fluxd's checker (enable_safety_checker) has one threshold, --safety-threshold"
+)
 ENHANCE = "prompt_enhancement (one switch under the gateways' several names)"
 
 
@@ -87,7 +90,10 @@ class _ImageFields(BaseModel):
         "native", "server-sent events of partial and completed images", OPENAI, default=False
     )
     response_format: Literal["url", "b64_json"] | None = declare(
-        "emulated", "url: stored locally with a TTL; b64_json: inline", OPENAI, default="url"
+        "emulated",
+        "url: stored locally with a TTL; b64_json: inline; absent: both, since clients that send none "
+        "disagree about which they read",
+        OPENAI,
     )
     user: str | None = declare("accepted", "logged with the request id only", OPENAI)
     seed: int | None = declare(
@@ -159,14 +165,23 @@ class _ImageFields(BaseModel):
         "renamed", ENHANCE, f"{LUMENFALL}: FLUX.2 [dev], FLUX.2 [dev] Turbo (fal)"
     )
     prompt_upsampling: bool | None = declare("renamed", ENHANCE, f"{LUMENFALL}: FLUX1.1 [pro] (replicate)")
-    acceleration: Literal["none", "regular", "high"] | None = declare(
-        "accepted",
-        "speed is a per-server setting (the worker's run mode), not per request",
-        f"{LUMENFALL}: FLUX.2 [dev], FLUX.1 Kontext [dev] (fal)",
+    acceleration: Acceleration | None = declare(
+        "emulated",
+        "step caching for this request: diffusers' TaylorSeer cache hook on the transformer forecasts its "
+        "output on the steps it skips (TaylorSeer, arXiv 2503.06923, lite form). At 28 steps the transformer "
+        "runs 16 times at 'regular' (1.75x fewer: every 2nd step after 3 warm-up steps, the last 2 always) "
+        "and 13 at 'high' (2.15x fewer: every 3rd), where published step caches reach 1.7-1.8x on FLUX.1 and "
+        "1.69-1.83x on FLUX.2 [dev] (vLLM-Omni: Cache-DiT, TeaCache); 'none' runs every step, pixels as "
+        "without any hook. The answer's `acceleration` says what ran. Turbo's 8 steps leave little to skip: "
+        "it takes only 'none' (anything else is a 400)",
+        f"{LUMENFALL}: FLUX.2 [dev], FLUX.1 Kontext [dev] (fal); default 'regular' as fal's FLUX.2 [dev] "
+        "endpoint documents it; fal's Kontext [dev] default could not be verified from a public page: 'none'",
+        model_default="default_acceleration",
     )
     go_fast: bool | None = declare(
-        "accepted",
-        "speed is a per-server setting (the worker's run mode), not per request",
+        "converted",
+        "true: acceleration 'regular', false: 'none'; given with acceleration, the two must agree (a 400 "
+        "otherwise); a 400 on Turbo, which takes only 'none'",
         f"{LUMENFALL}: FLUX.2 [dev] (replicate)",
     )
     loras: list[LoraWeight] | None = declare(
@@ -177,9 +192,28 @@ class _ImageFields(BaseModel):
         "multipart: a JSON text field",
         "fal's FLUX LoRA endpoints (fal-ai/flux-lora, fal-ai/flux-2/lora)",
     )
-    enable_safety_checker: bool | None = declare("accepted", SAFETY, f"{LUMENFALL} (fal)")
-    disable_safety_checker: bool | None = declare("accepted", SAFETY, f"{LUMENFALL} (replicate)")
+    enable_safety_checker: bool | None = declare(
+        "emulated",
+        "true: each image is classified by an open NSFW classifier (Falconsai/nsfw_image_detection, a ViT, "
+        "through transformers) after decode; a flagged image is black, and each reports has_nsfw_concepts, "
+        "as on fal. On a server without the classifier (`fluxd weights pull safety-checker`) each image "
+        "comes back unchecked with a safety_note saying so",
+        f"{LUMENFALL} (fal)",
+        default="--safety-checker (off)",
+    )
+    disable_safety_checker: bool | None = declare(
+        "renamed",
+        "enable_safety_checker negated (replicate's name); given with it, the two must agree",
+        f"{LUMENFALL} (replicate)",
+    )
     safety_tolerance: int | None = declare("accepted", SAFETY, f"{LUMENFALL}: FLUX1.1 [pro]", ge=1, le=6)
+    webhook_url: Text | None = declare(
+        "emulated",
+        "with Prefer: respond-async, POSTed when the job ends, signed as the Standard Webhooks spec says; "
+        "only to URLs under the server's --webhook-allow (else a 400), and a 400 without the header",
+        "BFL API reference (webhook_url)",
+        max_length=2048,
+    )
 
 
 class ImageGenerationRequest(_ImageFields):
@@ -226,6 +260,8 @@ class ImageData(BaseModel):
     b64_json: str | None = None
     revised_prompt: str | None = None
     seed: int
+    has_nsfw_concepts: bool | None = None  # fal's: the safety checker's verdict, when it ran
+    safety_note: str | None = None  # why an image the request asked to check was not
 
 
 class InputTokensDetails(BaseModel):
@@ -251,6 +287,7 @@ class ImagesResponse(BaseModel):
     size: str | None = None
     usage: Usage | None = None
     model: str | None = None
+    acceleration: str | None = None  # fluxd's: the step caching that ran (an extra field to the SDK)
 
 
 class Model(BaseModel):
@@ -264,3 +301,57 @@ class Model(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Model]
+
+
+# Async jobs (`Prefer: respond-async`): fluxd's own objects, shaped after BFL's and fal's queue answers.
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobProgress(BaseModel):
+    step: int
+    steps: int
+
+
+class JobPreview(BaseModel):
+    """The latest partial image of a running job that asked for `partial_images`."""
+
+    b64_json: str
+    partial_image_index: int
+    output_format: str
+
+
+class ErrorBody(BaseModel):
+    """The error envelope's body, with its four keys always there (null ones too), as in every error."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+    @model_serializer
+    def _every_key(self) -> dict[str, str | None]:
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+
+
+class ImageJob(BaseModel):
+    """An async image request; `result` is the usual ImagesResponse once it succeeded, `error` the usual
+    error envelope's body once it failed."""
+
+    id: str
+    object: Literal["image.job"] = "image.job"
+    status: JobStatus
+    created: int
+    model: str
+    endpoint: str
+    position: int | None = None
+    progress: JobProgress | None = None
+    preview: JobPreview | None = None
+    result: ImagesResponse | None = None
+    error: ErrorBody | None = None
+    finished: int | None = None
+    expires: int | None = None
+
+
+class ImageJobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ImageJob]

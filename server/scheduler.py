@@ -6,14 +6,15 @@ A worker gets one batch at a time, so jobs wait here, where they can still be ba
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from pipelines.jobs import RenderRequest, RenderResult
+from pipelines.messages import Progress, RenderRequest, RenderResult
 from pipelines.specs import ModelSpec
 from server.errors import APIError
 from server.metrics import Metrics
@@ -23,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 
 def batch_key(request: RenderRequest) -> tuple:
-    """Jobs with equal keys can share one pipeline call: same model, shape, schedule, references and LoRAs
-    at the same scales."""
+    """Jobs with equal keys can share one pipeline call: same model, shape, schedule (step caching
+    included: the cache hook is on for a whole call), references, and LoRAs at the same scales."""
     references = hashlib.sha256(
         b"".join(hashlib.sha256(image).digest() for image in request.images)
     ).hexdigest()
@@ -38,6 +39,7 @@ def batch_key(request: RenderRequest) -> tuple:
         repr(sorted(request.extra.items())),
         request.partial_images,
         tuple((lora.key, lora.scale) for lora in request.loras),
+        request.acceleration,
     )
 
 
@@ -96,15 +98,35 @@ class Scheduler:
         queued = sum(job.request.n for q in self.queues.values() for job in q)
         return self.seconds_per_image * max(1, queued) / max(1, len(self.pool.workers))
 
-    async def run(self, request: RenderRequest, on_progress: ProgressListener | None = None) -> RenderResult:
-        """Queue, wait for a worker and the result. Cancelling the awaiting task drops or stops the job."""
-        queue = self.queues.setdefault(request.model, deque())
-        if len(queue) >= self.queue_size:
+    def check_room(self, model: str) -> None:
+        """The 429 a full queue answers, raised before a job is accepted."""
+        if len(self.queues.get(model, ())) >= self.queue_size:
             raise APIError(
                 "rate_limit_exceeded",
-                f"The queue for '{request.model}' is full; retry later.",
+                f"The queue for '{model}' is full; retry later.",
                 retry_after_s=self.retry_after_s(),
             )
+
+    def position(self, request_id: str) -> int | None:
+        """Jobs queued before this one, across models (0: it goes next); None once it has left the queue."""
+        queued = {job.request.id: job.enqueued_at for q in self.queues.values() for job in q}
+        mine = queued.get(request_id)
+        return None if mine is None else sum(1 for at in queued.values() if at < mine)
+
+    async def run(
+        self,
+        request: RenderRequest,
+        on_progress: ProgressListener | None = None,
+        *,
+        on_dispatch: Callable[[], None] | None = None,
+        deadline: bool = True,
+    ) -> RenderResult:
+        """Queue, wait for a worker and the result. Cancelling the awaiting task drops or stops the job.
+
+        `deadline=False` waits in the queue past --queue-timeout: the deadline bounds a held connection, and
+        an async job has none. `on_dispatch` runs when a worker takes the job."""
+        self.check_room(request.model)
+        queue = self.queues.setdefault(request.model, deque())
         loop = asyncio.get_running_loop()
         job = Job(
             request,
@@ -118,7 +140,7 @@ class Scheduler:
         self._wakeup.set()
         try:
             try:
-                await asyncio.wait_for(job.started.wait(), self.queue_timeout_s)
+                await asyncio.wait_for(job.started.wait(), self.queue_timeout_s if deadline else None)
             except TimeoutError:
                 if job in queue:
                     queue.remove(job)
@@ -127,6 +149,8 @@ class Scheduler:
                         "queue_timeout",
                         f"The request waited more than {self.queue_timeout_s:g} s in the queue.",
                     ) from None
+            if on_dispatch is not None:
+                on_dispatch()
             return await job.future
         except asyncio.CancelledError:
             self._cancel(job, queue)
@@ -139,10 +163,23 @@ class Scheduler:
         if job in queue:
             queue.remove(job)
             self._update_depth(job.request.model)
-            logger.info("request %s dropped from the queue: client went away", job.request.id)
+            self.metrics.cancelled.labels(job.request.model, "queued").inc()
+            logger.info("request %s dropped from the queue: cancelled", job.request.id)
         elif job.worker is not None:
             # Cancelling the awaiting task cancelled job.future too: the worker knows if the job still runs.
+            self.metrics.cancelled.labels(job.request.model, "running").inc()
             job.worker.cancel(job.request.id)
+
+    def _listener(self, job: Job) -> ProgressListener:
+        """The job's own progress listener, counting every denoising step a worker reports."""
+        steps = self.metrics.steps.labels(job.request.model)
+
+        def listen(progress: Progress) -> None:
+            steps.inc()
+            if job.on_progress is not None:
+                job.on_progress(progress)
+
+        return listen
 
     async def _dispatch_forever(self) -> None:
         while True:
@@ -164,7 +201,7 @@ class Scheduler:
         self._update_depth(model)
         try:
             futures = worker.submit(
-                [job.request for job in batch], {job.request.id: job.on_progress for job in batch}
+                [job.request for job in batch], {job.request.id: self._listener(job) for job in batch}
             )
         except Exception as exc:
             # The dispatcher must outlive any one batch: dying here would leave every later request queued.
@@ -179,7 +216,7 @@ class Scheduler:
             self.metrics.queue_wait.labels(model).observe(started - job.enqueued_at)
             job.worker = worker
             job.started.set()
-            future.add_done_callback(lambda f, job=job: self._settle(job, f, started))
+            future.add_done_callback(functools.partial(self._settle, job, started=started))
         return True
 
     def _pick_worker(self, weights: str) -> WorkerHandle | None:
@@ -190,7 +227,8 @@ class Scheduler:
 
     def _take_batch(self, head: Job) -> list[Job]:
         queue = self.queues[head.request.model]
-        batch, images = [], 0
+        batch: list[Job] = []
+        images = 0
         for job in list(queue):
             if job.key != head.key or (batch and images + job.request.n > self.max_batch_images):
                 continue
@@ -199,12 +237,14 @@ class Scheduler:
             images += job.request.n
         return batch
 
-    def _settle(self, job: Job, result: asyncio.Future, started: float) -> None:
+    def _settle(self, job: Job, outcome: asyncio.Future[RenderResult], started: float) -> None:
+        # Read even when nobody waits any more (a cancelled job), or asyncio logs "never retrieved".
+        failure = outcome.exception()
         if not job.future.done():
-            if result.exception() is not None:
-                job.future.set_exception(result.exception())
+            if failure is not None:
+                job.future.set_exception(failure)
             else:
-                rendered = result.result()
+                rendered = outcome.result()
                 elapsed = time.monotonic() - started
                 images = max(1, int(rendered.timings_ms.get("batch_images", 1)))
                 self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / images

@@ -11,13 +11,15 @@ import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from fastapi import Request
 from starlette.datastructures import MutableHeaders
 
+from pipelines.arguments import PASSTHROUGH
 from pipelines.errors import InvalidParameter
 from pipelines.images import reference_sizes
-from pipelines.jobs import Progress, RenderRequest, RenderResult
+from pipelines.messages import Progress, RenderRequest, RenderResult
 from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
 from server.encode import CONTENT_TYPES, encode
@@ -30,7 +32,13 @@ from server.workers import WorkerCrashed, WorkerFailure
 
 logger = logging.getLogger(__name__)
 
-_ECHO_FORMATS = {"png", "jpeg", "webp", "gif"}
+# The formats the SDK's response types know: an `avif` echo would fail their strict validation.
+_ECHO_FORMATS: dict[str, Literal["png", "webp", "jpeg", "gif"]] = {
+    "png": "png",
+    "webp": "webp",
+    "jpeg": "jpeg",
+    "gif": "gif",
+}
 
 
 class ClientGone(Exception):
@@ -66,13 +74,11 @@ class ImageService:
         specs: Mapping[str, ModelSpec],
         scheduler: Scheduler,
         store: ImageStore,
-        signatures: Mapping[str, Mapping[str, str]],
     ) -> None:
         self.settings = settings
         self.specs = specs
         self.scheduler = scheduler
         self.store = store
-        self.signatures = signatures
 
     async def prepare(
         self, body: _ImageFields, images: list[bytes] | None = None, prompt_required: bool = True
@@ -83,22 +89,23 @@ class ImageService:
             render, reply = build_request(
                 body,
                 spec,
-                self.signatures.get(spec.pipeline_class, {}),
+                PASSTHROUGH[spec.pipeline_class],
+                safety_default=self.settings.safety_checker,
                 weights_dir=self.settings.weights_dir,
             )
             return Prepared(render, reply, spec)
         if "edit" not in spec.modes:
             raise InvalidParameter("model", f"'{spec.id}' does not edit images; use /v1/images/generations.")
-        spec.check_reference_count(len(images))
+        spec.check_references(len(images))
         sizes = await asyncio.to_thread(reference_sizes, images)
-        spec.check_references(sizes)
         render, reply = build_request(
             body,
             spec,
-            self.signatures.get(spec.pipeline_class, {}),
+            PASSTHROUGH[spec.pipeline_class],
             images,
             sizes[0] if sizes else None,
             prompt_required=prompt_required,
+            safety_default=self.settings.safety_checker,
             weights_dir=self.settings.weights_dir,
         )
         return Prepared(render, reply, spec)
@@ -132,14 +139,14 @@ class ImageService:
 
     async def respond(
         self,
-        http: Request,
+        base: str,
         prepared: Prepared,
         result: RenderResult,
         headers: MutableHeaders | None = None,
     ) -> ImagesResponse:
-        """The answer; `headers` receives `x-fluxd-store-error` when url images had to come inline."""
+        """The answer, url images linked under `base` (public_base); `headers` receives `x-fluxd-store-error`
+        when url images had to come inline."""
         reply, render = prepared.reply, prepared.render
-        base = public_base(http, self.settings)
         payloads = await asyncio.to_thread(
             lambda: [
                 self._payload(reply, encode(image, reply.output_format, reply.compression), base)
@@ -150,32 +157,43 @@ class ImageService:
         if failures and headers is not None:
             headers["x-fluxd-store-error"] = "; ".join(failures)
         data = [
-            ImageData(**payload, revised_prompt=result.revised_prompt, seed=image.seed)
+            ImageData(
+                **payload,
+                revised_prompt=result.revised_prompt,
+                seed=image.seed,
+                has_nsfw_concepts=image.nsfw,
+                safety_note=image.safety_note,
+            )
             for image, (payload, _) in zip(result.images, payloads, strict=True)
         ]
         return ImagesResponse(
             created=int(time.time()),
             data=data,
             background=reply.background,
-            output_format=reply.output_format if reply.output_format in _ECHO_FORMATS else None,
+            output_format=_ECHO_FORMATS.get(reply.output_format),
             quality=reply.quality,
             size=f"{render.width}x{render.height}",
             usage=usage(render),
             model=prepared.spec.id,
+            acceleration=result.acceleration,
         )
 
     def _payload(self, reply: Reply, blob: bytes, base: str) -> tuple[dict[str, str], str | None]:
-        """One image's `url` or `b64_json` field, and why a url image came inline; runs in a thread."""
+        """One image's `url` and/or `b64_json` fields (both when the request named no response_format), and
+        why a url image came inline; runs in a thread."""
         if reply.sync_mode:
             content_type = CONTENT_TYPES[reply.output_format]
             return {"url": f"data:{content_type};base64,{base64.b64encode(blob).decode()}"}, None
+        inline = base64.b64encode(blob).decode()
+        payload = {} if reply.response_format == "url" else {"b64_json": inline}
         if reply.response_format == "b64_json":
-            return {"b64_json": base64.b64encode(blob).decode()}, None
+            return payload, None
         try:
             image_id = self.store.put(blob, reply.output_format)
         except StoreUnavailable as exc:  # the image the GPU made still reaches the client
-            return {"b64_json": base64.b64encode(blob).decode()}, str(exc)
-        return {"url": f"{base}/v1/files/images/{image_id}.{reply.output_format}"}, None
+            return {"b64_json": inline}, str(exc)
+        payload["url"] = f"{base}/v1/files/images/{image_id}.{reply.output_format}"
+        return payload, None
 
     async def stream(self, http: Request, prepared: Prepared, kind: str) -> AsyncIterator[bytes]:
         """Server-sent events: partial images as previews arrive, then exactly one completed event."""
@@ -200,20 +218,22 @@ class ImageService:
                 blob = await asyncio.to_thread(
                     encode, progress.preview, reply.output_format, reply.compression
                 )
+                event = f"{kind}.partial_image"
                 payload = {
-                    "type": f"{kind}.partial_image",
+                    "type": event,
                     "b64_json": base64.b64encode(blob).decode(),
                     "created_at": int(time.time()),
                     "partial_image_index": sent,
                     **common,
                 }
                 sent += 1
-                yield _sse(payload["type"], payload)
+                yield _sse(event, payload)
             result = job.result()
             [image] = result.images
             blob = await asyncio.to_thread(encode, image, reply.output_format, reply.compression)
+            event = f"{kind}.completed"
             payload = {
-                "type": f"{kind}.completed",
+                "type": event,
                 "b64_json": base64.b64encode(blob).decode(),
                 "created_at": int(time.time()),
                 "usage": usage(render).model_dump(),
@@ -221,8 +241,11 @@ class ImageService:
                 # Extra fields the SDK's event type keeps in model_extra: what a client needs to reproduce it.
                 "seed": image.seed,
                 "revised_prompt": result.revised_prompt,
+                "acceleration": result.acceleration,
+                "has_nsfw_concepts": image.nsfw,
+                "safety_note": image.safety_note,
             }
-            yield _sse(payload["type"], payload)
+            yield _sse(event, payload)
         except ClientGone:
             return
         except Exception as exc:

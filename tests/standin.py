@@ -12,12 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.jobs import RenderedImage, RenderRequest, RenderResult, WorkerConfig
-
-
-@dataclass
-class _Process:
-    pid: int = 0
+from pipelines.messages import RenderedImage, RenderRequest, RenderResult, WorkerConfig
 
 
 @dataclass
@@ -28,7 +23,7 @@ class StandInHandle:
     restarts: int = 0
     busy_images: int = 0
     info: Any = None
-    process: _Process = field(default_factory=_Process)
+    pid: int | None = 0
     batches: list[list[RenderRequest]] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     fail_with: BaseException | None = None
@@ -67,13 +62,20 @@ class StandInHandle:
 def _result(request: RenderRequest) -> RenderResult:
     pixels = bytes([128]) * (request.width * request.height * 3)
     images = [RenderedImage(pixels, request.width, request.height, seed) for seed in request.seeds]
-    return RenderResult(request.id, images, timings_ms={"batch_images": request.n})
+    return RenderResult(
+        request.id, images, timings_ms={"batch_images": request.n}, acceleration=request.acceleration
+    )
 
 
 class StandInPool:
     """One stand-in worker, ready at once."""
 
-    def __init__(self, configs: list[WorkerConfig], on_restart: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        configs: list[WorkerConfig],
+        liveness: Any = None,
+        on_restart: Callable[[str], None] | None = None,
+    ) -> None:
         self.configs = configs
         self.workers: list[StandInHandle] = []
 
@@ -89,9 +91,6 @@ class StandInPool:
 
     def all_ready(self) -> bool:
         return True
-
-    def signatures(self) -> dict[str, dict[str, str]]:
-        return {}
 
     def modes(self, weights_id: str) -> list[dict[str, Any]]:
         return []

@@ -14,7 +14,9 @@ EMBEDS = ("prompt_embeds", "pooled_prompt_embeds")
 """What encode_prompt returns per prompt, in order: T5 sequence, CLIP pooled (pipelines.prompt_cache)."""
 
 
-def call_kwargs(spec: ModelSpec, pipe: Any, references: list[Image.Image], width: int, height: int) -> dict:
+def call_kwargs(
+    spec: ModelSpec, pipe: Any, references: list[Image.Image], width: int, height: int, steps: int
+) -> dict:
     if spec.family != "flux1-kontext":
         return {}
     # Kontext rescales its output to `max_area` and, by default, snaps the reference to a ~1 MP preferred
@@ -28,7 +30,7 @@ def call_kwargs(spec: ModelSpec, pipe: Any, references: list[Image.Image], width
             max(16, round(reference.width * scale / 16) * 16),
             max(16, round(reference.height * scale / 16) * 16),
         )
-        kwargs["image"] = reference.resize(size, Image.LANCZOS)
+        kwargs["image"] = reference.resize(size, Image.Resampling.LANCZOS)
     return kwargs
 
 

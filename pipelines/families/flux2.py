@@ -9,48 +9,48 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.schedules import resample_sigmas
 from pipelines.specs import ModelSpec
 
 logger = logging.getLogger(__name__)
 
 EMBEDS = ("prompt_embeds",)
 """What encode_prompt returns per prompt, in order, as __call__ takes it back (pipelines.prompt_cache)."""
-_logged_schedules: set[str] = set()
+_logged_schedules: set[tuple[str, int]] = set()
 
 
-def call_kwargs(spec: ModelSpec, pipe: Any, references: list[Image.Image], width: int, height: int) -> dict:
+def call_kwargs(
+    spec: ModelSpec, pipe: Any, references: list[Image.Image], width: int, height: int, steps: int
+) -> dict:
     kwargs: dict[str, Any] = {}
     if references:
         kwargs["image"] = references
     if spec.adapter is not None and spec.adapter.sigmas is not None:
-        kwargs["sigmas"] = list(spec.adapter.sigmas)
-        _log_schedule_once(spec, pipe, width, height)
+        kwargs["sigmas"] = resample_sigmas(spec.adapter.sigmas, steps)
+        _log_schedule_once(spec, pipe, width, height, kwargs["sigmas"])
     return kwargs
 
 
-def _log_schedule_once(spec: ModelSpec, pipe: Any, width: int, height: int) -> None:
-    """Dynamic shifting moves custom sigmas: say once what the scheduler really runs."""
-    if spec.id in _logged_schedules or spec.adapter is None or spec.adapter.sigmas is None:
+def _log_schedule_once(spec: ModelSpec, pipe: Any, width: int, height: int, sigmas: list[float]) -> None:
+    """Dynamic shifting moves custom sigmas: say once per step count what the scheduler really runs."""
+    if (spec.id, len(sigmas)) in _logged_schedules:
         return
-    _logged_schedules.add(spec.id)
+    _logged_schedules.add((spec.id, len(sigmas)))
     from copy import deepcopy
 
     from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
     scheduler = deepcopy(pipe.scheduler)
     seq_len = (width // 16) * (height // 16)
-    scheduler.set_timesteps(
-        sigmas=list(spec.adapter.sigmas),
-        mu=compute_empirical_mu(seq_len, len(spec.adapter.sigmas)),
-        device="cpu",
-    )
+    scheduler.set_timesteps(sigmas=sigmas, mu=compute_empirical_mu(seq_len, len(sigmas)), device="cpu")
     ran = [round(float(s), 4) for s in scheduler.sigmas]
     logger.info(
-        "%s schedule at %dx%d: requested sigmas %s, scheduler runs %s",
+        "%s schedule at %dx%d, %d steps: requested sigmas %s, scheduler runs %s",
         spec.id,
         width,
         height,
-        list(spec.adapter.sigmas),
+        len(sigmas),
+        [round(s, 4) for s in sigmas],
         ran,
     )
 

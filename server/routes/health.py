@@ -28,19 +28,23 @@ async def ready(request: Request) -> JSONResponse:
             "name": w.name,
             "ready": w.ready.is_set(),
             "restarts": w.restarts,
-            "pid": w.process.pid,
+            "pid": w.pid,
             "busy_images": w.busy_images,
             "loaded": w.info.loaded if w.info else [],
         }
         for w in pool.workers
     ]
     ok = pool.all_ready()
+    body: dict = {
+        "status": "ready" if ok else "starting",
+        "workers": workers,
+        "store": asdict(request.app.state.store.health()),
+    }
+    replicas = getattr(pool, "replicas", None)  # a pool spread over a Ray cluster says which replicas served
+    if replicas is not None:
+        body["replicas"] = replicas()
     return JSONResponse(
-        {
-            "status": "ready" if ok else "starting",
-            "workers": workers,
-            "store": asdict(request.app.state.store.health()),
-        },
+        body,
         status_code=200 if ok else 503,
         headers=None if ok else {"x-error-code": "not_ready"},  # its label in fluxd_errors_total
     )

@@ -5,20 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.errors import InvalidParameter
 from server.errors import validation_error
-from server.protocol import ImageEditRequest, ImageGenerationRequest, ImagesResponse
-from server.service import ClientGone, ImageService, Prepared
+from server.job_service import JobService, wants_async
+from server.protocol import ImageEditRequest, ImageGenerationRequest, ImageJob, ImagesResponse, _ImageFields
+from server.service import ClientGone, ImageService, Prepared, public_base
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
 MAX_FILES = 16
 LORA_FORM_FIELDS = {"loras[][path]": "path", "loras[][scale]": "scale"}
 CLIENT_CLOSED = 499  # nginx's status for a client that went away; nobody reads it, the log does
+ASYNC_ANSWER: dict[int | str, dict] = {
+    202: {"model": ImageJob, "description": "Sent with `Prefer: respond-async`: the job to poll at Location"}
+}
 
 
 def _service(request: Request) -> ImageService:
@@ -35,20 +40,58 @@ async def _answer(
         result = await service.run(request, prepared)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
-    return await service.respond(request, prepared, result, response.headers)
+    return await service.respond(public_base(request, service.settings), prepared, result, response.headers)
 
 
-@router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True)
+async def _handle(
+    request: Request,
+    response: Response,
+    body: _ImageFields,
+    kind: str,
+    images: list[bytes] | None = None,
+    prompt_required: bool = True,
+) -> Response | ImagesResponse:
+    """With `Prefer: respond-async`, a 202 and the job to poll; without, the images as before."""
+    if wants_async(request):
+        jobs: JobService = request.app.state.jobs
+        job = await jobs.submit(request, body, request.url.path, images, prompt_required)
+        return JSONResponse(
+            job.model_dump(mode="json", exclude_none=True),
+            status_code=202,
+            headers={"Location": f"/v1/images/jobs/{job.id}", "Preference-Applied": "respond-async"},
+        )
+    if body.webhook_url is not None:
+        raise InvalidParameter(
+            "webhook_url",
+            "webhook_url is for async jobs: send the request with the header Prefer: respond-async.",
+        )
+    prepared = await _service(request).prepare(body, images, prompt_required)
+    return await _answer(request, response, prepared, kind)
+
+
+@router.post(
+    "/generations", response_model=ImagesResponse, response_model_exclude_none=True, responses=ASYNC_ANSWER
+)
 async def create_image(
     body: ImageGenerationRequest, request: Request, response: Response
 ) -> Response | ImagesResponse:
     """Create images from a prompt (OpenAI `images.generate`), with the gateways' extra parameters."""
-    prepared = await _service(request).prepare(body)
-    return await _answer(request, response, prepared, "image_generation")
+    return await _handle(request, response, body, "image_generation")
 
 
 async def _read_edit_form(request: Request) -> tuple[ImageEditRequest, list[bytes]]:
-    form = await request.form(max_files=MAX_FILES, max_fields=256)
+    try:
+        form = await request.form(max_files=MAX_FILES, max_fields=256)
+    except StarletteHTTPException as exc:
+        # Starlette stops at the file limit before any part is looked at; the only files fluxd reads are
+        # references, so too many of them is a bad `image` (its message is the one thing that says so).
+        if not str(exc.detail).startswith("Too many files"):
+            raise
+        raise InvalidParameter(
+            "image",
+            f"Too many files: at most {MAX_FILES} are read from one request, more images than any model "
+            "takes (limits.max_reference_images in /v1/models).",
+        ) from None
     fields: dict[str, Any] = {}
     images: list[bytes] = []
     loras: list[dict[str, str]] = []
@@ -89,15 +132,18 @@ async def _read_edit_form(request: Request) -> tuple[ImageEditRequest, list[byte
         raise validation_error(exc.errors()) from None
 
 
-@router.post("/edits", response_model=ImagesResponse, response_model_exclude_none=True)
+@router.post(
+    "/edits", response_model=ImagesResponse, response_model_exclude_none=True, responses=ASYNC_ANSWER
+)
 async def edit_image(request: Request, response: Response) -> Response | ImagesResponse:
     """Edit or compose from 1-4 reference images (multipart: `image`, `image[]`), OpenAI `images.edit`."""
     body, images = await _read_edit_form(request)
-    prepared = await _service(request).prepare(body, images)
-    return await _answer(request, response, prepared, "image_edit")
+    return await _handle(request, response, body, "image_edit", images)
 
 
-@router.post("/variations", response_model=ImagesResponse, response_model_exclude_none=True)
+@router.post(
+    "/variations", response_model=ImagesResponse, response_model_exclude_none=True, responses=ASYNC_ANSWER
+)
 async def create_variation(request: Request, response: Response) -> Response | ImagesResponse:
     """Variations (legacy): an edit with an empty instruction on the default model (`--default-model`)."""
     body, images = await _read_edit_form(request)
@@ -107,5 +153,4 @@ async def create_variation(request: Request, response: Response) -> Response | I
         )
     if len(images) > 1:
         raise InvalidParameter("image", "Variations take one image; use /v1/images/edits for several.")
-    prepared = await _service(request).prepare(body, images, prompt_required=False)
-    return await _answer(request, response, prepared, "image_edit")
+    return await _handle(request, response, body, "image_edit", images, prompt_required=False)

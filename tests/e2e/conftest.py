@@ -133,3 +133,12 @@ def server(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 @pytest.fixture()
 def client(server: Server) -> openai.OpenAI:
     return server.client(max_retries=0)
+
+
+def metric(server: Server, series: str) -> float:
+    """A series' value from the server's /metrics (0 before its first sample), e.g.
+    'fluxd_cancelled_total{model="flux.2-dev",stage="queued"}'."""
+    for line in HTTP.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

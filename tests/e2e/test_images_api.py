@@ -40,6 +40,18 @@ def test_generation_for_every_model(client: openai.OpenAI, model: str) -> None:
     assert image.model_extra["seed"] == 3
 
 
+def test_turbo_takes_any_step_count(client: openai.OpenAI) -> None:
+    # 8 runs fal's own sigmas; other counts the same curve at that many points (no longer a 400).
+    result = client.images.generate(
+        model="flux.2-dev-turbo",
+        prompt="a red fox",
+        size="32x32",
+        response_format="b64_json",
+        extra_body={"num_inference_steps": 4},
+    )
+    assert decode(result.data[0].b64_json).size == (32, 32)
+
+
 @pytest.mark.parametrize("model", EDIT_MODELS)
 def test_edit_with_one_file_and_with_a_list(client: openai.OpenAI, model: str) -> None:
     one = client.images.edit(
@@ -135,9 +147,47 @@ def test_forwarded_headers_shape_the_url(server: Server) -> None:
     assert response.json()["data"][0]["url"].startswith("https://images.lan/flux/v1/files/images/")
 
 
+def test_without_response_format_both_fields_come_back(client: openai.OpenAI, server: Server) -> None:
+    # Clients that send none read either: b64_json (gpt-image era) or url (DALL-E era).
+    both = client.images.generate(prompt="x", size="32x32", extra_body={**FAST, "seed": 8})
+    [image] = both.data
+    assert image.url.startswith(server.url + "/v1/files/images/")
+    assert HTTP.get(image.url).content == base64.b64decode(image.b64_json)
+    edit = client.images.edit(image=png_bytes(), prompt="x", size="32x32", extra_body=FAST)
+    assert edit.data[0].url and edit.data[0].b64_json
+    # Named, the format is the only field.
+    as_url = client.images.generate(prompt="x", size="32x32", response_format="url", extra_body=FAST)
+    as_b64 = client.images.generate(prompt="x", size="32x32", response_format="b64_json", extra_body=FAST)
+    assert as_url.data[0].url and as_url.data[0].b64_json is None
+    assert as_b64.data[0].b64_json and as_b64.data[0].url is None
+
+
+@pytest.mark.parametrize(
+    ("model", "size"),
+    [
+        ("flux.2-dev", (80, 48)),
+        ("flux.2-dev", (40, 40)),
+        ("flux.2-dev", (900, 60)),
+        ("flux.1-kontext-dev", (80, 48)),
+    ],
+    ids=["flux.2-80x48", "flux.2-40x40", "flux.2-900x60", "kontext-80x48"],
+)
+def test_references_of_any_size_are_edited(client: openai.OpenAI, model: str, size: tuple[int, int]) -> None:
+    # FLUX.2's pipeline takes >= 64 px a side and at most 8:1; gateways take any size, and so does fluxd.
+    result = client.images.edit(
+        model=model,
+        image=("small.png", png_bytes(*size), "image/png"),
+        prompt="make it red",
+        response_format="b64_json",
+        extra_body={**FAST, "resolution_mode": "match_input"},
+    )
+    [image] = result.data
+    assert decode(image.b64_json).size == tuple(int(s) for s in result.size.split("x"))
+
+
 def test_sync_mode_returns_a_data_uri(client: openai.OpenAI) -> None:
     result = client.images.generate(prompt="x", size="16x16", extra_body={**FAST, "sync_mode": True})
-    assert result.data[0].url.startswith("data:image/png;base64,")
+    assert result.data[0].url.startswith("data:image/png;base64,") and result.data[0].b64_json is None
 
 
 def test_same_seed_same_bytes(client: openai.OpenAI) -> None:

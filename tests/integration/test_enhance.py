@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from pipelines.engine import Engine
 from pipelines.errors import InvalidParameter
 from pipelines.families import flux2
-from pipelines.jobs import RenderRequest, RenderResult
+from pipelines.messages import RenderRequest, RenderResult
 from pipelines.specs import SPECS
 from tests.imagery import png
 
@@ -76,7 +77,11 @@ def test_enhancement_is_bounded_by_the_checkpoints_generation_config(engine: Eng
     assert 0 < len(pipe.tokenizer.tokenizer(revised, add_special_tokens=False)["input_ids"]) <= 2 * budget
 
 
-def test_a_model_without_a_language_model_names_the_parameter(engine: Engine) -> None:
+def test_a_worker_whose_encoder_streams_refuses_enhancement(tiny_weights: Path) -> None:
+    # Only the worker knows its mode: the front cannot refuse this one. Offload modes need a GPU, so the
+    # CPU's mode is given the offload of a GPU's 'offload' mode with the encoder streamed.
+    engine = Engine(SPECS, tiny_weights)
+    engine.modes["flux.2-dev"] = dataclasses.replace(engine.mode("flux.2-dev"), offload="encoder")
     with pytest.raises(InvalidParameter) as info:
-        enhanced(engine, "flux.1-dev")
-    assert info.value.param == "prompt_enhancement"
+        enhanced(engine, "flux.2-dev")
+    assert info.value.param == "prompt_enhancement" and "streamed" in info.value.message

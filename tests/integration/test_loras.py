@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from pipelines.engine import Engine
 from pipelines.errors import InvalidParameter
-from pipelines.jobs import RenderRequest
 from pipelines.loras import FOLDER, LoraChoice, inspect, resolve
+from pipelines.messages import RenderRequest
 from pipelines.specs import SPECS
 from pipelines.tiny import LORA_LAYOUTS, build_flux1, build_flux2, lora_state_dict
 from tests.imagery import png

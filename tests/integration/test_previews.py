@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pipelines.engine import FAMILIES, Engine, preview_steps, to_uint8
-from pipelines.jobs import Progress, RenderRequest
+from pipelines.messages import Progress, RenderRequest
 from pipelines.specs import SPECS
 from tests.imagery import png
 
@@ -78,7 +78,7 @@ def test_preview_of_the_last_latents_is_the_final_image(engine: Engine, model: s
         "height": 48,
         "num_inference_steps": 2,
         "guidance_scale": spec.default_guidance,
-        **family.call_kwargs(spec, pipe, references, 64, 48),
+        **family.call_kwargs(spec, pipe, references, 64, 48, 2),
     }
     final = pipe(**kwargs, generator=torch.Generator().manual_seed(4), output_type="np").images
     latents = pipe(**kwargs, generator=torch.Generator().manual_seed(4), output_type="latent").images

@@ -268,7 +268,7 @@ def test_the_bench_prepares_a_mode_as_serve_places_it(
 
 def test_the_engine_serves_synthetic_weights_turbo_included(tiny_weights: Path) -> None:
     from pipelines.engine import Engine, SyntheticWeights
-    from pipelines.jobs import RenderRequest
+    from pipelines.messages import RenderRequest
     from pipelines.specs import SPECS
 
     engine = Engine(

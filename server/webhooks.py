@@ -1,0 +1,132 @@
+"""Webhooks as the Standard Webhooks spec signs them, sent only to operator-listed URLs, retried with backoff.
+
+Signature: `webhook-signature: v1,<base64 HMAC-SHA256 of "{webhook-id}.{webhook-timestamp}.{body}">` with the
+key the `whsec_<base64>` secret encodes; `webhook-id` stays the same across retries, so a receiver can
+de-duplicate an at-least-once delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Sequence
+from urllib.parse import SplitResult, urlsplit
+
+import httpx
+
+from pipelines.errors import InvalidParameter
+
+logger = logging.getLogger(__name__)
+
+SECRET_PREFIX = "whsec_"
+# Seconds before each retry: about two hours in all, as receivers go down for a deploy or a reboot.
+RETRY_DELAYS_S = (1.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0)
+TRY_TIMEOUT_S = 15.0
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def secret_key(secret: str) -> bytes:
+    """The HMAC key a `whsec_<base64>` secret encodes (the prefix is optional, as in the spec's libraries)."""
+    encoded = secret.removeprefix(SECRET_PREFIX)
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        raise ValueError("a webhook secret is whsec_ followed by base64") from None
+    if len(key) < 16:
+        raise ValueError(
+            "a webhook secret encodes at least 16 bytes (e.g. whsec_ + base64 of 32 random bytes)"
+        )
+    return key
+
+
+def sign(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` header value for one try."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+def _parts(url: str) -> SplitResult | None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:
+        return None
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or parts.username or parts.password:
+        return None
+    return parts
+
+
+def _port(parts: SplitResult) -> int:
+    return parts.port or _DEFAULT_PORTS[parts.scheme]
+
+
+def _within(url: SplitResult, prefix: SplitResult) -> bool:
+    """Same scheme, host and port, and a path under the prefix's path, cut at a '/' (so /hooks does not
+    admit /hooks-evil). Compared parsed, never as text: 'http://lan.box' must not admit 'http://lan.box.evil'."""
+    if (url.scheme, url.hostname, _port(url)) != (prefix.scheme, prefix.hostname, _port(prefix)):
+        return False
+    base = prefix.path.rstrip("/")
+    return not base or url.path == base or url.path.startswith(base + "/")
+
+
+class Webhooks:
+    """Checks webhook URLs against the allow-list and delivers signed POSTs."""
+
+    def __init__(self, allow: Sequence[str], secret: str | None) -> None:
+        self.allow = []
+        for entry in allow:
+            parts = _parts(entry)
+            if parts is None:
+                raise ValueError(f"--webhook-allow entry {entry!r} is not an http(s) URL without credentials")
+            self.allow.append(parts)
+        self.key = secret_key(secret) if secret else None
+
+    def check(self, url: str) -> None:
+        """A 400 naming webhook_url unless the URL is under one of the operator's prefixes."""
+        if not self.allow or self.key is None:
+            raise InvalidParameter(
+                "webhook_url",
+                "This server sends no webhooks: its operator allows no webhook URLs (--webhook-allow).",
+            )
+        parts = _parts(url)
+        if parts is None or not any(_within(parts, prefix) for prefix in self.allow):
+            raise InvalidParameter(
+                "webhook_url",
+                "webhook_url is not under any URL this server's operator allows (--webhook-allow).",
+            )
+
+    def headers(self, message_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
+        assert self.key is not None  # check() refused every webhook_url without a key
+        timestamp = int(time.time()) if timestamp is None else timestamp
+        return {
+            "content-type": "application/json",
+            "webhook-id": message_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(self.key, message_id, timestamp, body),
+        }
+
+    async def deliver(self, message_id: str, url: str, body: bytes) -> bool:
+        """POST until a 2xx answers or the retries run out; every try is logged. Each try is signed anew, as
+        its timestamp is new. Redirects are not followed: a redirect could lead off the allow-list."""
+        async with httpx.AsyncClient(timeout=TRY_TIMEOUT_S, follow_redirects=False) as client:
+            for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S), start=1):
+                await asyncio.sleep(delay)
+                try:
+                    answer = await client.post(url, content=body, headers=self.headers(message_id, body))
+                except httpx.HTTPError as exc:
+                    outcome = f"failed: {type(exc).__name__} {exc}"
+                else:
+                    if answer.is_success:
+                        logger.info(
+                            "webhook %s try %d to %s: %d", message_id, attempt, url, answer.status_code
+                        )
+                        return True
+                    outcome = f"answered {answer.status_code}"
+                logger.warning("webhook %s try %d to %s %s", message_id, attempt, url, outcome)
+        logger.error("webhook %s to %s not delivered after %d tries", message_id, url, attempt)
+        return False

@@ -1,0 +1,90 @@
+"""Worker entry points for tests: the real worker loop (`pipelines.worker.main`) with one fault added.
+
+A test server names one with FLUXD_WORKER_ENTRY, e.g. `tests.faults:error_after_step_2`. Each runs in the
+spawned worker process, so what it patches there stays there; production code carries no fault switch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from multiprocessing.queues import Queue
+from typing import Any
+
+from pipelines import worker
+from pipelines.messages import Progress, RenderRequest, WorkerConfig
+
+Fault = Callable[[list[RenderRequest], Progress], None]
+
+
+def _after_step(step: int, fault: Fault) -> None:
+    """Every render calls `fault` once a request reported `step`, after the report went out."""
+    from pipelines.engine import Engine, StepHook
+
+    render = Engine.render
+
+    def faulty(self: Engine, batch: list[RenderRequest], on_step: StepHook | None = None) -> Any:
+        def hook(progress: Progress, pipe: Any) -> bool:
+            stop = on_step(progress, pipe) if on_step is not None else False
+            if progress.step >= step:
+                fault(batch, progress)
+            return stop
+
+        return render(self, batch, hook)
+
+    Engine.render = faulty  # type: ignore[method-assign]
+
+
+def _raise(error: type[BaseException]) -> Fault:
+    def fault(_batch: list[RenderRequest], progress: Progress) -> None:
+        raise error(f"fault injected after step {progress.step}")
+
+    return fault
+
+
+def _hang(batch: list[RenderRequest], _progress: Progress) -> None:
+    if batch[0].prompt == "hang":
+        while True:
+            time.sleep(60)
+
+
+def error_after_step_2(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
+    """Every job fails with a RuntimeError after reporting step 2."""
+    _after_step(2, _raise(RuntimeError))
+    worker.main(inbox, outbox, control, config)
+
+
+def oom_after_step_2(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
+    """Every job runs out of (pretend) device memory after step 2: the OOM path without a GPU."""
+    import torch
+
+    _after_step(2, _raise(torch.OutOfMemoryError))
+    worker.main(inbox, outbox, control, config)
+
+
+class _Late:
+    """An inbox whose batches reach the loop `delay_s` after they arrived, as a large batch (45 MB
+    references) still crossing the pipe would: a client can go away in between."""
+
+    def __init__(self, inbox: Queue, delay_s: float) -> None:
+        self.inbox = inbox
+        self.delay_s = delay_s
+
+    def get(self, timeout: float | None = None) -> Any:
+        batch = self.inbox.get(timeout=timeout)
+        if batch is not None:
+            time.sleep(self.delay_s)
+        return batch
+
+
+def late_batches(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
+    """Every batch reaches the loop 0.4 s late: longer than the server takes to notice a client gone
+    (it looks every 0.25 s), so a cancellation can arrive before its batch."""
+    worker.main(_Late(inbox, 0.4), outbox, control, config)  # type: ignore[arg-type]
+
+
+def hang_on_prompt(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
+    """A batch whose prompt is "hang" never returns from its first step, as a stuck device call would not;
+    the heartbeat thread goes on. Other prompts render."""
+    _after_step(1, _hang)
+    worker.main(inbox, outbox, control, config)

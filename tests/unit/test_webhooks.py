@@ -1,0 +1,113 @@
+"""Webhook signing as the Standard Webhooks spec defines it, the allow-list, and the Prefer header."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from pydantic import ValidationError
+from standardwebhooks.webhooks import Webhook
+from starlette.requests import Request
+
+from pipelines.errors import InvalidParameter
+from server.config import load_settings
+from server.job_service import wants_async
+from server.webhooks import Webhooks, secret_key, sign
+
+SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+ALLOW = ["https://hooks.lan:9000/fluxd", "http://127.0.0.1:8765/"]
+
+
+def test_signature_matches_the_specs_example() -> None:
+    # The example of the Standard Webhooks spec (and of its reference libraries' tests).
+    key = secret_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    signature = sign(key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b'{"test": 2432232314}')
+    assert signature == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+
+def test_the_specs_library_verifies_the_headers() -> None:
+    body = b'{"type": "image.job.succeeded", "data": {"id": "job_x"}}'
+    headers = Webhooks(ALLOW, SECRET).headers("job_x", body)
+    assert headers["webhook-id"] == "job_x" and headers["webhook-timestamp"].isdigit()
+    assert Webhook(SECRET).verify(body, headers)["data"]["id"] == "job_x"
+    with pytest.raises(Exception, match="signature"):
+        Webhook(SECRET).verify(body + b" ", headers)
+
+
+@pytest.mark.parametrize("secret", ["whsec_not base64!", "whsec_" + base64.b64encode(b"short").decode()])
+def test_a_bad_secret_is_refused(secret: str) -> None:
+    with pytest.raises(ValueError, match="webhook secret"):
+        secret_key(secret)
+
+
+def test_a_secret_without_its_prefix_is_the_same_key() -> None:
+    assert secret_key(SECRET) == secret_key(SECRET.removeprefix("whsec_")) == bytes(range(32))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://hooks.lan:9000/fluxd",
+        "https://hooks.lan:9000/fluxd/",
+        "https://HOOKS.lan:9000/fluxd/done?x=1",
+        "http://127.0.0.1:8765/anything",
+        "http://127.0.0.1:8765",
+    ],
+)
+def test_urls_under_an_allowed_prefix_pass(url: str) -> None:
+    Webhooks(ALLOW, SECRET).check(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://hooks.lan:9000/fluxd-evil",  # a path prefix stops at a '/'
+        "https://hooks.lan:9000/other",
+        "https://hooks.lan/fluxd",  # another port
+        "http://hooks.lan:9000/fluxd",  # another scheme
+        "https://hooks.lan.evil.com:9000/fluxd",  # not a text prefix match
+        "https://user:pw@hooks.lan:9000/fluxd",
+        "http://127.0.0.1:8766/",
+        "http://localhost:8765/",
+        "http://127.0.0.1:notaport/",
+        "ftp://127.0.0.1:8765/",
+        "not a url",
+    ],
+)
+def test_other_urls_are_a_400_naming_webhook_url(url: str) -> None:
+    with pytest.raises(InvalidParameter) as info:
+        Webhooks(ALLOW, SECRET).check(url)
+    assert info.value.param == "webhook_url"
+
+
+def test_an_empty_allow_list_refuses_every_webhook() -> None:
+    with pytest.raises(InvalidParameter, match="no webhook"):
+        Webhooks([], None).check("http://127.0.0.1:8765/")
+
+
+def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLUXD_WEBHOOK_ALLOW", "http://a:1/x, http://b:2/")
+    monkeypatch.setenv("FLUXD_WEBHOOK_SECRET", SECRET)
+    assert load_settings([]).webhook_allow == ["http://a:1/x", "http://b:2/"]
+    monkeypatch.delenv("FLUXD_WEBHOOK_SECRET")
+    with pytest.raises(ValidationError, match="webhook_secret"):
+        load_settings([])
+    with pytest.raises(ValidationError, match="webhook_secret"):
+        load_settings(["--webhook-secret", "whsec_???"])
+    with pytest.raises(ValueError, match="--webhook-allow entry"):
+        Webhooks(["hooks.lan/x"], SECRET)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([], False),
+        ([(b"prefer", b"respond-async")], True),
+        ([(b"prefer", b"return=minimal, Respond-Async; x=1, wait=10")], True),
+        ([(b"prefer", b"return=minimal"), (b"prefer", b"respond-async")], True),
+        ([(b"prefer", b"respond-asynchronously")], False),
+        ([(b"x-prefer", b"respond-async")], False),
+    ],
+)
+def test_prefer_respond_async_as_rfc_7240_writes_it(headers: list, expected: bool) -> None:
+    assert wants_async(Request({"type": "http", "headers": headers})) is expected
