@@ -133,3 +133,18 @@ def test_a_repo_in_the_hugging_face_cache_is_found_and_listed(
     assert locate("someone/flux-style", weights).name == "style.safetensors"
     [listed] = [entry for entry in catalog(weights) if not isinstance(entry, tuple)]
     assert (listed.name, listed.family) == ("someone/flux-style", "flux2")
+
+
+def test_an_async_job_keeps_its_loras_through_the_job_table(tmp_path: Path) -> None:
+    """Async jobs store their resolved request as JSON: the LoRAs come back as what the worker loads."""
+    from pipelines.specs import SPECS
+    from server.job_service import _dump, _load
+    from server.normalize import build_request
+    from server.protocol import ImageGenerationRequest
+    from server.service import Prepared
+
+    lora(tmp_path / FOLDER / "one.safetensors", FLUX2_BFL)
+    body = ImageGenerationRequest(prompt="x", loras=[{"path": "one", "scale": 0.5}])
+    render, reply = build_request(body, SPECS["flux.2-dev"], {}, weights_dir=tmp_path)
+    loaded, _ = _load(_dump(Prepared(render, reply, SPECS["flux.2-dev"]), "http://x"), SPECS)
+    assert loaded.render.loras == render.loras and loaded.render.loras[0].scale == 0.5
