@@ -69,6 +69,15 @@ def pull(model_id: str, weights_dir: Path, token: str | None = None) -> Path:
     return target
 
 
+def pull_lora(repo_id: str, token: str | None = None) -> Path:
+    """A LoRA repo's safetensors into the Hugging Face cache, where a request's `loras` finds it by repo id
+    (pipelines/loras.py); the server itself never downloads."""
+    from huggingface_hub import snapshot_download
+
+    logger.info("downloading LoRA %s into the Hugging Face cache", repo_id)
+    return Path(snapshot_download(repo_id, token=token, allow_patterns=["*.safetensors", "*.json", "*.md"]))
+
+
 def offline_hint(model_id: str, weights_dir: Path) -> str:
     if model_id == safety.FOLDER:
         return (

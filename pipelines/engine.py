@@ -17,9 +17,11 @@ import torch
 
 from pipelines import loading
 from pipelines.acceleration import accelerated
+from pipelines.adapters import Adapter, AdapterCache, user_adapters
 from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit
 from pipelines.families import flux1, flux2
 from pipelines.images import decode_image, fit_reference
+from pipelines.loras import DEFAULT_CACHE_MB, LoraChoice
 from pipelines.messages import Progress, RenderedImage, RenderRequest, RenderResult
 from pipelines.modes import HEADROOM_BYTES, ResolvedMode, choose_mode
 from pipelines.prompt_cache import PromptCache
@@ -111,13 +113,14 @@ class Engine:
         modes: Mapping[str, str] | None = None,
         synthetic: SyntheticWeights | None = None,
         safety: SafetyChecker | None = None,
+        lora_cache_bytes: int = DEFAULT_CACHE_MB * 2**20,
     ) -> None:
         self.specs = specs
         self.weights_dir = weights_dir
         self.device = device
         self.memory_budget_bytes = memory_budget_bytes
         self._pipelines: dict[str, Any] = {}  # insertion order = least recently used first
-        self._adapters: dict[str, set[str]] = {}
+        self.adapters = AdapterCache(lora_cache_bytes)
         self.prompts = PromptCache(prompt_cache_bytes)
         self.gpu_bytes = self._gpu_bytes()
         self.modes = self._resolve_modes(modes or {})
@@ -177,31 +180,34 @@ class Engine:
                 )
             logger.info("warmed up %s in %.1f s", spec.id, time.perf_counter() - started)
 
-    def pipeline(self, spec: ModelSpec) -> Any:
-        """The loaded pipeline for `spec`, with its adapter (and only its adapter) switched on."""
+    def pipeline(self, spec: ModelSpec, loras: list[LoraChoice] | None = None) -> Any:
+        """The loaded pipeline for `spec`, with its own adapter (Turbo) and the request's LoRAs, and only
+        those, switched on."""
         pipe = self._pipelines.get(spec.weights_id)
         if pipe is None:
             base = self.specs.get(spec.weights_id, spec)
             self._make_room(spec.weights_id)
             pipe = self._load(base)
             self._pipelines[spec.weights_id] = pipe
-            self._adapters[spec.weights_id] = set()
-            # Adapters fluxd loads (Turbo) touch only the transformer, so a LoRA'd model shares its base's
-            # encoder outputs: the scope is the checkpoint.
+            # Adapters fluxd loads (Turbo, the users': pipelines/adapters.py refuses text-encoder LoRAs) touch
+            # only the transformer, so a LoRA'd model shares its base's encoder outputs: the scope is the
+            # checkpoint.
             self.prompts.install(pipe, spec.weights_id, FAMILIES[base.family].EMBEDS)
             self._evict_beyond_budget(keep=spec.weights_id)
         else:
             self._pipelines[spec.weights_id] = self._pipelines.pop(spec.weights_id)
-        loaded = self._adapters[spec.weights_id]
-        if spec.adapter is not None:
-            if spec.adapter.name not in loaded:
-                self._load_adapter(pipe, spec, spec.adapter)
-                loaded.add(spec.adapter.name)
-            pipe.enable_lora()
-            pipe.set_adapters([spec.adapter.name])
-        elif loaded:
-            pipe.disable_lora()
+        builtin = spec.adapter
+        own = [] if builtin is None else [self._builtin_adapter(spec, builtin)]
+        self.adapters.activate(pipe, spec.weights_id, own + user_adapters(loras or []))
         return pipe
+
+    def _builtin_adapter(self, spec: ModelSpec, adapter: LoraAdapter) -> Adapter:
+        return Adapter(
+            adapter.name,
+            1.0,
+            lambda pipe, _key: self._load_adapter(pipe, spec, adapter),
+            spec.id,
+        )
 
     def _load(self, base: ModelSpec) -> Any:
         mode = self.mode(base.weights_id)
@@ -220,6 +226,10 @@ class Engine:
             return
         folder = loading.locate_adapter(spec, adapter, self.weights_dir)
         pipe.load_lora_weights(folder, weight_name=adapter.weight_name, adapter_name=adapter.name)
+
+    def _adapter_timings(self, before: tuple[int, int, float]) -> dict[str, float]:
+        loads, hits, load_ms = (now - then for now, then in zip(self.adapters.counts(), before, strict=True))
+        return {"lora_loads": loads, "lora_cache_hits": hits, "lora_load": load_ms}
 
     def describe_modes(self) -> dict[str, dict[str, Any]]:
         """Per checkpoint, what it runs as on this device (or why it cannot run), for /v1/models."""
@@ -266,7 +276,7 @@ class Engine:
 
     def _unload(self, weights_id: str, why: str) -> None:
         del self._pipelines[weights_id]
-        del self._adapters[weights_id]
+        self.adapters.drop(weights_id)
         self.prompts.drop(weights_id)
         logger.info("unloaded %s %s", weights_id, why)
         gc.collect()
@@ -289,7 +299,8 @@ class Engine:
         if any(request.enhance_prompt for request in batch):
             self._check_enhancement(spec)
         started = time.perf_counter()
-        pipe = self.pipeline(spec)
+        adapter_counts = self.adapters.counts()
+        pipe = self.pipeline(spec, first.loras)
         references = [
             fit_reference(decode_image(data, "image"), spec.min_reference_side, spec.max_reference_aspect)
             for data in first.images
@@ -333,6 +344,8 @@ class Engine:
         )
         lookups = (self.prompts.hits - hits, self.prompts.misses - misses)
         results = _results(batch, images, revised, timings, lookups)
+        # Like the prompt cache's, the adapter counts go with the first result only.
+        results[0].timings_ms.update(self._adapter_timings(adapter_counts))
         self.safety.apply(batch, results)
         return results
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pipelines.loras import DEFAULT_CACHE_MB, LoraChoice
+
 
 @dataclass
 class RenderRequest:
@@ -25,6 +27,7 @@ class RenderRequest:
     partial_images: int = 0
     acceleration: str = "none"  # step caching level (pipelines.acceleration); batches never mix levels
     safety_check: bool = False  # run the safety checker on this request's images (pipelines.safety)
+    loras: list[LoraChoice] = field(default_factory=list)  # on top of the model's own adapter (Turbo)
 
     @property
     def n(self) -> int:
@@ -116,6 +119,7 @@ class WorkerConfig:
     threads: int | None = None
     memory_budget_bytes: int | None = None
     prompt_cache_bytes: int = 0
+    lora_cache_bytes: int = DEFAULT_CACHE_MB * 2**20
     modes: dict[str, str] = field(default_factory=dict)  # requested mode per checkpoint; others are auto
     synthetic: bool = False  # full-size random weights from the published configs instead of checkpoints
     parent_pid: int | None = None  # the server; the worker exits when it is gone

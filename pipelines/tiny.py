@@ -16,10 +16,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pipelines.loras import FOLDER as LORA_FOLDER
+
 logger = logging.getLogger(__name__)
 
 TINY_MARKER = "fluxd-tiny.json"
 TURBO_LORA_RANK = 4
+# One user LoRA per family in the demo's weights/loras/ (file name, key layout), for the playground and tests.
+EXAMPLE_LORAS = {"flux.2-dev": ("tiny-flux2-style", "bfl"), "flux.1-dev": ("tiny-flux1-style", "diffusers")}
 
 _MISTRAL_SPECIALS = [
     "<unk>",
@@ -307,25 +311,73 @@ def build_flux1(pipeline_class: str, seed: int = 0):
     )
 
 
-def turbo_lora_state_dict(transformer, seed: int = 0, rank: int = TURBO_LORA_RANK) -> dict[str, torch.Tensor]:
-    """A random LoRA keyed as fal's Turbo file is (BFL/ai-toolkit names), which diffusers converts on load."""
-    generator = torch.Generator().manual_seed(seed)
-    inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    mlp_hidden = int(inner * transformer.config.mlp_ratio)
+LORA_LAYOUTS: dict[str, tuple[str, ...]] = {
+    # The key layouts diffusers' converters load, per family, that a tiny transformer can carry. FLUX.1 reads
+    # BFL names with kohya's lora_down/lora_up (ComfyUI's files); fal's FLUX.1 Kontext layout
+    # (base_model.model.) converts for the full 19 + 38 blocks only.
+    "flux2": ("diffusers", "kohya", "bfl", "peft"),
+    "flux1": ("diffusers", "kohya", "comfyui"),
+}
+
+
+def _bfl_shapes(transformer) -> dict[str, tuple[int, int]]:
+    """(fan_in, fan_out) of the attention and fused single-block layers under BFL's module names."""
+    config = transformer.config
+    inner = config.num_attention_heads * config.attention_head_dim
+    flux2 = "mlp_ratio" in config  # FLUX.2's MLP is gated (SwiGLU, 2x the input) at ratio 3; FLUX.1's 4x
+    mlp_hidden = int(inner * config.mlp_ratio) if flux2 else 4 * inner
+    mlp_in = 2 * mlp_hidden if flux2 else mlp_hidden
     shapes: dict[str, tuple[int, int]] = {}
-    for block in range(transformer.config.num_layers):
+    for block in range(config.num_layers):
         for stream in ("img", "txt"):
             shapes[f"double_blocks.{block}.{stream}_attn.qkv"] = (inner, 3 * inner)
             shapes[f"double_blocks.{block}.{stream}_attn.proj"] = (inner, inner)
-    for block in range(transformer.config.num_single_layers):
-        # linear1 fuses QKV with the gated MLP input (2x for SwiGLU), linear2 the attention and MLP outputs.
-        shapes[f"single_blocks.{block}.linear1"] = (inner, 3 * inner + 2 * mlp_hidden)
+    for block in range(config.num_single_layers):
+        # linear1 fuses QKV with the MLP input, linear2 the attention and MLP outputs. diffusers splits
+        # FLUX.1's linear1 at FLUX.1 [dev]'s own sizes (3072 x 3 + 12288), which a tiny one cannot have.
+        if flux2:
+            shapes[f"single_blocks.{block}.linear1"] = (inner, 3 * inner + mlp_in)
         shapes[f"single_blocks.{block}.linear2"] = (inner + mlp_hidden, inner)
+    return shapes
+
+
+def _diffusers_shapes(transformer) -> dict[str, tuple[int, int]]:
+    """(fan_in, fan_out) of every attention Linear under diffusers' module names."""
+    return {
+        name: (module.in_features, module.out_features)
+        for name, module in transformer.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".attn." in name and "norm" not in name
+    }
+
+
+def lora_state_dict(
+    transformer, layout: str = "bfl", seed: int = 0, rank: int = TURBO_LORA_RANK
+) -> dict[str, torch.Tensor]:
+    """A random LoRA for `transformer` keyed in one published layout: diffusers/PEFT (`transformer.`), kohya
+    (`lora_unet_`, with alphas), BFL/ai-toolkit (`diffusion_model.`, as fal's Turbo file is), ComfyUI's (BFL
+    names, kohya's matrices) or PEFT's `base_model.model.` prefix; diffusers converts each on load."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = _diffusers_shapes(transformer) if layout == "diffusers" else _bfl_shapes(transformer)
+    names = {
+        "diffusers": lambda name: (f"transformer.{name}", "lora_A", "lora_B"),
+        "kohya": lambda name: ("lora_unet_" + name.replace(".", "_"), "lora_down", "lora_up"),
+        "bfl": lambda name: (f"diffusion_model.{name}", "lora_A", "lora_B"),
+        "comfyui": lambda name: (f"diffusion_model.{name}", "lora_down", "lora_up"),
+        "peft": lambda name: (f"base_model.model.{name}", "lora_A", "lora_B"),
+    }[layout]
     state: dict[str, torch.Tensor] = {}
     for name, (fan_in, fan_out) in shapes.items():
-        state[f"diffusion_model.{name}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator) * 0.5
-        state[f"diffusion_model.{name}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator) * 0.5
+        key, down, up = names(name)
+        state[f"{key}.{down}.weight"] = torch.randn(rank, fan_in, generator=generator) * 0.5
+        state[f"{key}.{up}.weight"] = torch.randn(fan_out, rank, generator=generator) * 0.5
+        if layout == "kohya":
+            state[f"{key}.alpha"] = torch.tensor(float(rank))
     return state
+
+
+def turbo_lora_state_dict(transformer, seed: int = 0, rank: int = TURBO_LORA_RANK) -> dict[str, torch.Tensor]:
+    """A random LoRA keyed as fal's Turbo file is (BFL/ai-toolkit names), which diffusers converts on load."""
+    return lora_state_dict(transformer, "bfl", seed, rank)
 
 
 def write_safety_checker(folder: Path, seed: int = 0, verdict: str = "normal") -> Path:
@@ -369,16 +421,24 @@ def write_tiny(root: Path, seed: int = 0) -> list[Path]:
         "flux.1-dev": lambda: build_flux1("FluxPipeline", seed),
         "flux.1-kontext-dev": lambda: build_flux1("FluxKontextPipeline", seed),
     }
+    lora_folder = root / LORA_FOLDER
+    lora_folder.mkdir(exist_ok=True)
     for model_id, build in builders.items():
         folder = root / model_id
-        build().save_pretrained(folder, safe_serialization=True)
+        pipe = build()
+        pipe.save_pretrained(folder, safe_serialization=True)
         written.append(folder)
+        if model_id in EXAMPLE_LORAS:
+            name, layout = EXAMPLE_LORAS[model_id]
+            state = lora_state_dict(pipe.transformer, layout, seed + 1)
+            save_file(state, lora_folder / f"{name}.safetensors")
     turbo = SPECS["flux.2-dev-turbo"].adapter
     assert turbo is not None
     turbo_folder = root / "flux.2-dev-turbo"
     turbo_folder.mkdir(exist_ok=True)
     save_file(turbo_lora_state_dict(flux2.transformer, seed), turbo_folder / turbo.weight_name)
     written.append(turbo_folder)
+    written.append(lora_folder)
     from pipelines.safety import FOLDER
 
     written.append(write_safety_checker(root / FOLDER, seed))

@@ -131,6 +131,7 @@ def start_engine(config: WorkerConfig) -> Engine:
         config.modes,
         synthetic,
         SafetyChecker(Path(config.weights_dir) / SAFETY_FOLDER, config.safety_threshold, config.device),
+        lora_cache_bytes=config.lora_cache_bytes,
     )
     for model_id in config.preload:
         try:

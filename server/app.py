@@ -38,7 +38,7 @@ from server.job_service import JobService
 from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.registry import requested_modes, served_specs
-from server.routes import files, health, images, jobs, models
+from server.routes import files, health, images, jobs, loras, models
 from server.scheduler import Scheduler
 from server.service import ImageService
 from server.store import ImageStore
@@ -62,6 +62,7 @@ def worker_configs(settings: Settings, specs: dict) -> list[WorkerConfig]:
             parent_pid=os.getpid(),
             memory_budget_bytes=int(settings.memory_budget_gb * 2**30) if settings.memory_budget_gb else None,
             prompt_cache_bytes=int(settings.prompt_cache_mb * 2**20),
+            lora_cache_bytes=int(settings.lora_cache_mb * 2**20),
             modes=requested_modes(settings, specs),
             synthetic=settings.synthetic_weights,
             log_level=settings.log_level,
@@ -174,7 +175,7 @@ def create_app(
 
     install_error_handlers(app)
     install_openapi(app)
-    for router in (images.router, jobs.router, models.router, files.router, health.router):
+    for router in (images.router, jobs.router, models.router, loras.router, files.router, health.router):
         app.include_router(router)
 
     @app.get("/metrics", include_in_schema=False)

@@ -6,6 +6,8 @@
   the same request mix against a second server with --max-batch-images 1.
 - soak: --soak-requests over mixed models, sizes, n and response formats at --soak-concurrency: requests
   lost (no answer), 5xx, and the HTTP process's resident memory at request 100 and at the end.
+- LoRA: in-process on the tiny checkpoints, a user LoRA's first load, and the p50 of renders with it switched
+  on against renders without it, alternating (so each one switches adapters): information, no target.
 
 With --ray, it measures instead images/s through Ray Serve with one and with two engine replicas
 (server/bench_ray.py).
@@ -37,10 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.errors import InvalidParameter
 from server.bench_report import (
     OVERHEAD_BODY,
     SOAK_MODELS,
     SOAK_SIZES,
+    LoraCost,
     Measured,
     Outcome,
     Soak,
@@ -289,6 +293,39 @@ def direct_renderer(weights_dir: Path, body: dict[str, Any]) -> Callable[[], flo
     return render_ms
 
 
+BENCH_LORA = "tiny-flux2-style"  # written with the tiny checkpoints (pipelines/tiny.py)
+
+
+def measure_lora(weights_dir: Path, count: int, deadline: float) -> LoraCost | None:
+    """A LoRA's first load, then renders alternating between the base and the base with the cached LoRA."""
+    from pipelines.engine import Engine
+    from pipelines.specs import SPECS
+    from server.normalize import build_request
+    from server.protocol import ImageGenerationRequest
+
+    spec = SPECS[OVERHEAD_BODY["model"]]
+    base, _ = build_request(ImageGenerationRequest(**OVERHEAD_BODY), spec, {})
+    body = {**OVERHEAD_BODY, "loras": [{"path": BENCH_LORA, "scale": 1.0}]}
+    try:
+        styled, _ = build_request(ImageGenerationRequest(**body), spec, {}, weights_dir=weights_dir)
+    except InvalidParameter as exc:
+        logger.warning("no LoRA measure: %s", exc.message)
+        return None
+    engine = Engine(SPECS, weights_dir)
+    engine.render([base])  # the checkpoint's load is not the LoRA's
+    [first] = engine.render([styled])
+    times: dict[str, list[float]] = {"base": [], "lora": []}
+    for _ in range(WARMUP_REQUESTS + count):
+        if time.monotonic() > deadline:
+            break
+        for name, request in (("base", base), ("lora", styled)):
+            started = time.perf_counter()
+            engine.render([request])
+            times[name].append((time.perf_counter() - started) * 1000)
+    skip = min(WARMUP_REQUESTS, len(times["base"]) - 1)
+    return LoraCost(BENCH_LORA, first.timings_ms["lora_load"], times["base"][skip:], times["lora"][skip:])
+
+
 def measure_overhead(
     client: httpx.Client, url: str, weights_dir: Path, count: int, deadline: float
 ) -> tuple[list[float], list[float]]:
@@ -406,7 +443,11 @@ def measure(args: argparse.Namespace, client: httpx.Client, workdir: Path) -> Me
         http_ms, direct_ms = measure_overhead(client, server.url, weights, args.requests, deadline())
         logger.info("soak: %d requests at concurrency %d", args.soak_requests, args.soak_concurrency)
         soak = measure_soak(client, server, args.soak_requests, args.soak_concurrency, deadline())
-    return Measured(http_ms, direct_ms, args.max_batch_images, args.concurrency, batched, unbatched, soak)
+    logger.info("LoRA: first load, then %d renders alternating without and with it", args.requests)
+    lora = measure_lora(weights, args.requests, deadline())
+    return Measured(
+        http_ms, direct_ms, args.max_batch_images, args.concurrency, batched, unbatched, soak, lora
+    )
 
 
 def _exit_on_sigterm(signum: int, _frame: object) -> None:

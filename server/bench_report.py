@@ -114,6 +114,17 @@ class Soak:
 
 
 @dataclass(frozen=True)
+class LoraCost:
+    """In-process, on the tiny checkpoints: a user LoRA's first load, and renders that alternate between the
+    base alone and the base with that (cached) LoRA, so every render switches adapters."""
+
+    lora: str
+    load_ms: float
+    base_ms: list[float]
+    lora_ms: list[float]
+
+
+@dataclass(frozen=True)
 class Measured:
     http_ms: list[float]
     direct_ms: list[float]
@@ -122,6 +133,7 @@ class Measured:
     batched: Throughput
     unbatched: Throughput
     soak: Soak
+    lora: LoraCost | None = None
 
 
 @dataclass(frozen=True)
@@ -194,6 +206,22 @@ def table_rows(m: Measured) -> list[Row]:
             f"soak: worker process RSS, request {soak.mark} -> {soak.requests}",
             f"{_mb(soak.worker_rss_mark)} -> {_mb(soak.worker_rss_end)} "
             f"({growth(soak.worker_rss_mark, soak.worker_rss_end):+.1%})",
+            "-",
+            None,
+        ),
+        *(lora_rows(m.lora) if m.lora is not None else []),
+    ]
+
+
+def lora_rows(cost: LoraCost) -> list[Row]:
+    base_p50, lora_p50 = percentile(cost.base_ms, 50), percentile(cost.lora_ms, 50)
+    shape = f"{OVERHEAD_BODY['model']} {OVERHEAD_BODY['size']}, {OVERHEAD_BODY['num_inference_steps']} steps"
+    return [
+        Row(f"LoRA: first load of {cost.lora} (tiny, in-process)", f"{cost.load_ms:.0f} ms", "-", None),
+        Row(
+            f"LoRA: render p50 with {cost.lora} switched on / without ({shape}, alternating, "
+            f"{len(cost.lora_ms)} each, in-process)",
+            f"{ratio(lora_p50, base_p50):.3f} ({lora_p50:.0f} ms / {base_p50:.0f} ms)",
             "-",
             None,
         ),

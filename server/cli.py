@@ -125,7 +125,7 @@ def serve(settings: Settings) -> int:
 
 
 def weights(args: argparse.Namespace) -> int:
-    from pipelines import checkpoints
+    from pipelines import checkpoints, loras
 
     if args.action == "tiny":
         from pipelines.tiny import write_tiny
@@ -136,6 +136,13 @@ def weights(args: argparse.Namespace) -> int:
     if args.action == "list":
         for model_id, state, folder, size in checkpoints.listing(args.dir):
             print(f"{model_id:22} {state:22} {size / 1e9:8.2f} GB  {folder}")
+        for lora in loras.catalog(args.dir):
+            if isinstance(lora, loras.LoraInfo):
+                family = loras.FAMILY_TITLES.get(lora.family or "", "FLUX.?")
+                state = f"LoRA {family} rank {lora.rank}"
+                print(f"{lora.name:22} {state:22} {lora.bytes / 1e9:8.2f} GB  {lora.path}")
+            else:
+                print(f"{lora[0]:22} {'LoRA, unreadable':22} {'':11}  {lora[1]}")
         return 0
     if args.action == "verify":
         ids = (
@@ -154,6 +161,13 @@ def weights(args: argparse.Namespace) -> int:
     if args.action == "pull":
         from huggingface_hub.errors import LocalEntryNotFoundError
 
+        if args.lora:
+            try:
+                print(checkpoints.pull_lora(args.lora, token=args.token))
+            except (LocalEntryNotFoundError, OSError, ValueError) as exc:
+                print(f"fluxd: download of {args.lora} failed ({exc}).", file=sys.stderr)
+                return 1
+            return 0
         try:
             target = checkpoints.pull(args.model, args.dir, token=args.token)
         except (ValueError, LookupError) as exc:
@@ -211,6 +225,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, CliSettingsSource[Any]]:
     )
     weights_parser.add_argument("--seed", type=int, default=0, help="seed of the tiny weights")
     weights_parser.add_argument(
+        "--lora",
+        metavar="REPO",
+        help="pull: a LoRA repo from the Hugging Face Hub into its cache, where `loras[].path` finds it",
+    )
+    weights_parser.add_argument(
         "--token", default=os.environ.get("HF_TOKEN"), help="Hugging Face token (gated repos)"
     )
     # No -h of its own: `fluxd bench serve --help` reaches the target's parser, which knows the options.
@@ -239,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve(settings)
     _configure_logging(os.environ.get(f"{ENV_PREFIX}LOG_LEVEL", "INFO"))
     if args.command == "weights":
-        if args.action in ("pull",) and not args.model:
-            parser.error("weights pull needs a model id")
+        if args.action in ("pull",) and not (args.model or args.lora):
+            parser.error("weights pull needs a model id or --lora REPO")
         return weights(args)
     return bench(args, rest)
 

@@ -40,6 +40,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from pipelines.loras import DEFAULT_CACHE_MB
 from pipelines.messages import WORKER_ENTRY
 from pipelines.modes import Mode
 from server.webhooks import secret_key
@@ -204,6 +205,12 @@ class Settings(BaseSettings):
     )
     prompt_cache_mb: float = Field(
         default=512.0, ge=0, description="text-encoder outputs kept per worker; 0 is off"
+    )
+    lora_cache_mb: float = Field(
+        default=float(DEFAULT_CACHE_MB),
+        ge=0,
+        description="LoRA adapters kept loaded per worker beside the model weights, least recently used "
+        "unloaded first (a request's own LoRAs always load)",
     )
     worker_heartbeat_timeout_s: float = Field(
         default=60.0,

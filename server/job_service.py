@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import Request
 
 from pipelines.errors import InvalidParameter
+from pipelines.loras import LoraChoice
 from pipelines.messages import Progress, RenderedImage, RenderRequest, RenderResult
 from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
@@ -87,7 +88,11 @@ def _dump(prepared: Prepared, base_url: str) -> str:
 def _load(stored: str, specs: Mapping[str, ModelSpec]) -> tuple[Prepared, str]:
     data = json.loads(stored)
     render = RenderRequest(
-        **{**data["render"], "images": [base64.b64decode(i) for i in data["render"]["images"]]}
+        **{
+            **data["render"],
+            "images": [base64.b64decode(i) for i in data["render"]["images"]],
+            "loras": [LoraChoice(**lora) for lora in data["render"].get("loras", [])],
+        }
     )
     return Prepared(render, Reply(**data["reply"]), get_spec(render.model, specs)), data["base_url"]
 

@@ -36,6 +36,15 @@ class Metrics:
             ["model", "result"],
             registry=r,
         )
+        self.lora_adapters = Counter(
+            "fluxd_lora_adapters",
+            "LoRA adapters (Turbo's included) batches switched on, by whether the worker had them loaded",
+            ["model", "result"],
+            registry=r,
+        )
+        self.lora_load_seconds = Counter(
+            "fluxd_lora_load_seconds", "Time workers spent loading LoRA adapters", ["model"], registry=r
+        )
         self.errors = Counter("fluxd_errors", "Error answers by code", ["status", "code"], registry=r)
         self.worker_restarts = Counter(
             "fluxd_worker_restarts", "Worker processes replaced", ["worker"], registry=r

@@ -11,12 +11,15 @@ import secrets
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
 from pipelines.arguments import SET_BY_FLUXD
 from pipelines.errors import InvalidParameter
+from pipelines.loras import LoraChoice
+from pipelines.loras import resolve as resolve_loras
 from pipelines.messages import RenderRequest
 from pipelines.sizes import resolve_size
 from pipelines.specs import PASSTHROUGH_BOUNDS, ModelSpec
@@ -203,6 +206,15 @@ def _reply(body: _ImageFields) -> Reply:
     )
 
 
+def _loras(body: _ImageFields, spec: ModelSpec, weights_dir: Path | None) -> list[LoraChoice]:
+    entries = [(lora.path, lora.scale) for lora in body.loras or []]
+    if not entries:
+        return []
+    if weights_dir is None:
+        raise InvalidParameter("loras", "This server has no LoRA folder.")
+    return resolve_loras(entries, spec.family, spec.id, weights_dir)
+
+
 def build_request(
     body: _ImageFields,
     spec: ModelSpec,
@@ -212,9 +224,11 @@ def build_request(
     enhance_temperature: float = 0.15,
     prompt_required: bool = True,
     safety_default: bool = False,
+    weights_dir: Path | None = None,
 ) -> tuple[RenderRequest, Reply]:
     """Validate everything and apply every default; raise InvalidParameter naming the first bad field.
-    Only variations go without a prompt."""
+    Only variations go without a prompt. LoRAs are looked up under `weights_dir` (and the Hugging Face
+    cache): their headers are read here, so a LoRA the model cannot take is refused before it queues."""
     if prompt_required and not body.prompt.strip():
         raise InvalidParameter("prompt", "prompt must not be empty.", "missing_required_parameter")
     for name in body.model_fields_set:
@@ -252,5 +266,6 @@ def build_request(
         partial_images=body.partial_images or 0,
         acceleration=_acceleration(body, spec),
         safety_check=_safety_check(body, safety_default),
+        loras=_loras(body, spec, weights_dir),
     )
     return request, reply

@@ -8,10 +8,12 @@ fluxd handles it and where it comes from. Fields follow the OpenAI spec's order;
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
+from pipelines.loras import MAX_LORAS
 from pipelines.specs import Acceleration
 from server.parameters import LUMENFALL, OPENAI, Declarations, declare
 
@@ -26,6 +28,15 @@ SAFETY = (
     "BFL's moderation level; fluxd's checker (enable_safety_checker) has one threshold, --safety-threshold"
 )
 ENHANCE = "prompt_enhancement (one switch under the gateways' several names)"
+
+
+class LoraWeight(BaseModel):
+    """One entry of `loras`, in fal's shape."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Text
+    scale: float = 1.0
 
 
 class _ImageFields(BaseModel):
@@ -173,6 +184,14 @@ class _ImageFields(BaseModel):
         "otherwise); a 400 on Turbo, which takes only 'none'",
         f"{LUMENFALL}: FLUX.2 [dev] (replicate)",
     )
+    loras: list[LoraWeight] | None = declare(
+        "native",
+        f"up to {MAX_LORAS} of the server's LoRAs, [{{path, scale}}]: a name under weights/loras/ or a "
+        "Hugging Face repo pulled with `fluxd weights pull --lora`; scale -4 to 4 (default 1); applied "
+        "unfused on the shared base (diffusers/PEFT, kohya, BFL/ai-toolkit layouts), stacking on Turbo; "
+        "multipart: a JSON text field",
+        "fal's FLUX LoRA endpoints (fal-ai/flux-lora, fal-ai/flux-2/lora)",
+    )
     enable_safety_checker: bool | None = declare(
         "emulated",
         "true: each image is classified by an open NSFW classifier (Falconsai/nsfw_image_detection, a ViT, "
@@ -219,6 +238,18 @@ class ImageEditRequest(_ImageFields):
         OPENAI,
     )
     mask: bytes | None = declare("accepted", "a 400 naming mask: no served model inpaints", OPENAI)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_from_form(cls, value: Any) -> Any:
+        """Multipart carries `loras` as one JSON text field (the SDK's `loras[][path]` fields arrive as a
+        list already, gathered by the route)."""
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError('loras must be a JSON list such as [{"path": "style", "scale": 0.8}]') from None
 
 
 DECLARATIONS = Declarations({"generations": ImageGenerationRequest, "edits": ImageEditRequest})

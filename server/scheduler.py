@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 def batch_key(request: RenderRequest) -> tuple:
     """Jobs with equal keys can share one pipeline call: same model, shape, schedule (step caching
-    included: the cache hook is on for a whole call) and references."""
+    included: the cache hook is on for a whole call), references, and LoRAs at the same scales."""
     references = hashlib.sha256(
         b"".join(hashlib.sha256(image).digest() for image in request.images)
     ).hexdigest()
@@ -38,6 +38,7 @@ def batch_key(request: RenderRequest) -> tuple:
         references,
         repr(sorted(request.extra.items())),
         request.partial_images,
+        tuple((lora.key, lora.scale) for lora in request.loras),
         request.acceleration,
     )
 
@@ -253,6 +254,11 @@ class Scheduler:
                 self.metrics.images.labels(model).inc(len(rendered.images))
                 for result, key in (("hit", "prompt_cache_hits"), ("miss", "prompt_cache_misses")):
                     self.metrics.prompt_cache.labels(model, result).inc(rendered.timings_ms.get(key, 0))
+                for outcome, key in (("hit", "lora_cache_hits"), ("load", "lora_loads")):
+                    self.metrics.lora_adapters.labels(model, outcome).inc(rendered.timings_ms.get(key, 0))
+                self.metrics.lora_load_seconds.labels(model).inc(
+                    rendered.timings_ms.get("lora_load", 0) / 1000
+                )
                 if job.worker is not None:
                     self.metrics.device_memory.labels(job.worker.name).set(rendered.device_memory_bytes)
                 job.future.set_result(rendered)

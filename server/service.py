@@ -87,7 +87,11 @@ class ImageService:
         spec = get_spec(body.model or self.settings.default_model, self.specs)
         if images is None:
             render, reply = build_request(
-                body, spec, PASSTHROUGH[spec.pipeline_class], safety_default=self.settings.safety_checker
+                body,
+                spec,
+                PASSTHROUGH[spec.pipeline_class],
+                safety_default=self.settings.safety_checker,
+                weights_dir=self.settings.weights_dir,
             )
             return Prepared(render, reply, spec)
         if "edit" not in spec.modes:
@@ -102,6 +106,7 @@ class ImageService:
             sizes[0] if sizes else None,
             prompt_required=prompt_required,
             safety_default=self.settings.safety_checker,
+            weights_dir=self.settings.weights_dir,
         )
         return Prepared(render, reply, spec)
 

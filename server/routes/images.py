@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -17,6 +19,7 @@ from server.service import ClientGone, ImageService, Prepared, public_base
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
 MAX_FILES = 16
+LORA_FORM_FIELDS = {"loras[][path]": "path", "loras[][scale]": "scale"}
 CLIENT_CLOSED = 499  # nginx's status for a client that went away; nobody reads it, the log does
 ASYNC_ANSWER: dict[int | str, dict] = {
     202: {"model": ImageJob, "description": "Sent with `Prefer: respond-async`: the job to poll at Location"}
@@ -89,8 +92,9 @@ async def _read_edit_form(request: Request) -> tuple[ImageEditRequest, list[byte
             f"Too many files: at most {MAX_FILES} are read from one request, more images than any model "
             "takes (limits.max_reference_images in /v1/models).",
         ) from None
-    fields: dict[str, str] = {}
+    fields: dict[str, Any] = {}
     images: list[bytes] = []
+    loras: list[dict[str, str]] = []
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
             if key in ("image", "image[]"):
@@ -105,12 +109,22 @@ async def _read_edit_form(request: Request) -> tuple[ImageEditRequest, list[byte
             raise InvalidParameter(
                 "mask", "No served model inpaints: send the image and a prompt without a mask."
             )
+        elif key in LORA_FORM_FIELDS:
+            # The SDK flattens extra_body={"loras": [...]} to loras[][path], loras[][scale] per entry, in
+            # order: a name the last entry already has opens the next one.
+            if not loras or LORA_FORM_FIELDS[key] in loras[-1]:
+                loras.append({})
+            loras[-1][LORA_FORM_FIELDS[key]] = value
         elif key in fields:
             raise InvalidParameter(key, f"'{key}' was sent more than once; only 'image' repeats.")
         else:
             fields[key] = value
     if not images:
         raise InvalidParameter("image", "Missing required parameter: 'image'.", "missing_required_parameter")
+    if loras:
+        if "loras" in fields:
+            raise InvalidParameter("loras", "Send loras once: as a JSON field or as loras[][path] fields.")
+        fields["loras"] = loras
     fields.setdefault("prompt", "")  # a missing prompt is refused with an empty one, by build_request
     try:
         return ImageEditRequest.model_validate(fields), images

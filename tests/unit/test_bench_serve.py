@@ -5,6 +5,7 @@ No server is started and nothing is timed: the load loop runs against a stand-in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -144,6 +145,14 @@ def test_a_run_within_every_target_passes_every_row() -> None:
     assert rows[0].value == "1.050 (105 ms / 100 ms)"
     assert rows[1].value.startswith("1.50 (3.00 / 2.00 img/s)")
     assert rows[5].value == "100.0 MB -> 105.0 MB (+5.0%)"
+
+
+def test_a_lora_measure_adds_two_information_rows() -> None:
+    lora = bench_report.LoraCost("tiny-flux2-style", 12.0, [100.0, 102.0, 98.0], [110.0, 111.0, 109.0])
+    rows = bench_report.table_rows(dataclasses.replace(measured(), lora=lora))[-2:]
+    assert [row.passed for row in rows] == [None, None]
+    assert rows[0].value == "12 ms"
+    assert rows[1].value == "1.100 (110 ms / 100 ms)"
 
 
 def test_the_overhead_target_is_inclusive_at_1_10() -> None:

@@ -71,7 +71,10 @@ def test_weights_list_shows_every_id_its_state_and_folder(tiny_weights: Path, tm
     done = fluxd("weights", "list", "--dir", str(tiny_weights))
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line for line in done.stdout.splitlines()}
-    assert set(rows) == set(SPECS)
+    # Every model id, then the LoRAs under weights/loras/ (the tiny checkpoints come with one per family).
+    assert set(rows) == set(SPECS) | {"tiny-flux2-style", "tiny-flux1-style"}
+    assert " LoRA FLUX.2 rank 4 " in rows["tiny-flux2-style"]
+    assert " LoRA FLUX.1 rank 4 " in rows["tiny-flux1-style"]
     assert "alias of flux.1-dev" in rows["flux1.1-pro"]
     for model_id in ("flux.2-dev", "flux.2-dev-turbo", "flux.1-dev", "flux.1-kontext-dev"):
         assert " present " in rows[model_id]

@@ -1,0 +1,150 @@
+"""The front's LoRA checks (pipelines/loras.py), torch-free: names stay in the LoRA folder, headers are read
+without tensors, families are told apart from metadata, key names and fused-layer shapes."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from pipelines.errors import InvalidParameter
+from pipelines.loras import FOLDER, catalog, inspect, locate, resolve
+
+
+def lora(path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.zeros(s, np.float32) for k, s in shapes.items()}, str(path), metadata=metadata)
+    return path
+
+
+@pytest.fixture()
+def weights(tmp_path: Path) -> Path:
+    lora(tmp_path / FOLDER / "style.safetensors", {"transformer.x.lora_A.weight": (4, 8)})
+    lora(
+        tmp_path / FOLDER / "folder" / "pytorch_lora_weights.safetensors",
+        {"transformer.x.lora_A.weight": (2, 8)},
+    )
+    (tmp_path / "secret.safetensors").write_bytes(b"outside")
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["style", "style.safetensors", "folder"])
+def test_a_name_finds_a_file_or_a_folder(weights: Path, name: str) -> None:
+    assert locate(name, weights).is_file()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../secret", "../secret.safetensors", "folder/../../secret", "/etc/passwd", "", "a\\b", "nope", "x/y"],
+)
+def test_names_outside_the_folder_or_unknown_are_refused(weights: Path, name: str) -> None:
+    with pytest.raises(InvalidParameter) as info:
+        locate(name, weights)
+    assert info.value.param == "loras"
+
+
+def test_a_url_is_refused_saying_fluxd_downloads_nothing(weights: Path) -> None:
+    with pytest.raises(InvalidParameter, match="does not download") as info:
+        locate("https://huggingface.co/x/y/resolve/main/a.safetensors", weights)
+    assert info.value.param == "loras"
+
+
+def test_broken_headers_and_foreign_keys_are_refused(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    foreign = lora(tmp_path / "foreign.safetensors", {"model.layers.0.weight": (2, 2)})
+    for path in (broken, foreign):
+        with pytest.raises(InvalidParameter) as info:
+            inspect(path, path.stem)
+        assert info.value.param == "loras"
+
+
+FLUX1_BFL = {  # FLUX.1 [dev]'s fused single-block layers, hidden 3072, rank 16
+    "lora_unet_single_blocks_0_linear1.lora_down.weight": (16, 3072),
+    "lora_unet_single_blocks_0_linear1.lora_up.weight": (21504, 16),
+}
+FLUX2_BFL = {  # FLUX.2 [dev]'s, hidden 6144
+    "diffusion_model.single_blocks.0.linear1.lora_A.weight": (16, 6144),
+    "diffusion_model.single_blocks.0.linear1.lora_B.weight": (55296, 16),
+}
+
+
+@pytest.mark.parametrize(
+    ("shapes", "metadata", "family"),
+    [
+        (FLUX1_BFL, None, "flux1"),
+        (FLUX2_BFL, None, "flux2"),
+        (
+            {"transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight": (4, 8)},
+            None,
+            "flux2",
+        ),
+        ({"transformer.transformer_blocks.0.norm1.linear.lora_A.weight": (4, 8)}, None, "flux1"),
+        ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": (4, 8)}, None, None),
+        ({"transformer.x.lora_A.weight": (4, 8)}, {"modelspec.architecture": "Flux.1-dev/lora"}, "flux1"),
+    ],
+)
+def test_the_family_is_read_from_the_header(tmp_path: Path, shapes, metadata, family) -> None:
+    path = lora(tmp_path / "x.safetensors", shapes, metadata)
+    info = inspect(path, "x")
+    assert info.family == family
+    assert info.rank == next(iter(shapes.values()))[0]
+
+
+def test_resolve_refuses_the_other_family_bad_scales_and_too_many(tmp_path: Path) -> None:
+    lora(tmp_path / FOLDER / "one.safetensors", FLUX1_BFL)
+    for entries, family in (
+        ([("one", 1.0)], "flux2"),
+        ([("one", 4.5)], "flux1"),
+        ([("one", 1.0)] * 4, "flux1"),
+        ([("one", 1.0), ("one.safetensors", 0.5)], "flux1"),
+    ):
+        with pytest.raises(InvalidParameter) as info:
+            resolve(entries, family, "model", tmp_path)
+        assert info.value.param == "loras"
+    [choice] = resolve([("one", -4.0)], "flux1-kontext", "flux.1-kontext-dev", tmp_path)
+    assert choice.scale == -4.0 and choice.key.startswith("lora_")
+
+
+def test_an_edited_file_is_another_adapter(tmp_path: Path) -> None:
+    path = lora(tmp_path / FOLDER / "one.safetensors", FLUX1_BFL)
+    before = inspect(path, "one").key
+    lora(path, {**FLUX1_BFL, "lora_unet_single_blocks_1_linear2.lora_down.weight": (16, 15360)})
+    assert inspect(path, "one").key != before
+    assert json.dumps(inspect(path, "one").describe())
+
+
+def test_a_repo_in_the_hugging_face_cache_is_found_and_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--flux-style"
+    lora(repo / "snapshots" / "abc123" / "style.safetensors", FLUX2_BFL)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    weights = tmp_path / "weights"
+    assert locate("someone/flux-style", weights).name == "style.safetensors"
+    [listed] = [entry for entry in catalog(weights) if not isinstance(entry, tuple)]
+    assert (listed.name, listed.family) == ("someone/flux-style", "flux2")
+
+
+def test_an_async_job_keeps_its_loras_through_the_job_table(tmp_path: Path) -> None:
+    """Async jobs store their resolved request as JSON: the LoRAs come back as what the worker loads."""
+    from pipelines.specs import SPECS
+    from server.job_service import _dump, _load
+    from server.normalize import build_request
+    from server.protocol import ImageGenerationRequest
+    from server.service import Prepared
+
+    lora(tmp_path / FOLDER / "one.safetensors", FLUX2_BFL)
+    body = ImageGenerationRequest(prompt="x", loras=[{"path": "one", "scale": 0.5}])
+    render, reply = build_request(body, SPECS["flux.2-dev"], {}, weights_dir=tmp_path)
+    loaded, _ = _load(_dump(Prepared(render, reply, SPECS["flux.2-dev"]), "http://x"), SPECS)
+    assert loaded.render.loras == render.loras and loaded.render.loras[0].scale == 0.5
