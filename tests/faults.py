@@ -54,6 +54,12 @@ def error_after_step_2(inbox: Queue, outbox: worker.Outbox, control: Queue, conf
     worker.main(inbox, outbox, control, config)
 
 
+def error_after_step_99(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
+    """A job fails with a RuntimeError once it reaches step 99: only a long one, not cancelled early."""
+    _after_step(99, _raise(RuntimeError))
+    worker.main(inbox, outbox, control, config)
+
+
 def oom_after_step_2(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
     """Every job runs out of (pretend) device memory after step 2: the OOM path without a GPU."""
     import torch

@@ -297,7 +297,7 @@ def bounded(tiny_weights: Path, tmp_path: Path) -> Iterator[Server]:
         "FLUXD_JOB_TTL_S": "30",
         # The worker fails any job that reaches step 99: only the one job here that asks for 100 steps and is
         # not cancelled long before.
-        "FLUXD_FAULT_AFTER_STEP": "99",
+        "FLUXD_WORKER_ENTRY": "tests.faults:error_after_step_99",
     }
     server = start_server(tiny_weights, tmp_path, "--queue-size", "1", env=env)
     yield server
