@@ -252,10 +252,10 @@ class Scheduler:
                 rendered.timings_ms["queue"] = (started - job.enqueued_at) * 1000
                 self.metrics.run_time.labels(model).observe(elapsed)
                 self.metrics.images.labels(model).inc(len(rendered.images))
-                for result, key in (("hit", "prompt_cache_hits"), ("miss", "prompt_cache_misses")):
-                    self.metrics.prompt_cache.labels(model, result).inc(rendered.timings_ms.get(key, 0))
-                for outcome, key in (("hit", "lora_cache_hits"), ("load", "lora_loads")):
-                    self.metrics.lora_adapters.labels(model, outcome).inc(rendered.timings_ms.get(key, 0))
+                for kind, key in (("hit", "prompt_cache_hits"), ("miss", "prompt_cache_misses")):
+                    self.metrics.prompt_cache.labels(model, kind).inc(rendered.timings_ms.get(key, 0))
+                for kind, key in (("hit", "lora_cache_hits"), ("load", "lora_loads")):
+                    self.metrics.lora_adapters.labels(model, kind).inc(rendered.timings_ms.get(key, 0))
                 self.metrics.lora_load_seconds.labels(model).inc(
                     rendered.timings_ms.get("lora_load", 0) / 1000
                 )
