@@ -46,8 +46,15 @@ FAULT_MARK = "fault injected"
 KEY_A, KEY_B = "key-a", "key-b"
 SECRET = "whsec_" + base64.b64encode(b"fluxd test webhook secret, 32 b").decode()
 FAST = {"prompt": "x", "size": "64x64", "num_inference_steps": 2, "response_format": "b64_json"}
-# Long enough on the tiny weights to be caught queued or running: ~100 steps at 768x768.
-LONG = {"prompt": "long", "size": "768x768", "num_inference_steps": 100, "response_format": "b64_json"}
+# Long enough on the tiny weights to be caught queued or running: 100 steps at 768x768, every one in full
+# (flux.2-dev's default step caching would nearly halve its time).
+LONG = {
+    "prompt": "long",
+    "size": "768x768",
+    "num_inference_steps": 100,
+    "acceleration": "none",
+    "response_format": "b64_json",
+}
 
 
 def auth(key: str) -> dict[str, str]:

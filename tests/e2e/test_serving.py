@@ -22,7 +22,15 @@ from PIL import Image
 
 from tests.e2e.conftest import HTTP, Server, metric, start_server, stop_server, wait_until
 
-LONG = {"prompt": "long", "size": "768x768", "num_inference_steps": 100, "response_format": "b64_json"}
+# Every step run in full (flux.2-dev's default step caching would halve its time): long enough to outlast the
+# tests' short client timeouts.
+LONG = {
+    "prompt": "long",
+    "size": "768x768",
+    "num_inference_steps": 100,
+    "acceleration": "none",
+    "response_format": "b64_json",
+}
 
 
 def generate(server: Server, timeout: float = 120, **fields) -> httpx.Response:
