@@ -2,8 +2,9 @@
 
 Each row is one pipeline call at the requested size after a short warm-up: text-encode ms, ms per denoising
 step, VAE decode ms, end to end, achieved TFLOP/s against the FLOP count of the transformer config and the
-share of the physical floor that is (shared/PERFORMANCE.md), and the peak GPU memory reserved. Without CUDA
-it says so and exits 2. The FLOP arithmetic and the table are pure functions, tested on any machine.
+share of the physical floor that is (that FLOP count over the GPU's dense bf16 peak), and the peak GPU
+memory reserved. Without CUDA it says so and exits 2. The FLOP arithmetic and the table are pure functions,
+tested on any machine.
 """
 
 from __future__ import annotations

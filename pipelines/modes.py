@@ -1,7 +1,7 @@
 """How each model runs on the device at hand: resident, fast, low-VRAM, offloaded, or on the CPU.
 
 Pure Python, no torch: the HTTP process reports each model's mode and `fluxd bench gpu` plans with it. The
-memory arithmetic uses the figures of shared/PERFORMANCE.md (parameter counts measured from the real configs
+memory arithmetic uses the parameter counts of the published diffusers configs (measured from the real configs
 by tests/integration/test_synthetic.py).
 """
 

@@ -1,7 +1,7 @@
 """Full-size models with random weights, built from the real published configurations in configs/.
 
 Speed and memory depend on shapes and dtypes, not on weight values, so a model built from its real config
-with random weights times and sizes like the real one (shared/PERFORMANCE.md). Each model is first built on
+with random weights times and sizes like the real one. Each model is first built on
 the meta device (parameters without storage, cheap at any size), then materialised straight on the target
 device in the target dtype; a GPU build never stages weights in CPU memory.
 """
