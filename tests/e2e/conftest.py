@@ -142,3 +142,19 @@ def metric(server: Server, series: str) -> float:
         if line.startswith(series + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def workers_idle(server: Server) -> bool:
+    """No worker holds a request: what a cancelled or finished render leaves behind."""
+    return all(worker["busy_images"] == 0 for worker in HTTP.get(f"{server.url}/ready").json()["workers"])
+
+
+# Long enough on the tiny weights to be caught queued or running, and to outlast a short client timeout: 100
+# steps at 768x768, every one in full (flux.2-dev's default step caching would nearly halve its time).
+LONG = {
+    "prompt": "long",
+    "size": "768x768",
+    "num_inference_steps": 100,
+    "acceleration": "none",
+    "response_format": "b64_json",
+}

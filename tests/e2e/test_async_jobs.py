@@ -29,6 +29,7 @@ from standardwebhooks.webhooks import Webhook
 
 from tests.e2e.conftest import (
     HTTP,
+    LONG,
     Server,
     free_port,
     launch,
@@ -37,6 +38,7 @@ from tests.e2e.conftest import (
     start_server,
     stop_server,
     wait_until,
+    workers_idle,
 )
 from tests.e2e.test_readme_snippets import ROOT
 from tests.imagery import png as png_bytes
@@ -46,15 +48,6 @@ FAULT_MARK = "fault injected"
 KEY_A, KEY_B = "key-a", "key-b"
 SECRET = "whsec_" + base64.b64encode(b"fluxd test webhook secret, 32 b").decode()
 FAST = {"prompt": "x", "size": "64x64", "num_inference_steps": 2, "response_format": "b64_json"}
-# Long enough on the tiny weights to be caught queued or running: 100 steps at 768x768, every one in full
-# (flux.2-dev's default step caching would nearly halve its time).
-LONG = {
-    "prompt": "long",
-    "size": "768x768",
-    "num_inference_steps": 100,
-    "acceleration": "none",
-    "response_format": "b64_json",
-}
 
 
 def auth(key: str) -> dict[str, str]:
@@ -221,7 +214,7 @@ def test_cancel_while_queued_and_while_running(keyed: Server) -> None:
     assert (
         HTTP.delete(f"{keyed.url}/v1/images/jobs/{long}", headers=auth(KEY_A)).json()["status"] == "cancelled"
     )
-    wait_until(lambda: all(w["busy_images"] == 0 for w in HTTP.get(f"{keyed.url}/ready").json()["workers"]))
+    wait_until(lambda: workers_idle(keyed))
     # The running one stopped denoising before its end: its first preview came at step 25 of 100.
     assert 25 <= metric(keyed, steps) - before[steps] < 100
     # The queued one left the queue without running; neither ends again, nor gets a result.

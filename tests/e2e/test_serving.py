@@ -20,17 +20,16 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import HTTP, Server, metric, start_server, stop_server, wait_until
-
-# Every step run in full (flux.2-dev's default step caching would halve its time): long enough to outlast the
-# tests' short client timeouts.
-LONG = {
-    "prompt": "long",
-    "size": "768x768",
-    "num_inference_steps": 100,
-    "acceleration": "none",
-    "response_format": "b64_json",
-}
+from tests.e2e.conftest import (
+    HTTP,
+    LONG,
+    Server,
+    metric,
+    start_server,
+    stop_server,
+    wait_until,
+    workers_idle,
+)
 
 
 def generate(server: Server, timeout: float = 120, **fields) -> httpx.Response:
@@ -76,21 +75,17 @@ def plain(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def idle(server: Server) -> bool:
-    ready = HTTP.get(f"{server.url}/ready")
     metrics = HTTP.get(f"{server.url}/metrics").text.splitlines()
     queued = [line for line in metrics if line.startswith("fluxd_queue_depth{")]
     return (
-        ready.status_code == 200
-        and all(worker["busy_images"] == 0 for worker in ready.json()["workers"])
+        HTTP.get(f"{server.url}/ready").status_code == 200
+        and workers_idle(server)
         and all(line.endswith(" 0.0") for line in queued)
     )
 
 
 def batches(server: Server) -> float:
-    for line in HTTP.get(f"{server.url}/metrics").text.splitlines():
-        if line.startswith('fluxd_batch_images_count{model="flux.2-dev"}'):
-            return float(line.split()[-1])
-    return 0.0
+    return metric(server, 'fluxd_batch_images_count{model="flux.2-dev"}')
 
 
 @pytest.mark.parametrize("fresh", [("--queue-size", "1", "--queue-timeout", "1")], indirect=True)

@@ -17,7 +17,7 @@ from openai.types import (
 )
 from PIL import Image
 
-from tests.e2e.conftest import HTTP, Server, metric, start_server, stop_server, wait_until
+from tests.e2e.conftest import HTTP, Server, metric, start_server, stop_server, wait_until, workers_idle
 from tests.imagery import png as png_bytes
 
 
@@ -140,7 +140,7 @@ def test_a_client_that_goes_away_cancels_the_job(client: openai.OpenAI, server: 
     first = next(iter(stream))
     assert isinstance(first, ImageGenPartialImageEvent)
     stream.close()
-    wait_until(lambda: metric(server, cancelled) == before[cancelled] + 1 and idle(server))
+    wait_until(lambda: metric(server, cancelled) == before[cancelled] + 1 and workers_idle(server))
     # The worker stopped denoising before the end: the first preview came at step 25.
     assert 25 <= metric(server, steps) - before[steps] < 100
     assert metric(server, images) == before[images]  # nor did it decode an image for nobody
@@ -148,10 +148,6 @@ def test_a_client_that_goes_away_cancels_the_job(client: openai.OpenAI, server: 
         prompt="next", size="32x32", response_format="b64_json", extra_body={"num_inference_steps": 2}
     )
     assert size_of(result.data[0].b64_json) == (32, 32)
-
-
-def idle(server: Server) -> bool:
-    return all(worker["busy_images"] == 0 for worker in HTTP.get(f"{server.url}/ready").json()["workers"])
 
 
 def test_enhancement_returns_a_revised_prompt(client: openai.OpenAI) -> None:
