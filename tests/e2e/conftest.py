@@ -40,6 +40,16 @@ class Server:
     def logs(self) -> str:
         return self.log.read_text()
 
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = 60) -> str:
+        """The log once `text` is in it `count` times: a line is written after what it reports has happened
+        (a webhook answered, a job ended, a worker rendered), so reading the log at once can miss it."""
+        deadline = time.monotonic() + timeout
+        while (logs := self.logs()).count(text) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} never appeared {count} times in the log:\n{logs[-3000:]}")
+            time.sleep(0.1)
+        return logs
+
 
 def _as_from_a_terminal() -> None:
     # Its own process group, as a shell's foreground job, with Ctrl-C's default meaning even when the test
