@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
-from pipelines.loras import MAX_LORAS
+from pipelines.loras import MAX_LORAS, MAX_NAME_CHARS
 from pipelines.specs import Acceleration
 from server.parameters import LUMENFALL, OPENAI, Declarations, declare
 
@@ -35,7 +35,7 @@ class LoraWeight(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: Text
+    path: Text = Field(max_length=MAX_NAME_CHARS)
     scale: float = 1.0
 
 
