@@ -333,6 +333,48 @@ class ErrorBody(BaseModel):
         return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
 
 
+class _StreamImage(BaseModel):
+    """What every image event of a stream (`stream: true`) carries; `type` repeats the SSE `event:` name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: str | None
+    output_format: OutputFormat
+
+
+class StreamPartialImage(_StreamImage):
+    """Event `image_generation.partial_image` (edits: `image_edit.partial_image`): a preview decoded from
+    the latents mid-run, up to `partial_images` of them, as OpenAI's ImageGenPartialImageEvent."""
+
+    partial_image_index: int
+
+
+class StreamCompleted(_StreamImage):
+    """Event `image_generation.completed` (edits: `image_edit.completed`): the final image, exactly once, as
+    OpenAI's ImageGenCompletedEvent, with fluxd's reproduction fields."""
+
+    usage: Usage
+    seed: int
+    revised_prompt: str | None
+    acceleration: str | None
+    has_nsfw_concepts: bool | None
+    safety_note: str | None
+
+
+class StreamError(BaseModel):
+    """Event `error`: the stream had begun as a 200 when the render failed; the error envelope."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["error"]
+    error: ErrorBody
+
+
 class ImageJob(BaseModel):
     """An async image request; `result` is the usual ImagesResponse once it succeeded, `error` the usual
     error envelope's body once it failed."""
