@@ -94,8 +94,51 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings([])
     with pytest.raises(ValidationError, match="webhook_secret"):
         load_settings(["--webhook-secret", "whsec_???"])
-    with pytest.raises(ValueError, match="--webhook-allow entry"):
+    with pytest.raises(ValueError, match=r"entry 'hooks\.lan/x'"):
         Webhooks(["hooks.lan/x"], SECRET)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://hooks.lan:9000/fluxd/../admin",
+        "https://hooks.lan:9000/fluxd/%2e%2E/admin",
+        "https://hooks.lan:9000/fluxd/./a/../../admin",
+        "https://hooks.lan:9000/fluxd/..%2Fadmin",  # an escaped '/' a receiver may decode
+        "https://hooks.lan:9000/fluxd/..%5cadmin",
+        "https://hooks.lan:9000/fluxd\\..\\admin",
+        "https://hooks.lan:9000/fluxd/%zz",
+        "https://hooks.lan:9000/fluxd/a b",
+    ],
+)
+def test_dot_segments_and_escapes_cannot_climb_out_of_a_prefix(url: str) -> None:
+    with pytest.raises(InvalidParameter) as info:
+        Webhooks(ALLOW, SECRET).check(url)
+    assert info.value.param == "webhook_url"
+
+
+@pytest.mark.parametrize(
+    ("url", "sent"),
+    [
+        ("https://hooks.lan:9000/fluxd/a/../b", "https://hooks.lan:9000/fluxd/b"),
+        ("HTTPS://Hooks.LAN:9000/fluxd/./%7Euser?q=%2f", "https://hooks.lan:9000/fluxd/~user?q=%2F"),
+        ("http://127.0.0.1:8765", "http://127.0.0.1:8765/"),
+        ("http://127.0.0.1:8765/é#fragment", "http://127.0.0.1:8765/%C3%A9"),
+    ],
+)
+def test_the_url_compared_is_the_normal_one_and_the_one_sent(url: str, sent: str) -> None:
+    import httpx
+
+    assert Webhooks(ALLOW, SECRET).check(url) == sent
+    assert str(httpx.URL(sent)) == sent
+
+
+def test_allow_entries_are_normalised_and_a_bad_one_masks_its_password() -> None:
+    webhooks = Webhooks(["https://hooks.lan/a/../fluxd/"], SECRET)
+    assert webhooks.check("https://hooks.lan/fluxd/x") == "https://hooks.lan/fluxd/x"
+    with pytest.raises(ValueError, match=r"https://\*\*\*@hooks") as info:
+        Webhooks(["https://user:hunter2@hooks.lan/x"], SECRET)
+    assert "hunter2" not in str(info.value)
 
 
 @pytest.mark.parametrize(
