@@ -1,4 +1,4 @@
-"""A safetensors file's JSON header, read and checked against the format without loading a tensor (torch-free).
+"""A safetensors file's JSON header, read and checked against the format, no tensor loaded (torch-free).
 
 The format (huggingface/safetensors, README "Format"): 8 bytes of little-endian header length, then a JSON
 object mapping each tensor name to `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets into the bytes

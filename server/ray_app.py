@@ -31,6 +31,7 @@ from typing import Any
 
 import ray
 from fastapi import FastAPI
+from pydantic import SecretStr
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
@@ -180,7 +181,7 @@ def for_the_cluster(settings: Settings) -> Settings:
         update={
             "weights_dir": settings.weights_dir.expanduser().resolve(),
             "store_dir": settings.store_dir.expanduser().resolve(),
-            "api_keys": settings.all_api_keys(),
+            "api_keys": [SecretStr(key) for key in settings.all_api_keys()],
             "api_key_file": None,
         }
     )
