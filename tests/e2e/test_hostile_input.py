@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,43 +18,36 @@ import pytest
 
 from pipelines.loras import FOLDER
 from tests.damaged_loras import DAMAGES, write_damaged
+from tests.e2e import test_async_jobs, test_loras_served
 from tests.e2e.conftest import HTTP, Server, start_server, stop_server, wait_until
 from tests.e2e.test_async_jobs import ASYNC, Receiver
+from tests.e2e.test_loras_served import FLUX2_LORA as LORA
 
 KEY = "sk-hostile-api-key-0123456789"
 SECRET = "whsec_" + base64.b64encode(b"hostile-run webhook secret 32 b!").decode()
 AUTH = {"Authorization": f"Bearer {KEY}"}
 FAST = {"prompt": "x", "size": "64x64", "num_inference_steps": 2, "response_format": "b64_json"}
-LORA = "tiny-flux2-style"  # written by `fluxd weights tiny`
+# The webhook receiver and the LoRA tests' weights (the tiny checkpoints, their LoRAs, two files that are no
+# LoRA), as those modules' fixtures make them.
+receiver = test_async_jobs.receiver
+weights = test_loras_served.weights
 
 
 @pytest.fixture(scope="module")
-def weights(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoints and their LoRAs, with one damaged LoRA file per kind of damage beside them."""
-    root = tmp_path_factory.mktemp("hostile-weights")
-    for folder in tiny_weights.iterdir():
-        if folder.name != FOLDER:
-            (root / folder.name).symlink_to(folder)
-    shutil.copytree(tiny_weights / FOLDER, root / FOLDER)
-    write_damaged(root / FOLDER)
-    return root
+def damaged(weights: Path) -> Path:
+    """The LoRA tests' weights with one damaged LoRA file per kind of damage beside them."""
+    write_damaged(weights / FOLDER)
+    return weights
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    running = Receiver()
-    yield running
-    running.http.shutdown()
-
-
-@pytest.fixture(scope="module")
-def served(weights: Path, tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Iterator[Server]:
+def served(damaged: Path, tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Iterator[Server]:
     env = {
         "FLUXD_API_KEYS": KEY,
         "FLUXD_WEBHOOK_ALLOW": f"{receiver.url}/hooks",
         "FLUXD_WEBHOOK_SECRET": SECRET,
     }
-    server = start_server(weights, tmp_path_factory.mktemp("hostile"), env=env)
+    server = start_server(damaged, tmp_path_factory.mktemp("hostile"), env=env)
     yield server
     stop_server(server)
 
@@ -112,7 +104,7 @@ def test_a_damaged_lora_file_is_a_400_naming_loras_and_the_file(served: Server, 
     assert f"{damage}.safetensors" in message
 
 
-def test_damaged_files_are_listed_unusable_and_the_rest_served(served: Server, weights: Path) -> None:
+def test_damaged_files_are_listed_unusable_and_the_rest_served(served: Server, damaged: Path) -> None:
     answer = HTTP.get(f"{served.url}/v1/loras", headers=AUTH)
     assert answer.status_code == 200, answer.text
     listing = answer.json()
@@ -121,7 +113,7 @@ def test_damaged_files_are_listed_unusable_and_the_rest_served(served: Server, w
     assert all(f"{damage}.safetensors" in reasons[damage] for damage in DAMAGES)
     assert generate(served, loras=[{"path": LORA}]).status_code == 200
 
-    command = [sys.executable, "-m", "server.cli", "weights", "list", "--dir", str(weights)]
+    command = [sys.executable, "-m", "server.cli", "weights", "list", "--dir", str(damaged)]
     listed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()

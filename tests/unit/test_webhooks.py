@@ -72,6 +72,16 @@ def test_urls_under_an_allowed_prefix_pass(url: str) -> None:
         "http://127.0.0.1:notaport/",
         "ftp://127.0.0.1:8765/",
         "not a url",
+        # Dot segments and escapes that would climb out of a prefix once normalised (RFC 3986), or once a
+        # receiver decodes an escaped separator:
+        "https://hooks.lan:9000/fluxd/../admin",
+        "https://hooks.lan:9000/fluxd/%2e%2E/admin",
+        "https://hooks.lan:9000/fluxd/./a/../../admin",
+        "https://hooks.lan:9000/fluxd/..%2Fadmin",
+        "https://hooks.lan:9000/fluxd/..%5cadmin",
+        "https://hooks.lan:9000/fluxd\\..\\admin",
+        "https://hooks.lan:9000/fluxd/%zz",
+        "https://hooks.lan:9000/fluxd/a b",
     ],
 )
 def test_other_urls_are_a_400_naming_webhook_url(url: str) -> None:
@@ -96,25 +106,6 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings(["--webhook-secret", "whsec_???"])
     with pytest.raises(ValueError, match=r"entry 'hooks\.lan/x'"):
         Webhooks(["hooks.lan/x"], SECRET)
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "https://hooks.lan:9000/fluxd/../admin",
-        "https://hooks.lan:9000/fluxd/%2e%2E/admin",
-        "https://hooks.lan:9000/fluxd/./a/../../admin",
-        "https://hooks.lan:9000/fluxd/..%2Fadmin",  # an escaped '/' a receiver may decode
-        "https://hooks.lan:9000/fluxd/..%5cadmin",
-        "https://hooks.lan:9000/fluxd\\..\\admin",
-        "https://hooks.lan:9000/fluxd/%zz",
-        "https://hooks.lan:9000/fluxd/a b",
-    ],
-)
-def test_dot_segments_and_escapes_cannot_climb_out_of_a_prefix(url: str) -> None:
-    with pytest.raises(InvalidParameter) as info:
-        Webhooks(ALLOW, SECRET).check(url)
-    assert info.value.param == "webhook_url"
 
 
 @pytest.mark.parametrize(
