@@ -187,7 +187,8 @@ class _ImageFields(BaseModel):
     loras: list[LoraWeight] | None = declare(
         "native",
         f"up to {MAX_LORAS} of the server's LoRAs, [{{path, scale}}]: a name under weights/loras/ or a "
-        "Hugging Face repo pulled with `fluxd weights pull --lora`; scale -4 to 4 (default 1); applied "
+        f"Hugging Face repo pulled with `fluxd weights pull --lora` (at most {MAX_NAME_CHARS} characters); "
+        "scale -4 to 4 (default 1); applied "
         "unfused on the shared base (diffusers/PEFT, kohya, BFL/ai-toolkit layouts), stacking on Turbo; "
         "multipart: a JSON text field",
         "fal's FLUX LoRA endpoints (fal-ai/flux-lora, fal-ai/flux-2/lora)",

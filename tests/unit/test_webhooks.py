@@ -145,3 +145,12 @@ def test_allow_entries_are_normalised_and_a_bad_one_masks_its_password() -> None
 )
 def test_prefer_respond_async_as_rfc_7240_writes_it(headers: list, expected: bool) -> None:
     assert wants_async(Request({"type": "http", "headers": headers})) is expected
+
+
+def test_a_stored_url_the_list_no_longer_admits_is_not_sent(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    # Port 9 (discard) is never tried: the URL is refused before any connection, and the log says why.
+    webhooks = Webhooks(["http://127.0.0.1:9/other"], SECRET)
+    assert not asyncio.run(webhooks.deliver("job_x", "http://127.0.0.1:9/hooks/x", b"{}"))
+    assert "not under --webhook-allow" in caplog.text and "try 1" not in caplog.text
