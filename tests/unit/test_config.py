@@ -391,3 +391,20 @@ def test_synthetic_weights_serve_every_built_in_model_without_a_checkpoint(tmp_p
     )
     assert set(served_specs(settings)) == set(SPECS)  # a user's own folder has no published config to build
     assert not served_specs(load_settings(["--weights-dir", str(tmp_path / "empty")]))
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--webhook-allow", "http://h/x", "--webhook-secret", "whsec_c2hvcnQ="],  # too short
+        ["--webhook-allow", "http://h/x", "--webhook-secret", "whsec_sk-key-1!"],  # not base64
+        ["--webhook-allow", "http://h/x", "--ray-min-replicas", "2", "--ray-max-replicas", "1"],
+        ["--webhook-allow", "http://ops:sk-key-1@h/x"],
+    ],
+)
+def test_a_start_up_error_shows_no_secret(flags: list[str]) -> None:
+    secret = "whsec_" + "A" * 43
+    with pytest.raises(ValidationError) as caught:
+        load_settings(["--api-key", "sk-key-1", "--webhook-secret", secret, *flags])
+    shown = problems(caught.value)
+    assert shown and "sk-key-1" not in shown and "AAAA" not in shown and "c2hvcnQ" not in shown
