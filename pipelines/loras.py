@@ -13,25 +13,25 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import re
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pipelines.errors import InvalidParameter
+from pipelines.safetensors_header import HeaderError, read_header
 from pipelines.specs import Family
 
 PARAM = "loras"
 FOLDER = "loras"  # weights/loras/
 MAX_LORAS = 3  # fal's FLUX LoRA endpoints take up to 3
 MAX_SCALE = 4.0  # fal's bound on a LoRA's scale
+# A name is one file or folder name (with its suffix, or a repo id): POSIX file systems take 255 bytes.
+MAX_NAME_CHARS = 255
 SUFFIX = ".safetensors"
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 DEFAULT_CACHE_MB = 2048  # adapters a worker keeps loaded (--lora-cache-mb)
-MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 
 Layout = Literal["diffusers", "kohya", "bfl", "peft"]
 LoraFamily = Literal["flux2", "flux1"]  # FLUX.1 [dev] and Kontext share one transformer architecture
@@ -77,21 +77,16 @@ class LoraInfo:
         }
 
 
-def _header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+def _header(path: Path, name: str) -> tuple[dict[str, list[int]], dict[str, str]]:
     """Tensor shapes and metadata from a safetensors file's JSON header, without reading any tensor."""
     try:
-        with path.open("rb") as file:
-            (length,) = struct.unpack("<Q", file.read(8))
-            if length > MAX_HEADER_BYTES:
-                raise ValueError("header too large")
-            header = json.loads(file.read(length))
-    except (OSError, ValueError, struct.error) as exc:
-        raise InvalidParameter(PARAM, f"LoRA file '{path.name}' is not a readable safetensors file.") from exc
-    if not isinstance(header, dict):
-        raise InvalidParameter(PARAM, f"LoRA file '{path.name}' is not a readable safetensors file.")
-    metadata = header.pop("__metadata__", None) or {}
-    shapes = {key: list(value.get("shape", [])) for key, value in header.items() if isinstance(value, dict)}
-    return shapes, metadata
+        tensors, metadata = read_header(path)
+    except (OSError, HeaderError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise InvalidParameter(
+            PARAM, f"LoRA '{name}': its file {path.name} is not a valid safetensors file ({why})."
+        ) from exc
+    return {key: tensor.shape for key, tensor in tensors.items()}, metadata
 
 
 def _layout(keys: list[str]) -> Layout | None:
@@ -161,12 +156,12 @@ def _family(shapes: dict[str, list[int]], metadata: dict[str, str]) -> LoraFamil
 
 @functools.lru_cache(maxsize=256)
 def _inspect(path: Path, name: str, stamp: tuple[int, int]) -> LoraInfo:
-    shapes, metadata = _header(path)
+    shapes, metadata = _header(path, name)
     keys = list(shapes)
     layout = _layout(keys)
     downs = [shape for key, shape in shapes.items() if _DOWN.search(key) and len(shape) == 2]
     if layout is None or not downs:
-        example = ", ".join(keys[:2]) or "no tensors"
+        example = ", ".join(key[:80] for key in keys[:2]) or "no tensors"
         raise InvalidParameter(
             PARAM,
             f"LoRA '{name}' has key names fluxd cannot load ({example}): it takes diffusers/PEFT, kohya "
@@ -209,6 +204,13 @@ def _hub_folder(repo_id: str) -> Path | None:
         return None
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name past the file system's limits (ENAMETOOLONG) names nothing there
+        return False
+
+
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -227,7 +229,7 @@ def locate(name: str, weights_dir: Path) -> Path:
     for candidate in (root / name, root / f"{name}{SUFFIX}"):
         found = candidate.resolve()
         # A symlink may point anywhere the operator chose; the name itself may not climb out.
-        if not candidate.absolute().is_relative_to(root) or not found.exists():
+        if not candidate.absolute().is_relative_to(root) or not _exists(found):
             continue
         if found.is_dir():
             return _weights_file(found, name)
@@ -282,6 +284,8 @@ def catalog(weights_dir: Path) -> Iterator[LoraInfo | tuple[str, str]]:
             yield inspect(locate(name, weights_dir), name)
         except InvalidParameter as exc:
             yield name, exc.message
+        except OSError as exc:  # one unreadable entry (a dangling link, a permission) lists as such alone
+            yield name, f"LoRA '{name}' cannot be read ({exc.strerror})."
 
 
 def _hub_loras() -> list[str]:

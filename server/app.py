@@ -169,7 +169,8 @@ def create_app(
     )
     app.state.started = int(time.time())
     app.state.metrics = Metrics()
-    app.state.webhooks = Webhooks(settings.webhook_allow, settings.webhook_secret)
+    secret = settings.webhook_secret
+    app.state.webhooks = Webhooks(settings.webhook_allow, secret.get_secret_value() if secret else None)
     keys = [key.encode() for key in settings.all_api_keys()]
     max_body = int(settings.max_body_mb * 2**20)
 

@@ -24,6 +24,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -43,7 +44,7 @@ from pydantic_settings import (
 from pipelines.loras import DEFAULT_CACHE_MB
 from pipelines.messages import WORKER_ENTRY
 from pipelines.modes import Mode
-from server.webhooks import secret_key
+from server.webhooks import allow_list, masked, secret_key
 
 ENV_PREFIX = "FLUXD_"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluxd"
@@ -108,9 +109,9 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         default=None, description="absolute base of returned image URLs, e.g. http://gpu-box:8000"
     )
-    api_keys: list[str] = Field(
+    api_keys: list[SecretStr] = Field(
         default=[],
-        description="accepted bearer keys (repeatable; comma-separated in the environment)",
+        description="accepted bearer keys (repeatable; comma-separated in the environment); never printed",
         json_schema_extra={"flag": "api-key"},
     )
     api_key_file: Path | None = Field(default=None, description="file with one accepted key per line")
@@ -169,10 +170,11 @@ class Settings(BaseSettings):
         description="URL prefixes a job's webhook_url may target, e.g. https://hooks.lan:9000/fluxd; empty: "
         "no webhooks (a server that POSTs wherever it is told is an SSRF)",
     )
-    webhook_secret: str | None = Field(
+    webhook_secret: SecretStr | None = Field(
         default=None,
         validate_default=True,  # so that a missing secret is checked against --webhook-allow
-        description="Standard Webhooks signing secret, whsec_<base64>; needed with --webhook-allow",
+        description="Standard Webhooks signing secret, whsec_<base64>; needed with --webhook-allow; never "
+        "printed",
     )
     queue_size: int = Field(default=64, ge=1, description="queued requests per model before 429")
     queue_timeout_s: float = Field(
@@ -301,13 +303,19 @@ class Settings(BaseSettings):
             self.weights_dir = DEFAULT_CACHE / "tiny"
         return self
 
+    @field_validator("webhook_allow")
+    @classmethod
+    def _allow_list(cls, entries: list[str]) -> list[str]:
+        allow_list(entries)  # a ValueError names the bad entry, its credentials masked
+        return entries
+
     @field_validator("webhook_secret")
     @classmethod
-    def _webhooks_are_signed(cls, secret: str | None, info: ValidationInfo) -> str | None:
+    def _webhooks_are_signed(cls, secret: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if secret is None and info.data.get("webhook_allow"):
             raise ValueError("needed with --webhook-allow: every webhook is signed (whsec_<base64>)")
         if secret is not None:
-            secret_key(secret)  # a ValueError says what is wrong with it
+            secret_key(secret.get_secret_value())  # a ValueError says what is wrong with it, not the value
         return secret
 
     @model_validator(mode="after")
@@ -332,7 +340,8 @@ class Settings(BaseSettings):
         return self.weights == "synthetic"
 
     def all_api_keys(self) -> list[str]:
-        keys = [key.strip() for key in self.api_keys if key.strip()]  # --api-key "" must not open the door
+        # --api-key "" must not open the door
+        keys = [key.get_secret_value().strip() for key in self.api_keys if key.get_secret_value().strip()]
         if self.api_key_file is not None:
             keys += [line.strip() for line in self.api_key_file.read_text().splitlines() if line.strip()]
         return keys
@@ -416,10 +425,26 @@ def load_settings(
     return Settings(_cli_settings_source=loaded)  # type: ignore[call-arg]
 
 
+def _secret(annotation: Any) -> bool:
+    return annotation is SecretStr or any(_secret(arg) for arg in get_args(annotation))
+
+
+SECRETS = frozenset(name for name, field in Settings.model_fields.items() if _secret(field.annotation))
+
+
+def _shown_input(name: str, value: Any) -> str:
+    """What a start-up error shows of the value it refused: never a secret, never a URL's credentials."""
+    if name in SECRETS:
+        return "(hidden)"
+    return masked(json.dumps(value, default=str))
+
+
 def problems(exc: ValidationError | SettingsError) -> str:
-    """A start-up error as a user reads it: each bad setting with the places it can come from."""
+    """A start-up error as a user reads it: each bad setting with the places it can come from. The value of
+    a secret setting is never shown, nor are all the settings at once (an error of the whole configuration
+    names the settings it is about instead)."""
     if isinstance(exc, SettingsError):
-        return str(exc)
+        return masked(str(exc))
     lines = []
     for error in exc.errors():
         name = str(error["loc"][0]) if error["loc"] else ""
@@ -429,11 +454,13 @@ def problems(exc: ValidationError | SettingsError) -> str:
             else "the TOML file"
         )
         path = ".".join(map(str, error["loc"]))
+        message = masked(error["msg"])
         if error["type"] == "extra_forbidden":
             lines.append(f"unknown setting `{path}` (in {where})")
+        elif not error["loc"]:  # a check across settings: its input is every setting, secrets included
+            lines.append(message)
         else:
-            got = json.dumps(error["input"], default=str)
-            lines.append(f"{path}: {error['msg']}, got {got} (from {where})")
+            lines.append(f"{path}: {message}, got {_shown_input(name, error['input'])} (from {where})")
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from pipelines.errors import InvalidParameter, ModelNotFound
 
@@ -63,6 +64,7 @@ KINDS: dict[str, ErrorKind] = {
     "job_crashed": ErrorKind(500, "server_error"),
 }
 _BY_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 class APIError(Exception):
@@ -125,8 +127,23 @@ def envelope(error: APIError) -> dict[str, Any]:
     return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
 
 
-def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(envelope(error), status_code=error.status, headers=error.headers())
+def error_response(error: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        envelope(error), status_code=error.status, headers={**error.headers(), **(headers or {})}
+    )
+
+
+def allowed_methods(request: Request) -> str:
+    """The `Allow` header of a 405 (RFC 9110 15.5.6): each method some route of this path answers, asked of
+    the routes themselves, so that two routes of one path (GET and DELETE of a job) are both named."""
+    return ", ".join(
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.routes
+        )
+    )
 
 
 def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
@@ -176,11 +193,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc, BodyTooLarge):
             return error_response(exc.error)
         code = _BY_STATUS.get(exc.status_code, "invalid_value")
-        return error_response(APIError(code, str(exc.detail)))
+        headers = {"Allow": allowed_methods(request)} if exc.status_code == 405 else None
+        return error_response(APIError(code, str(exc.detail)), headers)
 
     async def _known(_request: Request, exc: Exception) -> JSONResponse:
         return error_response(to_api_error(exc))

@@ -214,8 +214,8 @@ class JobService:
             raise InvalidParameter(
                 "stream", "stream=true and Prefer: respond-async ask for two different answers: choose one."
             )
-        if body.webhook_url is not None:
-            self.webhooks.check(body.webhook_url)
+        # The URL that was compared with the allow-list is the one stored and sent.
+        webhook_url = None if body.webhook_url is None else self.webhooks.check(body.webhook_url)
         # A synchronous request takes partial_images only with stream=true; a job keeps the latest to poll.
         plain = body.model_copy(update={"partial_images": None})
         prepared = await self.images.prepare(plain, images, prompt_required)
@@ -225,7 +225,7 @@ class JobService:
         prepared = Prepared(render, prepared.reply, prepared.spec)
         base_url = public_base(http, self.settings)
         owner = owner_of(http)
-        new = NewJob(job_id, owner, endpoint, render.model, _dump(prepared, base_url), body.webhook_url)
+        new = NewJob(job_id, owner, endpoint, render.model, _dump(prepared, base_url), webhook_url)
         table = await self._open()
         try:
             stored = await table.insert(new, self.settings.max_jobs)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
-from pipelines.loras import MAX_LORAS
+from pipelines.loras import MAX_LORAS, MAX_NAME_CHARS
 from pipelines.specs import Acceleration
 from server.parameters import LUMENFALL, OPENAI, Declarations, declare
 
@@ -35,7 +35,7 @@ class LoraWeight(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: Text
+    path: Text = Field(max_length=MAX_NAME_CHARS)
     scale: float = 1.0
 
 
@@ -187,7 +187,8 @@ class _ImageFields(BaseModel):
     loras: list[LoraWeight] | None = declare(
         "native",
         f"up to {MAX_LORAS} of the server's LoRAs, [{{path, scale}}]: a name under weights/loras/ or a "
-        "Hugging Face repo pulled with `fluxd weights pull --lora`; scale -4 to 4 (default 1); applied "
+        f"Hugging Face repo pulled with `fluxd weights pull --lora` (at most {MAX_NAME_CHARS} characters); "
+        "scale -4 to 4 (default 1); applied "
         "unfused on the shared base (diffusers/PEFT, kohya, BFL/ai-toolkit layouts), stacking on Turbo; "
         "multipart: a JSON text field",
         "fal's FLUX LoRA endpoints (fal-ai/flux-lora, fal-ai/flux-2/lora)",
@@ -331,6 +332,48 @@ class ErrorBody(BaseModel):
     @model_serializer
     def _every_key(self) -> dict[str, str | None]:
         return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+
+
+class _StreamImage(BaseModel):
+    """What every image event of a stream (`stream: true`) carries; `type` repeats the SSE `event:` name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: str | None
+    output_format: OutputFormat
+
+
+class StreamPartialImage(_StreamImage):
+    """Event `image_generation.partial_image` (edits: `image_edit.partial_image`): a preview decoded from
+    the latents mid-run, up to `partial_images` of them, as OpenAI's ImageGenPartialImageEvent."""
+
+    partial_image_index: int
+
+
+class StreamCompleted(_StreamImage):
+    """Event `image_generation.completed` (edits: `image_edit.completed`): the final image, exactly once, as
+    OpenAI's ImageGenCompletedEvent, with fluxd's reproduction fields."""
+
+    usage: Usage
+    seed: int
+    revised_prompt: str | None
+    acceleration: str | None
+    has_nsfw_concepts: bool | None
+    safety_note: str | None
+
+
+class StreamError(BaseModel):
+    """Event `error`: the stream had begun as a 200 when the render failed; the error envelope."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["error"]
+    error: ErrorBody
 
 
 class ImageJob(BaseModel):

@@ -31,6 +31,8 @@ from typing import Any
 
 import ray
 from fastapi import FastAPI
+from pydantic import SecretStr, ValidationError
+from pydantic_settings import SettingsError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
@@ -38,7 +40,7 @@ from ray.serve.schema import ApplicationStatus
 from pipelines.messages import Assigned, Failure, Progress, Ready, RenderRequest, RenderResult, WorkerConfig
 from pipelines.specs import ModelSpec
 from server.app import create_app, worker_configs
-from server.config import Settings
+from server.config import Settings, problems
 from server.ray_pool import RayPool, lane_count
 from server.registry import adapter_present, checkpoint_present, served_specs
 
@@ -180,7 +182,7 @@ def for_the_cluster(settings: Settings) -> Settings:
         update={
             "weights_dir": settings.weights_dir.expanduser().resolve(),
             "store_dir": settings.store_dir.expanduser().resolve(),
-            "api_keys": settings.all_api_keys(),
+            "api_keys": [SecretStr(key) for key in settings.all_api_keys()],
             "api_key_file": None,
         }
     )
@@ -220,7 +222,12 @@ def application(settings: Settings, specs: Mapping[str, ModelSpec], gpus: float)
 def build(args: dict[str, Any]) -> serve.Application:
     """The application builder of a Serve config file (KubeRay's RayService: `import_path:
     server.ray_app:build`): `args` are settings by field name, over FLUXD_* environment variables."""
-    settings = for_the_cluster(Settings(**{"ray": "auto", **args}))  # arguments over FLUXD_* variables
+    try:
+        settings = for_the_cluster(Settings(**{"ray": "auto", **args}))  # arguments over FLUXD_* variables
+    except (ValidationError, SettingsError) as exc:
+        # Serve reports the builder's error as it is raised: pydantic's own text would show every input,
+        # secrets included; `from None`, since the chained original would too.
+        raise ValueError(f"fluxd settings: {problems(exc)}") from None
     if not settings.all_api_keys() and not settings.no_auth:
         raise ValueError("fluxd on a cluster needs an API key: set FLUXD_API_KEYS (or no_auth: true)")
     specs = served_specs(settings)

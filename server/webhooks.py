@@ -13,6 +13,8 @@ import binascii
 import hashlib
 import hmac
 import logging
+import re
+import string
 import time
 from collections.abc import Sequence
 from urllib.parse import SplitResult, urlsplit
@@ -28,6 +30,7 @@ SECRET_PREFIX = "whsec_"
 RETRY_DELAYS_S = (1.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0)
 TRY_TIMEOUT_S = 15.0
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_CREDENTIALS = re.compile(r"(//)[^/?#]*@")
 
 
 def secret_key(secret: str) -> bytes:
@@ -50,15 +53,78 @@ def sign(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
-def _parts(url: str) -> SplitResult | None:
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+_PATH_CHARS = _UNRESERVED | frozenset("!$&'()*+,;=:@/")  # RFC 3986 pchar and '/'
+_QUERY_CHARS = _PATH_CHARS | frozenset("?")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})|(%)|(.)", re.DOTALL)
+# Escapes a receiving server may decode into a separator: an encoded '/' or '\\' could climb back out of a
+# prefix after the comparison, so a URL holding one is refused.
+_SEPARATORS = ("%2F", "%5C")
+
+
+def _normal_escapes(text: str, allowed: frozenset[str]) -> str | None:
+    """RFC 3986 6.2.2: unreserved characters decoded, other escapes in upper case, every character that may
+    not stand bare percent-encoded (UTF-8); None for a '%' that starts no escape."""
+    out = []
+    for escape, bare_percent, char in _ESCAPE.findall(text):
+        if bare_percent:
+            return None
+        if escape:
+            decoded = chr(int(escape, 16))
+            out.append(decoded if decoded in _UNRESERVED else f"%{escape.upper()}")
+        elif char in allowed:
+            out.append(char)
+        else:
+            out.append("".join(f"%{byte:02X}" for byte in char.encode()))
+    return "".join(out)
+
+
+def _without_dot_segments(path: str) -> str:
+    """RFC 3986 5.2.4 on an absolute path: '.' and '..' segments resolved, never above the root."""
+    segments: list[str] = []
+    parts = path.split("/")[1:]
+    for index, segment in enumerate(parts):
+        last = index == len(parts) - 1
+        if segment == "..":
+            if segments:
+                segments.pop()
+            if last:
+                segments.append("")
+        elif segment == ".":
+            if last:
+                segments.append("")
+        else:
+            segments.append(segment)
+    return "/" + "/".join(segments)
+
+
+def canonical(url: str) -> SplitResult | None:
+    """`url` normalised as RFC 3986 says (case of scheme and host, default port, escapes, dot segments), as
+    httpx will send it; None unless it is an http(s) URL with a host, no credentials and nothing a server
+    could read as another path."""
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+        port = parts.port
     except ValueError:
         return None
-    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or parts.username or parts.password:
+    host = parts.hostname
+    if parts.scheme.lower() not in _DEFAULT_PORTS or not host or parts.username is not None:
         return None
-    return parts
+    if "\\" in url or not url.isprintable() or not host.isascii() or " " in url:
+        return None
+    path = _normal_escapes(parts.path or "/", _PATH_CHARS)
+    query = _normal_escapes(parts.query, _QUERY_CHARS)
+    if path is None or query is None or any(sep in path for sep in _SEPARATORS):
+        return None
+    scheme = parts.scheme.lower()
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        netloc += f":{port}"
+    normal = SplitResult(scheme, netloc, _without_dot_segments(path), query, "")
+    # The comparison holds only for the URL that is sent: one httpx would send otherwise is refused.
+    if str(httpx.URL(normal.geturl())) != normal.geturl():
+        return None
+    return normal
 
 
 def _port(parts: SplitResult) -> int:
@@ -74,31 +140,56 @@ def _within(url: SplitResult, prefix: SplitResult) -> bool:
     return not base or url.path == base or url.path.startswith(base + "/")
 
 
+def masked(url: str) -> str:
+    """`url` with the credentials of its authority, if any, replaced by '***', fit to print."""
+    return _CREDENTIALS.sub(r"\1***@", url)
+
+
+def allow_list(entries: Sequence[str]) -> list[SplitResult]:
+    """The operator's `--webhook-allow` prefixes, normalised; a ValueError names a bad one, credentials
+    masked."""
+    prefixes = []
+    for entry in entries:
+        parts = canonical(entry)
+        if parts is None:
+            raise ValueError(
+                f"entry {masked(entry)!r} is not an http(s) URL without credentials, e.g. https://hooks.lan/fluxd"
+            )
+        prefixes.append(parts)
+    return prefixes
+
+
 class Webhooks:
     """Checks webhook URLs against the allow-list and delivers signed POSTs."""
 
     def __init__(self, allow: Sequence[str], secret: str | None) -> None:
-        self.allow = []
-        for entry in allow:
-            parts = _parts(entry)
-            if parts is None:
-                raise ValueError(f"--webhook-allow entry {entry!r} is not an http(s) URL without credentials")
-            self.allow.append(parts)
+        self.allow = allow_list(allow)
         self.key = secret_key(secret) if secret else None
 
-    def check(self, url: str) -> None:
-        """A 400 naming webhook_url unless the URL is under one of the operator's prefixes."""
+    def allowed(self, url: str) -> str | None:
+        """The normalised URL, which is the one compared and the one sent; None when no prefix admits it."""
+        parts = canonical(url)
+        if parts is None or not any(_within(parts, prefix) for prefix in self.allow):
+            return None
+        return parts.geturl()
+
+    def check(self, url: str) -> str:
+        """The URL to store and send (normalised), or a 400 naming webhook_url unless the URL is under one of
+        the operator's prefixes."""
         if not self.allow or self.key is None:
             raise InvalidParameter(
                 "webhook_url",
                 "This server sends no webhooks: its operator allows no webhook URLs (--webhook-allow).",
             )
-        parts = _parts(url)
-        if parts is None or not any(_within(parts, prefix) for prefix in self.allow):
+        target = self.allowed(url)
+        if target is None:
             raise InvalidParameter(
                 "webhook_url",
-                "webhook_url is not under any URL this server's operator allows (--webhook-allow).",
+                "webhook_url is not under any URL this server's operator allows (--webhook-allow), once "
+                "normalised (RFC 3986: dot segments resolved, escapes decoded; an escaped '/' or '\\' is "
+                "refused).",
             )
+        return target
 
     def headers(self, message_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
         assert self.key is not None  # check() refused every webhook_url without a key
@@ -113,6 +204,11 @@ class Webhooks:
     async def deliver(self, message_id: str, url: str, body: bytes) -> bool:
         """POST until a 2xx answers or the retries run out; every try is logged. Each try is signed anew, as
         its timestamp is new. Redirects are not followed: a redirect could lead off the allow-list."""
+        target = self.allowed(url)
+        if target is None:  # stored before a restart with another --webhook-allow, or before normalisation
+            logger.error("webhook %s not sent: %s is not under --webhook-allow", message_id, masked(url))
+            return False
+        url = target
         async with httpx.AsyncClient(timeout=TRY_TIMEOUT_S, follow_redirects=False) as client:
             for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S), start=1):
                 await asyncio.sleep(delay)

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from pydantic_settings import SettingsError
 
 from pipelines.specs import SPECS
@@ -90,8 +90,13 @@ def test_config_file_from_env_and_the_flag_wins(tmp_path: Path, environ: pytest.
 @pytest.mark.parametrize(
     ("variable", "raw", "field", "expected"),
     [
-        ("FLUXD_API_KEYS", " k1, k2,,k3 ,", "api_keys", ["k1", "k2", "k3"]),
-        ("FLUXD_API_KEYS", '["k1,still k1", "k2"]', "api_keys", ["k1,still k1", "k2"]),  # JSON too
+        ("FLUXD_API_KEYS", " k1, k2,,k3 ,", "api_keys", [SecretStr("k1"), SecretStr("k2"), SecretStr("k3")]),
+        (
+            "FLUXD_API_KEYS",
+            '["k1,still k1", "k2"]',
+            "api_keys",
+            [SecretStr("k1,still k1"), SecretStr("k2")],
+        ),  # JSON too
         ("FLUXD_DEVICES", "cuda:0,cuda:1", "devices", ["cuda:0", "cuda:1"]),
         ("FLUXD_CORS_ORIGINS", "http://a.lan,http://b.lan", "cors_origins", ["http://a.lan", "http://b.lan"]),
         ("FLUXD_PRELOAD", "flux.1-dev", "preload", ["flux.1-dev"]),
@@ -117,8 +122,8 @@ def test_env_values_are_parsed(
 @pytest.mark.parametrize(
     ("flags", "field", "expected"),
     [
-        (["--api-key", "k1", "--api-key", "k2"], "api_keys", ["k1", "k2"]),
-        (["--api-keys", "k1,k2"], "api_keys", ["k1", "k2"]),
+        (["--api-key", "k1", "--api-key", "k2"], "api_keys", [SecretStr("k1"), SecretStr("k2")]),
+        (["--api-keys", "k1,k2"], "api_keys", [SecretStr("k1"), SecretStr("k2")]),
         (
             ["--cors-origin", "http://a.lan", "--cors-origin", "http://b.lan"],
             "cors_origins",
@@ -386,3 +391,20 @@ def test_synthetic_weights_serve_every_built_in_model_without_a_checkpoint(tmp_p
     )
     assert set(served_specs(settings)) == set(SPECS)  # a user's own folder has no published config to build
     assert not served_specs(load_settings(["--weights-dir", str(tmp_path / "empty")]))
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--webhook-allow", "http://h/x", "--webhook-secret", "whsec_c2hvcnQ="],  # too short
+        ["--webhook-allow", "http://h/x", "--webhook-secret", "whsec_sk-key-1!"],  # not base64
+        ["--webhook-allow", "http://h/x", "--ray-min-replicas", "2", "--ray-max-replicas", "1"],
+        ["--webhook-allow", "http://ops:sk-key-1@h/x"],
+    ],
+)
+def test_a_start_up_error_shows_no_secret(flags: list[str]) -> None:
+    secret = "whsec_" + "A" * 43
+    with pytest.raises(ValidationError) as caught:
+        load_settings(["--api-key", "sk-key-1", "--webhook-secret", secret, *flags])
+    shown = problems(caught.value)
+    assert shown and "sk-key-1" not in shown and "AAAA" not in shown and "c2hvcnQ" not in shown

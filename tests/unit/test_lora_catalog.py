@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 from pipelines.errors import InvalidParameter
 from pipelines.loras import FOLDER, catalog, inspect, locate, resolve
+from tests.damaged_loras import DAMAGES, write_damaged
 
 
 def lora(path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None) -> Path:
@@ -148,3 +149,26 @@ def test_an_async_job_keeps_its_loras_through_the_job_table(tmp_path: Path) -> N
     render, reply = build_request(body, SPECS["flux.2-dev"], {}, weights_dir=tmp_path)
     loaded, _ = _load(_dump(Prepared(render, reply, SPECS["flux.2-dev"]), "http://x"), SPECS)
     assert loaded.render.loras == render.loras and loaded.render.loras[0].scale == 0.5
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_header_is_a_400_naming_the_file(tmp_path: Path, damage: str) -> None:
+    path = write_damaged(tmp_path / FOLDER)[damage]
+    with pytest.raises(InvalidParameter) as info:
+        inspect(path, damage)
+    assert info.value.param == "loras" and path.name in info.value.message
+
+
+def test_a_damaged_file_is_listed_alone_as_unusable(tmp_path: Path) -> None:
+    lora(tmp_path / FOLDER / "good.safetensors", {"transformer.x.lora_A.weight": (4, 8)})
+    damaged = write_damaged(tmp_path / FOLDER)
+    listed = list(catalog(tmp_path))
+    assert "good" in [entry.name for entry in listed if not isinstance(entry, tuple)]
+    reasons = dict(entry for entry in listed if isinstance(entry, tuple))  # the Hugging Face cache's too
+    assert all(f"{name}.safetensors" in reasons[name] for name in damaged)
+
+
+def test_a_name_past_the_file_systems_limit_names_no_lora(weights: Path) -> None:
+    with pytest.raises(InvalidParameter, match="No LoRA named") as info:
+        locate("é" * 200, weights)
+    assert info.value.param == "loras"

@@ -72,6 +72,16 @@ def test_urls_under_an_allowed_prefix_pass(url: str) -> None:
         "http://127.0.0.1:notaport/",
         "ftp://127.0.0.1:8765/",
         "not a url",
+        # Dot segments and escapes that would climb out of a prefix once normalised (RFC 3986), or once a
+        # receiver decodes an escaped separator:
+        "https://hooks.lan:9000/fluxd/../admin",
+        "https://hooks.lan:9000/fluxd/%2e%2E/admin",
+        "https://hooks.lan:9000/fluxd/./a/../../admin",
+        "https://hooks.lan:9000/fluxd/..%2Fadmin",
+        "https://hooks.lan:9000/fluxd/..%5cadmin",
+        "https://hooks.lan:9000/fluxd\\..\\admin",
+        "https://hooks.lan:9000/fluxd/%zz",
+        "https://hooks.lan:9000/fluxd/a b",
     ],
 )
 def test_other_urls_are_a_400_naming_webhook_url(url: str) -> None:
@@ -94,8 +104,32 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings([])
     with pytest.raises(ValidationError, match="webhook_secret"):
         load_settings(["--webhook-secret", "whsec_???"])
-    with pytest.raises(ValueError, match="--webhook-allow entry"):
+    with pytest.raises(ValueError, match=r"entry 'hooks\.lan/x'"):
         Webhooks(["hooks.lan/x"], SECRET)
+
+
+@pytest.mark.parametrize(
+    ("url", "sent"),
+    [
+        ("https://hooks.lan:9000/fluxd/a/../b", "https://hooks.lan:9000/fluxd/b"),
+        ("HTTPS://Hooks.LAN:9000/fluxd/./%7Euser?q=%2f", "https://hooks.lan:9000/fluxd/~user?q=%2F"),
+        ("http://127.0.0.1:8765", "http://127.0.0.1:8765/"),
+        ("http://127.0.0.1:8765/é#fragment", "http://127.0.0.1:8765/%C3%A9"),
+    ],
+)
+def test_the_url_compared_is_the_normal_one_and_the_one_sent(url: str, sent: str) -> None:
+    import httpx
+
+    assert Webhooks(ALLOW, SECRET).check(url) == sent
+    assert str(httpx.URL(sent)) == sent
+
+
+def test_allow_entries_are_normalised_and_a_bad_one_masks_its_password() -> None:
+    webhooks = Webhooks(["https://hooks.lan/a/../fluxd/"], SECRET)
+    assert webhooks.check("https://hooks.lan/fluxd/x") == "https://hooks.lan/fluxd/x"
+    with pytest.raises(ValueError, match=r"https://\*\*\*@hooks") as info:
+        Webhooks(["https://user:hunter2@hooks.lan/x"], SECRET)
+    assert "hunter2" not in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -111,3 +145,12 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_prefer_respond_async_as_rfc_7240_writes_it(headers: list, expected: bool) -> None:
     assert wants_async(Request({"type": "http", "headers": headers})) is expected
+
+
+def test_a_stored_url_the_list_no_longer_admits_is_not_sent(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    # Port 9 (discard) is never tried: the URL is refused before any connection, and the log says why.
+    webhooks = Webhooks(["http://127.0.0.1:9/other"], SECRET)
+    assert not asyncio.run(webhooks.deliver("job_x", "http://127.0.0.1:9/hooks/x", b"{}"))
+    assert "not under --webhook-allow" in caplog.text and "try 1" not in caplog.text
