@@ -46,6 +46,7 @@ KINDS: dict[str, ErrorKind] = {
     "image_not_found": ErrorKind(404, "not_found"),
     "job_not_found": ErrorKind(404, "not_found"),
     "job_finished": ErrorKind(409),
+    "idempotency_key_reused": ErrorKind(422),  # the same Idempotency-Key with another request
     "not_found": ErrorKind(404, "not_found"),
     "method_not_allowed": ErrorKind(405),
     "request_too_large": ErrorKind(413),

@@ -214,6 +214,13 @@ class _ImageFields(BaseModel):
         "BFL API reference (webhook_url)",
         max_length=2048,
     )
+    job_ttl_s: float | None = declare(
+        "emulated",
+        "with Prefer: respond-async, seconds the ended job and its result stay fetchable (its expires_at); "
+        "shorter than the server's --job-ttl-s, never longer (else a 400)",
+        "OpenAI video jobs (expires_at)",
+        gt=0,
+    )
 
 
 class ImageGenerationRequest(_ImageFields):
@@ -349,7 +356,15 @@ class ImageJob(BaseModel):
     result: ImagesResponse | None = None
     error: ErrorBody | None = None
     finished: int | None = None
-    expires: int | None = None
+    expires_at: int | None = None  # once it ended: when it and its result go (a DELETE takes them sooner)
+
+
+class ImageJobDeleted(BaseModel):
+    """The answer to DELETE of an ended job, as OpenAI's deletions answer."""
+
+    id: str
+    object: Literal["image.job.deleted"] = "image.job.deleted"
+    deleted: Literal[True] = True
 
 
 class ImageJobList(BaseModel):

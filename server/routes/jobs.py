@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from server.job_service import JobService, owner_of
-from server.protocol import ImageJob, ImageJobList
+from server.protocol import ImageJob, ImageJobDeleted, ImageJobList
 
 router = APIRouter(prefix="/v1/images/jobs", tags=["jobs"])
 
@@ -28,7 +28,8 @@ async def get_job(job_id: str, request: Request) -> ImageJob:
     return await _jobs(request).get(job_id, owner_of(request))
 
 
-@router.delete("/{job_id}", response_model=ImageJob, response_model_exclude_none=True)
-async def cancel_job(job_id: str, request: Request) -> ImageJob:
-    """Cancel: a queued job never runs, a running one stops at its next denoising step."""
-    return await _jobs(request).cancel(job_id, owner_of(request))
+@router.delete("/{job_id}", response_model=ImageJob | ImageJobDeleted, response_model_exclude_none=True)
+async def cancel_or_delete_job(job_id: str, request: Request) -> ImageJob | ImageJobDeleted:
+    """Cancel a queued job (it never runs) or a running one (it stops at its next denoising step); delete an
+    ended one, with its url images."""
+    return await _jobs(request).cancel_or_delete(job_id, owner_of(request))
