@@ -96,6 +96,7 @@ class JobService:
         self.metrics = metrics
         self.live: dict[str, LiveJob] = {}
         self._failure: str | None = None  # why the table could not be opened
+        self._end_failure = ""  # why the last end could not be stored
         self._background: set[asyncio.Task[Any]] = set()
 
     # Life cycle ---------------------------------------------------------------------------------------
@@ -143,11 +144,7 @@ class JobService:
         await self._count()
 
     def health(self) -> JobsHealth:
-        table = self.table
-        failure = self._failure if table is None else table.failure
-        moved = None if table is None or table.moved_aside is None else str(table.moved_aside)
-        state = "unavailable" if failure else "none" if table is None else "ok"
-        return JobsHealth(state, failure, moved)
+        return JobsHealth.of(self.table, self._failure, self.live.values(), self._end_failure)
 
     async def stop(self) -> None:
         """Stop waiting on the jobs without ending them: the table keeps them for the next start."""
@@ -355,6 +352,7 @@ class JobService:
                 await self._end(live.id, status, result, error, detail)
                 return
             except TableUnavailable as exc:
+                self._end_failure = exc.message
                 if live.ending is None:
                     logger.error(
                         "job %s %s, but its end cannot be stored yet: %s", live.id, status, exc.message

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -16,7 +17,7 @@ from pydantic import ValidationError
 from pipelines.messages import RenderedImage, RenderRequest, RenderResult
 from server.encode import encode
 from server.errors import APIError
-from server.jobs import JobRow, TableUnavailable
+from server.jobs import JobRow, JobTable, TableUnavailable
 from server.protocol import ErrorBody, ImageJob, ImagesResponse, JobPreview, JobProgress, JobStatus
 from server.scheduler import Job, Scheduler
 from server.service import Prepared
@@ -29,6 +30,17 @@ class JobsHealth:
     state: str
     reason: str | None
     moved_aside: str | None  # where a damaged table found at start-up was put
+
+    @classmethod
+    def of(
+        cls, table: JobTable | None, open_failure: str | None, live: Iterable[LiveJob], end_failure: str
+    ) -> JobsHealth:
+        failure = open_failure if table is None else table.failure
+        waiting = sum(job.ending is not None for job in live)
+        if waiting:  # reads may work meanwhile: the ends the table refused say it cannot write
+            failure = f"{waiting} ended jobs wait to be stored: {end_failure}"
+        moved = None if table is None or table.moved_aside is None else str(table.moved_aside)
+        return cls("unavailable" if failure else "none" if table is None else "ok", failure, moved)
 
 
 def owner_of(http: Request) -> str:

@@ -174,7 +174,7 @@ def test_raw_http_edit_with_a_url_result(keyed: Server) -> None:
     assert body["status"] == "succeeded", body
     image = HTTP.get(body["result"]["data"][0]["url"])
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
-    assert body["expires"] > body["finished"] >= body["created"]
+    assert body["expires_at"] > body["finished"] >= body["created"]
 
 
 def test_another_keys_job_answers_404(keyed: Server) -> None:
@@ -224,8 +224,10 @@ def test_cancel_while_queued_and_while_running(keyed: Server) -> None:
         body = job(keyed, job_id, KEY_A).json()
         assert body["status"] == "cancelled" and "result" not in body
         assert keyed.logs().count(f"job {job_id} ") == 1  # the one line of its end
+    # A DELETE of an ended job deletes it.
     again = HTTP.delete(f"{keyed.url}/v1/images/jobs/{long}", headers=auth(KEY_A))
-    assert again.status_code == 409 and again.json()["error"]["code"] == "job_finished"
+    assert again.json() == {"id": long, "object": "image.job.deleted", "deleted": True}
+    assert job(keyed, long, KEY_A).status_code == 404
 
 
 def test_webhook_is_signed_retried_and_delivered(keyed: Server, receiver: Receiver) -> None:

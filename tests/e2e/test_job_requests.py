@@ -1,0 +1,159 @@
+"""What a client asks of an async job beside its render, against a real server, by raw HTTP and the official
+SDK: an Idempotency-Key (replayed, refused with another body, one job for concurrent sends, kept across a
+restart), `Prefer: wait=N`, the deletion of an ended job, and a shorter retention."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import HTTP, LONG, Server, free_port, launch, serve_command, stop_server, wait_until
+from tests.e2e.test_async_jobs import ASYNC, FAST, KEY_A, KEY_B, auth, ended, job, submit, wait_for
+
+TTL_S = 120
+
+
+def command(tiny_weights: Path, tmp: Path, port: int) -> list[str]:
+    extra = ["--store-dir", str(tmp / "store"), "--job-ttl-s", str(TTL_S)]
+    return serve_command(tiny_weights, tmp, port) + extra
+
+
+def started(tiny_weights: Path, tmp: Path) -> Server:
+    port = free_port()
+    env = {**os.environ, "FLUXD_API_KEYS": f"{KEY_A},{KEY_B}"}
+    return launch(command(tiny_weights, tmp, port), port, tmp / f"server-{port}.log", env)
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = started(tiny_weights, tmp_path_factory.mktemp("requests"))
+    yield server
+    stop_server(server)
+
+
+def keyed_submit(server: Server, key: str, idempotency: str, **fields) -> httpx.Response:
+    return HTTP.post(
+        f"{server.url}/v1/images/generations",
+        json={**FAST, **fields},
+        headers={**ASYNC, **auth(key), "Idempotency-Key": idempotency},
+    )
+
+
+def test_an_idempotency_key_replays_refuses_another_body_and_makes_one_job(keyed: Server) -> None:
+    client = keyed.client(KEY_A, max_retries=0)
+    headers = {**ASYNC, "Idempotency-Key": "order-1"}
+    first = client.images.with_raw_response.generate(
+        prompt="a red fox", size="64x64", extra_body={"num_inference_steps": 2}, extra_headers=headers
+    )
+    again = client.images.with_raw_response.generate(
+        prompt="a red fox", size="64x64", extra_body={"num_inference_steps": 2}, extra_headers=headers
+    )
+    assert first.http_response.status_code == again.http_response.status_code == 202
+    assert again.http_response.json()["id"] == first.http_response.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true" and "idempotent-replayed" not in first.headers
+    # The same key with another body: a 422 naming the header, and no second job.
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.images.generate(
+            prompt="a blue fox", size="64x64", extra_body={"num_inference_steps": 2}, extra_headers=headers
+        )
+    assert (
+        info.value.body["code"] == "idempotency_key_reused" and info.value.body["param"] == "Idempotency-Key"
+    )
+    # Another key's owner has keys of its own.
+    theirs = keyed_submit(keyed, KEY_B, "order-1", prompt="a red fox", size="64x64")
+    assert theirs.status_code == 202 and theirs.json()["id"] != first.http_response.json()["id"]
+    # Eight sends at once while none has been answered yet: one job, the same for all.
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: keyed_submit(keyed, KEY_A, "order-2", **LONG), range(8)))
+    assert {answer.status_code for answer in answers} == {202}
+    ids = {answer.json()["id"] for answer in answers}
+    assert len(ids) == 1, ids
+    [inflight] = ids
+    listed = HTTP.get(f"{keyed.url}/v1/images/jobs", headers=auth(KEY_A), params={"limit": 100}).json()[
+        "data"
+    ]
+    assert [item["id"] for item in listed].count(inflight) == 1
+    HTTP.delete(f"{keyed.url}/v1/images/jobs/{inflight}", headers=auth(KEY_A))
+    malformed = keyed_submit(keyed, KEY_A, "bad key with spaces")
+    assert malformed.status_code == 400 and malformed.json()["error"]["param"] == "Idempotency-Key"
+
+
+def test_prefer_wait_answers_the_images_or_the_job(keyed: Server) -> None:
+    client = keyed.client(KEY_A, max_retries=0)
+    # Done within the wait: the SDK reads the 200 as the images it always gets.
+    images = client.images.generate(
+        prompt="a lighthouse",
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"num_inference_steps": 2, "seed": 4},
+        extra_headers={"Prefer": "respond-async, wait=240"},
+    )
+    assert images.data[0].b64_json and images.data[0].model_extra["seed"] == 4
+    # Not done within it: the 202 and the job, which runs on.
+    raw = HTTP.post(
+        f"{keyed.url}/v1/images/generations",
+        json=LONG,
+        headers={"Prefer": "respond-async, wait=1", **auth(KEY_A)},
+    )
+    assert raw.status_code == 202, raw.text
+    assert raw.headers["preference-applied"] == "respond-async, wait=1"
+    assert raw.json()["status"] in ("queued", "running")
+    HTTP.delete(f"{keyed.url}/v1/images/jobs/{raw.json()['id']}", headers=auth(KEY_A))
+    headers = {"Prefer": "respond-async, wait=soon", **auth(KEY_A)}
+    bad = HTTP.post(f"{keyed.url}/v1/images/generations", json=FAST, headers=headers)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "Prefer"
+
+
+def test_deleting_an_ended_job_removes_it_and_its_url_images(keyed: Server) -> None:
+    job_id = submit(keyed, KEY_A, response_format="url").json()["id"]
+    body = wait_for(keyed, job_id, ended, KEY_A)
+    url = body["result"]["data"][0]["url"]
+    assert HTTP.get(url).status_code == 200
+    client = keyed.client(KEY_A, max_retries=0)
+    deleted = client.delete(f"/images/jobs/{job_id}", cast_to=object)
+    assert deleted == {"id": job_id, "object": "image.job.deleted", "deleted": True}
+    assert HTTP.get(url).status_code == 404
+    assert job(keyed, job_id, KEY_A).status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        client.delete(f"/images/jobs/{job_id}", cast_to=object)
+
+
+def test_a_job_asks_for_a_shorter_retention_never_a_longer_one(keyed: Server) -> None:
+    short = submit(keyed, KEY_A, job_ttl_s=2).json()["id"]
+    body = wait_for(keyed, short, ended, KEY_A)
+    assert body["expires_at"] == body["finished"] + 2
+    kept = wait_for(keyed, submit(keyed, KEY_A).json()["id"], ended, KEY_A)
+    assert kept["expires_at"] == kept["finished"] + TTL_S
+    wait_until(lambda: job(keyed, short, KEY_A).status_code == 404)
+    assert job(keyed, kept["id"], KEY_A).status_code == 200
+    longer = submit(keyed, KEY_A, job_ttl_s=TTL_S + 1)
+    assert longer.status_code == 400 and longer.json()["error"]["param"] == "job_ttl_s"
+    client = keyed.client(KEY_A, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.generate(prompt="x", extra_body={"job_ttl_s": 5})  # without Prefer: respond-async
+    assert info.value.body["param"] == "job_ttl_s"
+
+
+@pytest.mark.timeout(600)
+def test_idempotency_keys_outlive_a_restart(tiny_weights: Path, tmp_path: Path) -> None:
+    first = started(tiny_weights, tmp_path)
+    try:
+        submitted = keyed_submit(first, KEY_A, "kept-key", seed=9).json()["id"]
+        wait_for(first, submitted, ended, KEY_A)
+    finally:
+        stop_server(first)
+    second = started(tiny_weights, tmp_path)
+    try:
+        replay = keyed_submit(second, KEY_A, "kept-key", seed=9)
+        assert replay.status_code == 202 and replay.json()["id"] == submitted
+        assert replay.json()["status"] == "succeeded"
+        other = keyed_submit(second, KEY_A, "kept-key", seed=10)
+        assert other.status_code == 422
+    finally:
+        stop_server(second)
