@@ -53,17 +53,17 @@ async def _submit(
     job, new = await jobs.submit(request, body, request.url.path, images, prompt_required)
     if wait:
         job = await jobs.wait(job.id, owner_of(request), wait)
-    replayed = {} if new else {"Idempotent-Replayed": "true"}
+    headers = {"Location": f"/v1/images/jobs/{job.id}", **({} if new else {"Idempotent-Replayed": "true"})}
     if wait is not None and job.result is not None:
         return JSONResponse(
             job.result.model_dump(mode="json", exclude_none=True),
-            headers={"Preference-Applied": f"wait={wait}", **replayed},
+            headers={"Preference-Applied": f"wait={wait}", **headers},
         )
     applied = "respond-async" if wait is None else f"respond-async, wait={wait}"
     return JSONResponse(
         job.model_dump(mode="json", exclude_none=True),
         status_code=202,
-        headers={"Location": f"/v1/images/jobs/{job.id}", "Preference-Applied": applied, **replayed},
+        headers={"Preference-Applied": applied, **headers},
     )
 
 

@@ -398,13 +398,15 @@ def test_a_cancelled_job_reports_its_end_by_webhook_too(keyed: Server, receiver:
     assert Webhook(SECRET).verify(body, headers)["data"]["id"] == job_id
 
 
-def async_jobs_blocks() -> dict[str, str]:
-    """The fenced code blocks of README's "## Async jobs" section, by info string."""
+def async_jobs_blocks(part: int = 0) -> dict[str, str]:
+    """The fenced code blocks of README's "## Async jobs" section (0) or its n-th subsection, by fence."""
     section = (ROOT / "README.md").read_text().split("\n## Async jobs", 1)[1].split("\n## ", 1)[0]
-    return dict(re.findall(r"^```(\w+)\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL))
+    text = section.split("\n### ")[part]
+    return dict(re.findall(r"^```(\w+)\n(.*?)^```$", text, flags=re.MULTILINE | re.DOTALL))
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("part", [0, 1])
 @pytest.mark.parametrize(
     ("fence", "command", "made"),
     [
@@ -413,11 +415,11 @@ def async_jobs_blocks() -> dict[str, str]:
     ],
 )
 def test_readme_async_blocks_run_as_they_stand(
-    keyed: Server, tmp_path: Path, fence: str, command: list[str], made: dict[str, tuple[int, int]]
+    keyed: Server, tmp_path: Path, fence: str, command: list[str], made: dict[str, tuple[int, int]], part: int
 ) -> None:
     if fence == "bash" and not all(shutil.which(tool) for tool in ("curl", "jq", "base64")):
         pytest.skip("curl, jq and base64 are needed for README's curl block")
-    code = async_jobs_blocks()[fence].replace("http://localhost:8000", keyed.url)
+    code = async_jobs_blocks(part)[fence].replace("http://localhost:8000", keyed.url)
     (tmp_path / "jobs.py").write_text(re.sub(r"\bKEY\b", KEY_A, code))
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=540, check=False)
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
