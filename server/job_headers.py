@@ -75,6 +75,10 @@ def check_replay(stored: str | None, asked: str | None) -> None:
 
 
 def check_job_fields(body: _ImageFields, max_ttl_s: float) -> None:
+    if body.webhook_events is not None and body.webhook_url is None:
+        raise InvalidParameter(
+            "webhook_events", "webhook_events chooses the events sent to webhook_url: give both."
+        )
     if body.stream:
         raise InvalidParameter(
             "stream", "stream=true and Prefer: respond-async ask for two different answers: choose one."

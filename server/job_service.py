@@ -29,7 +29,8 @@ from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
 from server.errors import APIError, envelope, to_api_error
 from server.job_headers import check_job_fields, check_replay, fingerprint, idempotency_key, url_images
-from server.job_views import JobsHealth, LiveJob, not_found, owner_of, summary, view, webhook_payload
+from server.job_views import JobsHealth, LiveJob, not_found, owner_of, summary, view
+from server.job_webhooks import JobWebhooks, events_of
 from server.jobs import ACTIVE, DATABASE, JobRow, JobTable, NewJob, StoreLocked, TableUnavailable
 from server.metrics import Metrics
 from server.normalize import Reply
@@ -93,6 +94,7 @@ class JobService:
         self.scheduler = scheduler
         self.images = images
         self.webhooks = webhooks
+        self.notifier = JobWebhooks(webhooks, lambda: self._stored, self._view_of)
         self.metrics = metrics
         self.live: dict[str, LiveJob] = {}
         self._failure: str | None = None  # why the table could not be opened
@@ -136,11 +138,14 @@ class JobService:
                 row.status,
                 prepared.render.seeds,
             )
-            live = LiveJob(row.id, row.owner, row.endpoint, prepared, base_url, row.webhook_url, row.attempts)
+            events = events_of(row.webhook_events)
+            live = LiveJob(
+                row.id, row.owner, row.endpoint, prepared, base_url, row.webhook_url, row.attempts, events
+            )
             # Accepted before the restart: back in the queue in the order they came, past its bound if need be
             self._run_live(live)
         for row in await table.pending_webhooks():
-            self._spawn(self._notify(row))
+            self._spawn(self.notifier.post(row.id, partial(self.notifier.ending, row)))
         await self._count()
 
     def health(self) -> JobsHealth:
@@ -196,6 +201,7 @@ class JobService:
             body.job_ttl_s,
             key,
             asked,
+            None if body.webhook_events is None else json.dumps(body.webhook_events),
         )
         table = await self._open()
         # Admission: a place in the queue is taken before the row is stored, and filled with no await after,
@@ -214,7 +220,8 @@ class JobService:
             )
         if row.id != job_id:  # the same key came in meanwhile: its job, never a second one
             return await self._replay(row, asked), False
-        self._run_live(LiveJob(job_id, owner, endpoint, prepared, base_url, body.webhook_url))
+        events = events_of(new.webhook_events)
+        self._run_live(LiveJob(job_id, owner, endpoint, prepared, base_url, body.webhook_url, 0, events))
         await self._count()
         http.state.job = f"job={job_id} model={render.model} size={render.width}x{render.height} n={render.n}"
         return await self._view_of(row, detail=True), True
@@ -370,6 +377,8 @@ class JobService:
             except TableUnavailable:  # logged by the table; the attempt goes uncounted
                 return
             await self._count()
+            if "started" in live.events and live.webhook_url is not None:
+                self._spawn(self.notifier.post(live.id, partial(self.notifier.running, live, "started")))
 
         self._spawn(mark())
 
@@ -378,6 +387,8 @@ class JobService:
         if progress.preview is not None:
             live.preview, live.preview_b64 = progress.preview, None
             live.previews += 1
+            if "preview" in live.events and live.webhook_url is not None:
+                self._spawn(self.notifier.post(live.id, partial(self.notifier.running, live, "preview")))
 
     async def _end(
         self,
@@ -402,7 +413,10 @@ class JobService:
         await self._count()
         row = await self._stored.get(job_id)
         if row is not None and row.webhook == "pending":
-            self._spawn(self._notify(row))
+            if row.status in events_of(row.webhook_events):
+                self._spawn(self.notifier.post(row.id, partial(self.notifier.ending, row)))
+            else:
+                await self._stored.webhook_sent(row.id, "filtered")
         return True
 
     # Answers ------------------------------------------------------------------------------------------
@@ -411,14 +425,6 @@ class JobService:
         return await view(
             row, self.live.get(row.id) if row.status in ACTIVE else None, self.scheduler, detail
         )
-
-    async def _notify(self, row: JobRow) -> None:
-        """The Standard Webhooks payload: type, timestamp and the job as GET answers it."""
-        assert row.webhook_url is not None
-        payload = webhook_payload(await self._view_of(row, detail=False))
-        delivered = await self.webhooks.deliver(row.id, row.webhook_url, payload)
-        with contextlib.suppress(TableUnavailable):  # logged by the table; a restart sends it again
-            await self._stored.webhook_sent(row.id, delivered)
 
     # Housekeeping -------------------------------------------------------------------------------------
 
@@ -432,14 +438,12 @@ class JobService:
 
     async def _sweep_forever(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TableUnavailable):  # logged by the table
                 if self.table is not None and await self.table.sweep():
                     await self._count()
-            except TableUnavailable:  # logged by the table
-                pass
             await asyncio.sleep(SWEEP_EVERY_S)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
+    def _spawn(self, work: Coroutine[Any, Any, None] | asyncio.Task[None]) -> None:
+        task = work if isinstance(work, asyncio.Task) else asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)

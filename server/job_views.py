@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from fastapi import Request
-from pydantic import ValidationError
 
 from pipelines.messages import RenderedImage, RenderRequest, RenderResult
 from server.encode import encode
@@ -68,6 +67,7 @@ class LiveJob:
     base_url: str
     webhook_url: str | None
     attempts: int = 0
+    events: tuple[str, ...] = ("succeeded", "failed", "cancelled")  # the webhook events it asked for
     dispatched: bool = False
     step: int = 0
     steps: int = 0
@@ -97,8 +97,9 @@ async def view(row: JobRow, live: LiveJob | None, scheduler: Scheduler, detail: 
             error=None if row.error is None else ErrorBody.model_validate_json(row.error),
             finished=None if row.finished is None else int(row.finished),
             expires_at=None if row.expires is None else int(row.expires),
+            webhooks=None if row.deliveries is None else json.loads(row.deliveries),
         )
-    except ValidationError as exc:  # a row the disk damaged
+    except ValueError as exc:  # a row the disk damaged (pydantic's ValidationError is a ValueError)
         raise TableUnavailable(exc) from exc
     if live is None:
         return job
@@ -120,10 +121,10 @@ async def view(row: JobRow, live: LiveJob | None, scheduler: Scheduler, detail: 
     return job
 
 
-def webhook_payload(job: ImageJob) -> bytes:
+def webhook_payload(job: ImageJob, kind: str) -> bytes:
     """The Standard Webhooks payload: type, timestamp and the job as GET answers it."""
     payload = {
-        "type": f"image.job.{job.status}",
+        "type": kind,
         "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "data": job.model_dump(mode="json", exclude_none=True),
     }

@@ -54,6 +54,8 @@ _ADDED = {
     "expires": "REAL",  # when an ended job goes, set with its end
     "idempotency_key": "TEXT",  # the client's Idempotency-Key, unique per owner
     "fingerprint": "TEXT",  # SHA-256 of the request the key was first sent with
+    "webhook_events": "TEXT",  # JSON list of the events to send; NULL: the endings
+    "deliveries": "TEXT",  # JSON list of the webhook deliveries so far, as GET shows them
 }
 _INDEXES = """
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs (owner, idempotency_key)
@@ -62,7 +64,7 @@ UPDATE jobs SET expires = finished + {ttl} WHERE finished IS NOT NULL AND expire
 """
 _ROW = (
     "id, owner, status, endpoint, model, created, finished, attempts, webhook_url, webhook, result, error, "
-    "expires, fingerprint"
+    "expires, fingerprint, webhook_events, deliveries"
 )
 _BRIEF = _ROW.replace("result, error", "NULL, error")  # listings leave out the (large) results
 _LIVE = "(expires IS NULL OR expires > ?)"
@@ -95,6 +97,8 @@ class JobRow:
     error: str | None
     expires: float | None
     fingerprint: str | None
+    webhook_events: str | None
+    deliveries: str | None
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class NewJob:
     retention: float | None = None
     idempotency_key: str | None = None
     fingerprint: str | None = None
+    webhook_events: str | None = None
 
 
 class JobTable:
@@ -199,8 +204,8 @@ class JobTable:
             # One statement: the count, the key's uniqueness and the insert cannot be split by another insert.
             db.execute(
                 "INSERT OR IGNORE INTO jobs (id, owner, status, endpoint, model, created, request, "
-                "webhook_url, webhook, retention, idempotency_key, fingerprint) "
-                "SELECT ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE (SELECT count(*) FROM jobs) < ?",
+                "webhook_url, webhook, retention, idempotency_key, fingerprint, webhook_events) "
+                "SELECT ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE (SELECT count(*) FROM jobs) < ?",
                 (
                     job.id,
                     job.owner,
@@ -213,6 +218,7 @@ class JobTable:
                     job.retention,
                     job.idempotency_key,
                     job.fingerprint,
+                    job.webhook_events,
                     limit,
                 ),
             )
@@ -337,11 +343,17 @@ class JobTable:
 
         return await self._call(work)
 
-    async def webhook_sent(self, job_id: str, delivered: bool) -> None:
+    async def webhook_sent(self, job_id: str, state: str) -> None:
+        """The end's webhook: delivered, failed, or filtered (the job did not ask for its event)."""
+
         def work(db: sqlite3.Connection) -> None:
-            db.execute(
-                "UPDATE jobs SET webhook = ? WHERE id = ?", ("delivered" if delivered else "failed", job_id)
-            )
+            db.execute("UPDATE jobs SET webhook = ? WHERE id = ?", (state, job_id))
+
+        await self._call(work)
+
+    async def record_deliveries(self, job_id: str, deliveries: str) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE jobs SET deliveries = ? WHERE id = ?", (deliveries, job_id))
 
         await self._call(work)
 

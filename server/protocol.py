@@ -28,6 +28,7 @@ SAFETY = (
     "BFL's moderation level; fluxd's checker (enable_safety_checker) has one threshold, --safety-threshold"
 )
 ENHANCE = "prompt_enhancement (one switch under the gateways' several names)"
+WebhookEvent = Literal["started", "preview", "succeeded", "failed", "cancelled"]
 
 
 class LoraWeight(BaseModel):
@@ -214,6 +215,15 @@ class _ImageFields(BaseModel):
         "BFL API reference (webhook_url)",
         max_length=2048,
     )
+    webhook_events: list[WebhookEvent] | None = declare(
+        "emulated",
+        "with webhook_url, the events POSTed, in the order they happen: started, preview (each partial "
+        "image), succeeded, failed, cancelled",
+        "replicate (webhook_events_filter)",
+        default="succeeded, failed, cancelled",
+        min_length=1,
+        max_length=5,
+    )
     job_ttl_s: float | None = declare(
         "emulated",
         "with Prefer: respond-async, seconds the ended job and its result stay fetchable (its expires_at); "
@@ -340,6 +350,17 @@ class ErrorBody(BaseModel):
         return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
 
 
+class JobWebhook(BaseModel):
+    """One event's webhook delivery: its tries so far, the last HTTP status (null: no answer), the next
+    try."""
+
+    type: str
+    state: Literal["pending", "delivered", "failed"]
+    tries: int
+    last_status: int | None = None
+    next_try_at: int | None = None
+
+
 class ImageJob(BaseModel):
     """An async image request; `result` is the usual ImagesResponse once it succeeded, `error` the usual
     error envelope's body once it failed."""
@@ -357,6 +378,7 @@ class ImageJob(BaseModel):
     error: ErrorBody | None = None
     finished: int | None = None
     expires_at: int | None = None  # once it ended: when it and its result go (a DELETE takes them sooner)
+    webhooks: list[JobWebhook] | None = None
 
 
 class ImageJobDeleted(BaseModel):

@@ -78,7 +78,7 @@ async def _handle(
     """With `Prefer: respond-async`, a 202 and the job to poll; without, the images as before."""
     if wants_async(request):
         return await _submit(request, body, images, prompt_required)
-    for field in ("webhook_url", "job_ttl_s"):
+    for field in ("webhook_url", "webhook_events", "job_ttl_s"):
         if getattr(body, field) is not None:
             raise InvalidParameter(
                 field, f"{field} is for async jobs: send the request with the header Prefer: respond-async."

@@ -4,17 +4,31 @@ restart), `Prefer: wait=N`, the deletion of an ended job, and a shorter retentio
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from standardwebhooks.webhooks import Webhook
 
 from tests.e2e.conftest import HTTP, LONG, Server, free_port, launch, serve_command, stop_server, wait_until
-from tests.e2e.test_async_jobs import ASYNC, FAST, KEY_A, KEY_B, auth, ended, job, submit, wait_for
+from tests.e2e.test_async_jobs import (
+    ASYNC,
+    FAST,
+    KEY_A,
+    KEY_B,
+    SECRET,
+    Receiver,
+    auth,
+    ended,
+    job,
+    submit,
+    wait_for,
+)
 
 TTL_S = 120
 
@@ -24,15 +38,29 @@ def command(tiny_weights: Path, tmp: Path, port: int) -> list[str]:
     return serve_command(tiny_weights, tmp, port) + extra
 
 
-def started(tiny_weights: Path, tmp: Path) -> Server:
+def started(tiny_weights: Path, tmp: Path, hooks: str = "http://127.0.0.1:9/hooks") -> Server:
     port = free_port()
-    env = {**os.environ, "FLUXD_API_KEYS": f"{KEY_A},{KEY_B}"}
+    env = {
+        **os.environ,
+        "FLUXD_API_KEYS": f"{KEY_A},{KEY_B}",
+        "FLUXD_WEBHOOK_ALLOW": hooks,
+        "FLUXD_WEBHOOK_SECRET": SECRET,
+    }
     return launch(command(tiny_weights, tmp, port), port, tmp / f"server-{port}.log", env)
 
 
 @pytest.fixture(scope="module")
-def keyed(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = started(tiny_weights, tmp_path_factory.mktemp("requests"))
+def receiver() -> Iterator[Receiver]:
+    running = Receiver()
+    yield running
+    running.http.shutdown()
+
+
+@pytest.fixture(scope="module")
+def keyed(
+    tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory, receiver: Receiver
+) -> Iterator[Server]:
+    server = started(tiny_weights, tmp_path_factory.mktemp("requests"), f"{receiver.url}/hooks")
     yield server
     stop_server(server)
 
@@ -157,3 +185,49 @@ def test_idempotency_keys_outlive_a_restart(tiny_weights: Path, tmp_path: Path) 
         assert other.status_code == 422
     finally:
         stop_server(second)
+
+
+def delivered(count: int) -> Callable[[dict], bool]:
+    return lambda body: [hook["state"] for hook in body.get("webhooks", [])] == ["delivered"] * count
+
+
+def test_webhook_events_are_filtered_sent_in_order_and_shown_on_the_job(
+    keyed: Server, receiver: Receiver
+) -> None:
+    events = ["started", "preview", "succeeded"]
+    hook = f"{receiver.url}/hooks/events"
+    fields = {"num_inference_steps": 4, "partial_images": 1, "webhook_url": hook, "webhook_events": events}
+    job_id = submit(keyed, KEY_A, **fields).json()["id"]
+    shown = wait_for(keyed, job_id, delivered(3), KEY_A)
+    posts = receiver.posts("/hooks/events")
+    payloads = [Webhook(SECRET).verify(body, headers) for headers, body in posts]
+    types = ["image.job.started", "image.job.preview", "image.job.succeeded"]
+    assert [payload["type"] for payload in payloads] == types  # in the order they happened
+    assert payloads[0]["data"]["status"] == "running" and payloads[1]["data"]["preview"]["b64_json"]
+    assert payloads[2]["data"]["result"]["data"][0]["b64_json"]
+    ids = [headers["webhook-id"] for headers, _ in posts]
+    assert ids[-1] == job_id and len(set(ids)) == 3
+    assert [(w["type"], w["tries"], w["last_status"]) for w in shown["webhooks"]] == [
+        (t, 1, 204) for t in types
+    ]
+    # A filter without the endings: the start only; a retried delivery shows its tries.
+    only = submit(keyed, KEY_A, webhook_url=f"{receiver.url}/hooks/start", webhook_events=["started"]).json()[
+        "id"
+    ]
+    assert (
+        wait_for(keyed, only, lambda body: ended(body) and delivered(1)(body), KEY_A)["status"] == "succeeded"
+    )
+    assert [json_type(body) for _, body in receiver.posts("/hooks/start")] == ["image.job.started"]
+    retried = submit(keyed, KEY_A, webhook_url=f"{receiver.url}/hooks/flaky").json()["id"]
+    [hook_shown] = wait_for(keyed, retried, delivered(1), KEY_A)["webhooks"]
+    assert (hook_shown["type"], hook_shown["tries"], hook_shown["last_status"]) == (
+        "image.job.succeeded",
+        2,
+        204,
+    )
+    alone = submit(keyed, KEY_A, webhook_events=["started"])
+    assert alone.status_code == 400 and alone.json()["error"]["param"] == "webhook_events"
+
+
+def json_type(body: bytes) -> str:
+    return json.loads(body)["type"]
