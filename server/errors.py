@@ -59,6 +59,7 @@ KINDS: dict[str, ErrorKind] = {
     "model_unavailable": ErrorKind(503, "server_error"),
     "jobs_unavailable": ErrorKind(503, "server_error"),  # a job table the disk cannot open or write
     "queue_timeout": ErrorKind(504, "timeout"),
+    "deadline_exceeded": ErrorKind(504, "timeout"),  # a job's Cancel-After passed
     "server_error": ErrorKind(500, "server_error", None),
     # An async job that took its worker or the server down on each of its tries: another would too.
     "job_crashed": ErrorKind(500, "server_error"),

@@ -17,6 +17,8 @@ from server.protocol import _ImageFields
 
 MAX_WAIT_S = 600  # one held connection, as --queue-timeout bounds a synchronous one
 _KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as a header value carries it unquoted
+_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s?)?")
+MAX_CANCEL_AFTER_S = 7 * 86400
 _URL_IMAGE = re.compile(r"/v1/files/images/([A-Za-z0-9_-]{32})\.[a-z]+$")
 
 
@@ -44,6 +46,23 @@ def wait_s(http: Request) -> int | None:
     if not value.isdigit() or int(value) > MAX_WAIT_S:
         raise InvalidParameter("Prefer", f"Prefer: wait takes whole seconds from 0 to {MAX_WAIT_S}.")
     return int(value)
+
+
+def cancel_after_s(http: Request) -> float | None:
+    """Replicate's `Cancel-After`: seconds (`90`, `1.5`) or a duration (`45s`, `5m`, `1h30m`)."""
+    value = http.headers.get("cancel-after")
+    if value is None:
+        return None
+    found = _DURATION.fullmatch(value.strip())
+    if found is None or not any(found.groups()):
+        raise InvalidParameter("Cancel-After", "Cancel-After is seconds (90) or a duration (45s, 5m, 1h30m).")
+    hours, minutes, seconds = (float(part) if part else 0.0 for part in found.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if not 0 < total <= MAX_CANCEL_AFTER_S:
+        raise InvalidParameter(
+            "Cancel-After", f"Cancel-After is more than 0 s and at most {MAX_CANCEL_AFTER_S} s."
+        )
+    return total
 
 
 def idempotency_key(http: Request) -> str | None:

@@ -16,7 +16,7 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,29 +24,32 @@ from typing import Any
 from fastapi import Request
 
 from pipelines.loras import LoraChoice
-from pipelines.messages import Progress, RenderRequest, RenderResult
+from pipelines.messages import RenderRequest
 from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
-from server.errors import APIError, envelope, to_api_error
-from server.job_headers import check_job_fields, check_replay, fingerprint, idempotency_key, url_images
-from server.job_views import JobsHealth, LiveJob, not_found, owner_of, summary, view
-from server.job_webhooks import JobWebhooks, events_of
+from server.errors import APIError, to_api_error
+from server.job_headers import (
+    cancel_after_s,
+    check_job_fields,
+    check_replay,
+    fingerprint,
+    idempotency_key,
+    url_images,
+)
+from server.job_runner import MAX_ATTEMPTS, JobRunner
+from server.job_views import JobsHealth, LiveJob, not_found, owner_of
+from server.job_webhooks import JobWebhooks
 from server.jobs import ACTIVE, DATABASE, JobRow, JobTable, NewJob, StoreLocked, TableUnavailable
 from server.metrics import Metrics
 from server.normalize import Reply
-from server.protocol import ImageJob, ImageJobDeleted, ImagesResponse, JobStatus, _ImageFields
+from server.protocol import ImageJob, ImageJobDeleted, _ImageFields
 from server.scheduler import Scheduler
 from server.service import ImageService, Prepared, public_base
 from server.webhooks import Webhooks
-from server.workers import WorkerCrashed
 
 logger = logging.getLogger(__name__)
 
-STATUSES: tuple[JobStatus, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
-# A job that takes its worker (or the whole server) down this many times fails instead of looping forever.
-MAX_ATTEMPTS = 3
 SWEEP_EVERY_S = 60.0
-END_RETRY_S = 1.0  # how often an end the table could not take is tried again
 
 
 def _dump(prepared: Prepared, base_url: str) -> str:
@@ -67,11 +70,7 @@ def _load(stored: str, specs: Mapping[str, ModelSpec]) -> tuple[Prepared, str]:
     return Prepared(render, Reply(**data["reply"]), get_spec(render.model, specs)), data["base_url"]
 
 
-def _error_json(error: APIError) -> str:
-    return json.dumps(envelope(error)["error"])
-
-
-class JobService:
+class JobService(JobRunner):
     """What the job routes call; one per app, on app.state.jobs."""
 
     def __init__(
@@ -138,12 +137,11 @@ class JobService:
                 row.status,
                 prepared.render.seeds,
             )
-            events = events_of(row.webhook_events)
-            live = LiveJob(
-                row.id, row.owner, row.endpoint, prepared, base_url, row.webhook_url, row.attempts, events
-            )
             # Accepted before the restart: back in the queue in the order they came, past its bound if need be
-            self._run_live(live)
+            self._run_live(
+                LiveJob(row.id, row.owner, row.endpoint, prepared, base_url, row.webhook_url, row.attempts),
+                row,
+            )
         for row in await table.pending_webhooks():
             self._spawn(self.notifier.post(row.id, partial(self.notifier.ending, row)))
         await self._count()
@@ -179,6 +177,7 @@ class JobService:
             self.webhooks.check(body.webhook_url)
         owner = owner_of(http)
         key = idempotency_key(http)
+        cancel_after = cancel_after_s(http)
         asked = None if key is None else fingerprint(endpoint, body, images)
         if key is not None:
             earlier = await (await self._open()).by_key(owner, key)
@@ -202,6 +201,7 @@ class JobService:
             key,
             asked,
             None if body.webhook_events is None else json.dumps(body.webhook_events),
+            None if cancel_after is None else time.time() + cancel_after,
         )
         table = await self._open()
         # Admission: a place in the queue is taken before the row is stored, and filled with no await after,
@@ -220,8 +220,7 @@ class JobService:
             )
         if row.id != job_id:  # the same key came in meanwhile: its job, never a second one
             return await self._replay(row, asked), False
-        events = events_of(new.webhook_events)
-        self._run_live(LiveJob(job_id, owner, endpoint, prepared, base_url, body.webhook_url, 0, events))
+        self._run_live(LiveJob(job_id, owner, endpoint, prepared, base_url, body.webhook_url), row)
         await self._count()
         http.state.job = f"job={job_id} model={render.model} size={render.width}x{render.height} n={render.n}"
         return await self._view_of(row, detail=True), True
@@ -293,157 +292,9 @@ class JobService:
                     ) from exc
             return self.table
 
-    @property
-    def _stored(self) -> JobTable:
-        assert self.table is not None  # every job in flight came through the table
-        return self.table
-
-    # Running ------------------------------------------------------------------------------------------
-
-    def _run_live(self, live: LiveJob) -> None:
-        """Admit the job to its queue (no await: it has a place from the moment it is accepted) and run it."""
-        live.entry = self.scheduler.admit(live.prepared.render, partial(self._progress, live), bounded=False)
-        self.live[live.id] = live
-        live.task = asyncio.create_task(self._run(live))
-
-        def done(task: asyncio.Task[None]) -> None:
-            self.live.pop(live.id, None)
-            if task.cancelled() and live.entry is not None:
-                self.scheduler.withdraw(live.entry)  # cancelled before it ever waited in the queue
-
-        live.task.add_done_callback(done)
-
-    async def _run(self, live: LiveJob) -> None:
-        try:
-            result = await self._render(live)
-            response = await self.images.respond(live.base_url, live.prepared, result)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            error = to_api_error(exc)
-            if error.code == "server_error":  # not an answer the worker gave: keep the traceback
-                logger.error("job %s failed", live.id, exc_info=exc)
-            await self._settle(live, "failed", error=error)
-            return
-        await self._settle(live, "succeeded", response, detail=summary(live.prepared.render, result))
-
-    async def _render(self, live: LiveJob) -> RenderResult:
-        """The scheduler's result, running again after a worker crash."""
-        while True:
-            live.dispatched = False
-            assert live.entry is not None
-            try:
-                return await self.scheduler.wait(
-                    live.entry, on_dispatch=partial(self._dispatched, live), deadline=False
-                )
-            except WorkerCrashed:
-                if live.attempts >= MAX_ATTEMPTS:
-                    raise
-                logger.warning("job %s: its worker crashed; it runs again from the start", live.id)
-                render = live.prepared.render
-                live.entry = self.scheduler.admit(render, partial(self._progress, live), bounded=False)
-
-    async def _settle(
-        self,
-        live: LiveJob,
-        status: JobStatus,
-        result: ImagesResponse | None = None,
-        error: APIError | None = None,
-        detail: str = "",
-    ) -> None:
-        """Store the end a render reached. While the table cannot take it (a full disk), GET answers it from
-        memory and it is tried again every END_RETRY_S, so a polling client gets its end and the render is
-        not lost; a restart before it is stored runs the job again."""
-        while True:
-            try:
-                await self._end(live.id, status, result, error, detail)
-                return
-            except TableUnavailable as exc:
-                self._end_failure = exc.message
-                if live.ending is None:
-                    logger.error(
-                        "job %s %s, but its end cannot be stored yet: %s", live.id, status, exc.message
-                    )
-                    answer = None if result is None else result.model_dump_json(exclude_none=True)
-                    live.ending = (status, answer, None if error is None else _error_json(error), time.time())
-            await asyncio.sleep(END_RETRY_S)
-
-    def _dispatched(self, live: LiveJob) -> None:
-        live.dispatched = True
-
-        async def mark() -> None:
-            try:
-                live.attempts = await self._stored.start(live.id) or live.attempts
-            except TableUnavailable:  # logged by the table; the attempt goes uncounted
-                return
-            await self._count()
-            if "started" in live.events and live.webhook_url is not None:
-                self._spawn(self.notifier.post(live.id, partial(self.notifier.running, live, "started")))
-
-        self._spawn(mark())
-
-    def _progress(self, live: LiveJob, progress: Progress) -> None:
-        live.step, live.steps = progress.step, progress.total
-        if progress.preview is not None:
-            live.preview, live.preview_b64 = progress.preview, None
-            live.previews += 1
-            if "preview" in live.events and live.webhook_url is not None:
-                self._spawn(self.notifier.post(live.id, partial(self.notifier.running, live, "preview")))
-
-    async def _end(
-        self,
-        job_id: str,
-        status: JobStatus,
-        result: ImagesResponse | None = None,
-        error: APIError | None = None,
-        detail: str = "",
-    ) -> bool:
-        """Store the job's end with its answer, once; then count it and send its webhook. Raises
-        TableUnavailable when the table cannot store it: the row still says queued or running."""
-        ended = await self._stored.finish(
-            job_id,
-            status,
-            None if result is None else result.model_dump_json(exclude_none=True),
-            None if error is None else _error_json(error),
-        )
-        if not ended:
-            return False
-        message = f": {error.code} {error.message}" if error is not None else f" {detail}"
-        logger.info("job %s %s%s", job_id, status, message.rstrip())
-        await self._count()
-        row = await self._stored.get(job_id)
-        if row is not None and row.webhook == "pending":
-            if row.status in events_of(row.webhook_events):
-                self._spawn(self.notifier.post(row.id, partial(self.notifier.ending, row)))
-            else:
-                await self._stored.webhook_sent(row.id, "filtered")
-        return True
-
-    # Answers ------------------------------------------------------------------------------------------
-
-    async def _view_of(self, row: JobRow, detail: bool) -> ImageJob:
-        return await view(
-            row, self.live.get(row.id) if row.status in ACTIVE else None, self.scheduler, detail
-        )
-
-    # Housekeeping -------------------------------------------------------------------------------------
-
-    async def _count(self) -> None:
-        try:
-            counts = {} if self.table is None else await self.table.counts()
-        except TableUnavailable:  # logged by the table; the gauges wait for the next count
-            return
-        for status in STATUSES:
-            self.metrics.jobs.labels(status).set(counts.get(status, 0))
-
     async def _sweep_forever(self) -> None:
         while True:
             with contextlib.suppress(TableUnavailable):  # logged by the table
                 if self.table is not None and await self.table.sweep():
                     await self._count()
             await asyncio.sleep(SWEEP_EVERY_S)
-
-    def _spawn(self, work: Coroutine[Any, Any, None] | asyncio.Task[None]) -> None:
-        task = work if isinstance(work, asyncio.Task) else asyncio.create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)

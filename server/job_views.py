@@ -67,7 +67,10 @@ class LiveJob:
     base_url: str
     webhook_url: str | None
     attempts: int = 0
-    events: tuple[str, ...] = ("succeeded", "failed", "cancelled")  # the webhook events it asked for
+    events: tuple[str, ...] = ("succeeded", "failed", "cancelled", "expired")  # the webhook events it asks
+    deadline: float | None = (
+        None  # Cancel-After: expired if not started by then, else stopped at the next step
+    )
     dispatched: bool = False
     step: int = 0
     steps: int = 0

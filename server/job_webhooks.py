@@ -14,7 +14,7 @@ from server.jobs import ACTIVE, JobRow, JobTable, TableUnavailable
 from server.protocol import ImageJob, JobWebhook, WebhookEvent
 from server.webhooks import Webhooks
 
-ENDINGS: tuple[WebhookEvent, ...] = ("succeeded", "failed", "cancelled")
+ENDINGS: tuple[WebhookEvent, ...] = ("succeeded", "failed", "cancelled", "expired")
 
 
 def events_of(stored: str | None) -> tuple[str, ...]:

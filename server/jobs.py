@@ -56,6 +56,7 @@ _ADDED = {
     "fingerprint": "TEXT",  # SHA-256 of the request the key was first sent with
     "webhook_events": "TEXT",  # JSON list of the events to send; NULL: the endings
     "deliveries": "TEXT",  # JSON list of the webhook deliveries so far, as GET shows them
+    "deadline": "REAL",  # Cancel-After: when it expires if not started, or stops if running
 }
 _INDEXES = """
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs (owner, idempotency_key)
@@ -64,7 +65,7 @@ UPDATE jobs SET expires = finished + {ttl} WHERE finished IS NOT NULL AND expire
 """
 _ROW = (
     "id, owner, status, endpoint, model, created, finished, attempts, webhook_url, webhook, result, error, "
-    "expires, fingerprint, webhook_events, deliveries"
+    "expires, fingerprint, webhook_events, deliveries, deadline"
 )
 _BRIEF = _ROW.replace("result, error", "NULL, error")  # listings leave out the (large) results
 _LIVE = "(expires IS NULL OR expires > ?)"
@@ -99,6 +100,7 @@ class JobRow:
     fingerprint: str | None
     webhook_events: str | None
     deliveries: str | None
+    deadline: float | None
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class NewJob:
     idempotency_key: str | None = None
     fingerprint: str | None = None
     webhook_events: str | None = None
+    deadline: float | None = None
 
 
 class JobTable:
@@ -204,8 +207,9 @@ class JobTable:
             # One statement: the count, the key's uniqueness and the insert cannot be split by another insert.
             db.execute(
                 "INSERT OR IGNORE INTO jobs (id, owner, status, endpoint, model, created, request, "
-                "webhook_url, webhook, retention, idempotency_key, fingerprint, webhook_events) "
-                "SELECT ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE (SELECT count(*) FROM jobs) < ?",
+                "webhook_url, webhook, retention, idempotency_key, fingerprint, webhook_events, deadline) "
+                "SELECT ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? "
+                "WHERE (SELECT count(*) FROM jobs) < ?",
                 (
                     job.id,
                     job.owner,
@@ -219,6 +223,7 @@ class JobTable:
                     job.idempotency_key,
                     job.fingerprint,
                     job.webhook_events,
+                    job.deadline,
                     limit,
                 ),
             )

@@ -28,7 +28,7 @@ SAFETY = (
     "BFL's moderation level; fluxd's checker (enable_safety_checker) has one threshold, --safety-threshold"
 )
 ENHANCE = "prompt_enhancement (one switch under the gateways' several names)"
-WebhookEvent = Literal["started", "preview", "succeeded", "failed", "cancelled"]
+WebhookEvent = Literal["started", "preview", "succeeded", "failed", "cancelled", "expired"]
 
 
 class LoraWeight(BaseModel):
@@ -218,11 +218,11 @@ class _ImageFields(BaseModel):
     webhook_events: list[WebhookEvent] | None = declare(
         "emulated",
         "with webhook_url, the events POSTed, in the order they happen: started, preview (each partial "
-        "image), succeeded, failed, cancelled",
+        "image), succeeded, failed, cancelled, expired (not started by its Cancel-After)",
         "replicate (webhook_events_filter)",
-        default="succeeded, failed, cancelled",
+        default="succeeded, failed, cancelled, expired",
         min_length=1,
-        max_length=5,
+        max_length=6,
     )
     job_ttl_s: float | None = declare(
         "emulated",
@@ -321,7 +321,7 @@ class ModelList(BaseModel):
 
 
 # Async jobs (`Prefer: respond-async`): fluxd's own objects, shaped after BFL's and fal's queue answers.
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
 
 
 class JobProgress(BaseModel):

@@ -15,7 +15,17 @@ import openai
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from tests.e2e.conftest import HTTP, LONG, Server, free_port, launch, serve_command, stop_server, wait_until
+from tests.e2e.conftest import (
+    HTTP,
+    LONG,
+    Server,
+    free_port,
+    launch,
+    serve_command,
+    stop_server,
+    wait_until,
+    workers_idle,
+)
 from tests.e2e.test_async_jobs import (
     ASYNC,
     FAST,
@@ -231,3 +241,39 @@ def test_webhook_events_are_filtered_sent_in_order_and_shown_on_the_job(
 
 def json_type(body: bytes) -> str:
     return json.loads(body)["type"]
+
+
+def over(body: dict) -> bool:
+    return ended(body) or body["status"] == "expired"
+
+
+def test_a_cancel_after_deadline_missed_while_queued_and_while_running(keyed: Server) -> None:
+    client = keyed.client(KEY_A, max_retries=0)
+    blocker = submit(keyed, KEY_A, **LONG).json()["id"]
+    wait_for(keyed, blocker, lambda body: body["status"] == "running", KEY_A)
+    # Queued behind a long job past its deadline: it expires and never runs.
+    raw = client.images.with_raw_response.generate(
+        prompt="x",
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"num_inference_steps": 2},
+        extra_headers={**ASYNC, "Cancel-After": "1s"},
+    )
+    late = raw.http_response.json()["id"]
+    expired = wait_for(keyed, late, over, KEY_A)
+    assert expired["status"] == "expired" and "progress" not in expired and "result" not in expired
+    assert expired["error"]["code"] == "deadline_exceeded"
+    HTTP.delete(f"{keyed.url}/v1/images/jobs/{blocker}", headers=auth(KEY_A))
+    wait_until(lambda: workers_idle(keyed))
+    # Running past its deadline: stopped at its next step.
+    headers = {**ASYNC, **auth(KEY_A), "Cancel-After": "2"}
+    running = HTTP.post(f"{keyed.url}/v1/images/generations", json=LONG, headers=headers).json()["id"]
+    stopped = wait_for(keyed, running, over, KEY_A)
+    assert stopped["status"] == "cancelled" and stopped["error"]["code"] == "deadline_exceeded", stopped
+    wait_until(lambda: workers_idle(keyed))
+    bad = HTTP.post(
+        f"{keyed.url}/v1/images/generations",
+        json=FAST,
+        headers={**ASYNC, **auth(KEY_A), "Cancel-After": "soon"},
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "Cancel-After"
