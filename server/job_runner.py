@@ -13,6 +13,7 @@ from typing import Any
 
 from pipelines.messages import Progress, RenderResult
 from server.errors import APIError, envelope, to_api_error
+from server.job_feed import JobFeed
 from server.job_views import LiveJob, summary, view
 from server.job_webhooks import JobWebhooks, events_of
 from server.jobs import ACTIVE, JobRow, JobTable, TableUnavailable
@@ -45,6 +46,7 @@ class JobRunner:
     live: dict[str, LiveJob]
     _background: set[asyncio.Task[Any]]
     _end_failure: str
+    boot: str  # tells this process's feed event ids from another's
 
     @property
     def _stored(self) -> JobTable:
@@ -56,8 +58,10 @@ class JobRunner:
     def _run_live(self, live: LiveJob, row: JobRow) -> None:
         """Admit the job to its queue (no await: it has a place from the moment it is accepted) and run it."""
         live.events, live.deadline = events_of(row.webhook_events), row.deadline
+        live.feed = feed = JobFeed(self.boot)
         live.entry = self.scheduler.admit(live.prepared.render, partial(self._progress, live), bounded=False)
         self.live[live.id] = live
+        feed.add("status", {"status": "queued", "position": self.scheduler.position(live.id)})
         live.task = asyncio.create_task(self._run(live))
 
         def done(task: asyncio.Task[None]) -> None:
@@ -138,6 +142,11 @@ class JobRunner:
 
     def _dispatched(self, live: LiveJob) -> None:
         live.dispatched = True
+        for other in self.live.values():  # it left the queue: those behind it moved up
+            if other.feed is not None and (other is live or not other.dispatched):
+                position = None if other is live else self.scheduler.position(other.id)
+                status = "running" if other is live else "queued"
+                other.feed.add("status", {"status": status, "position": position})
 
         async def mark() -> None:
             try:
@@ -152,9 +161,15 @@ class JobRunner:
 
     def _progress(self, live: LiveJob, progress: Progress) -> None:
         live.step, live.steps = progress.step, progress.total
+        if live.feed is not None:
+            live.feed.add("progress", {"step": progress.step, "steps": progress.total})
         if progress.preview is not None:
             live.preview, live.preview_b64 = progress.preview, None
             live.previews += 1
+            if live.feed is not None:
+                live.feed.add(
+                    "preview", {"image": progress.preview, "partial_image_index": live.previews - 1}
+                )
             if "preview" in live.events and live.webhook_url is not None:
                 self._spawn(self.notifier.post(live.id, partial(self.notifier.running, live, "preview")))
 
@@ -180,6 +195,11 @@ class JobRunner:
         logger.info("job %s %s%s", job_id, status, message.rstrip())
         await self._count()
         row = await self._stored.get(job_id)
+        live = self.live.get(job_id)
+        if row is not None and live is not None and live.feed is not None:
+            live.feed.add(
+                "done", (await self._view_of(row, detail=False)).model_dump(mode="json", exclude_none=True)
+            )
         if row is not None and row.webhook == "pending":
             if row.status in events_of(row.webhook_events):
                 self._spawn(self.notifier.post(row.id, partial(self.notifier.ending, row)))

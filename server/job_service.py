@@ -16,7 +16,7 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from pipelines.messages import RenderRequest
 from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
 from server.errors import APIError, to_api_error
+from server.job_feed import stream
 from server.job_headers import (
     cancel_after_s,
     check_job_fields,
@@ -98,6 +99,7 @@ class JobService(JobRunner):
         self.live: dict[str, LiveJob] = {}
         self._failure: str | None = None  # why the table could not be opened
         self._end_failure = ""  # why the last end could not be stored
+        self.boot = secrets.token_hex(4)
         self._background: set[asyncio.Task[Any]] = set()
 
     # Life cycle ---------------------------------------------------------------------------------------
@@ -235,6 +237,20 @@ class JobService(JobRunner):
         if live is not None and live.task is not None:
             await asyncio.wait({live.task}, timeout=seconds)
         return await self.get(job_id, owner)
+
+    async def feed(self, job_id: str, owner: str, last_event_id: str | None) -> AsyncIterator[bytes]:
+        """The job's server-sent events (a 404 first if it is not the caller's)."""
+        await self.get(job_id, owner)
+        live = self.live.get(job_id)
+        reply = None if live is None else live.prepared.reply
+
+        async def final() -> dict:
+            return (await self.get(job_id, owner)).model_dump(mode="json", exclude_none=True)
+
+        output = ("png", None) if reply is None else (reply.output_format, reply.compression)
+        return stream(
+            None if live is None else live.feed, last_event_id, output, lambda: job_id in self.live, final
+        )
 
     async def get(self, job_id: str, owner: str) -> ImageJob:
         row = None if self.table is None else await self.table.get(job_id, owner)

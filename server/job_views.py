@@ -16,6 +16,7 @@ from fastapi import Request
 from pipelines.messages import RenderedImage, RenderRequest, RenderResult
 from server.encode import encode
 from server.errors import APIError
+from server.job_feed import JobFeed
 from server.jobs import JobRow, JobTable, TableUnavailable
 from server.protocol import ErrorBody, ImageJob, ImagesResponse, JobPreview, JobProgress, JobStatus
 from server.scheduler import Job, Scheduler
@@ -68,9 +69,8 @@ class LiveJob:
     webhook_url: str | None
     attempts: int = 0
     events: tuple[str, ...] = ("succeeded", "failed", "cancelled", "expired")  # the webhook events it asks
-    deadline: float | None = (
-        None  # Cancel-After: expired if not started by then, else stopped at the next step
-    )
+    deadline: float | None = None  # Cancel-After: expired if not started by then, else stopped at next step
+    feed: JobFeed | None = None  # its server-sent events
     dispatched: bool = False
     step: int = 0
     steps: int = 0

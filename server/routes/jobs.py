@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
 
 from server.job_service import JobService, owner_of
 from server.protocol import ImageJob, ImageJobDeleted, ImageJobList
@@ -26,6 +27,18 @@ async def list_jobs(request: Request, limit: Annotated[int, Query(ge=1, le=100)]
 async def get_job(job_id: str, request: Request) -> ImageJob:
     """Status, queue position, step progress, the latest preview; the ImagesResponse once it succeeded."""
     return await _jobs(request).get(job_id, owner_of(request))
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "The job's server-sent events"}},
+)
+async def job_events(job_id: str, request: Request) -> StreamingResponse:
+    """Server-sent events of the job: `status` (with the queue position), `progress` (step k of n), `preview`,
+    then `done` with the job as GET answers it. Send `Last-Event-ID` to resume after the last event read."""
+    events = await _jobs(request).feed(job_id, owner_of(request), request.headers.get("last-event-id"))
+    return StreamingResponse(events, media_type="text/event-stream")
 
 
 @router.delete("/{job_id}", response_model=ImageJob | ImageJobDeleted, response_model_exclude_none=True)

@@ -277,3 +277,46 @@ def test_a_cancel_after_deadline_missed_while_queued_and_while_running(keyed: Se
         headers={**ASYNC, **auth(KEY_A), "Cancel-After": "soon"},
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "Cancel-After"
+
+
+def sse(lines: Iterator[str]) -> Iterator[dict]:
+    """The events of a text/event-stream, each as {id, event, data}; comments skipped."""
+    event: dict = {}
+    for line in lines:
+        if not line:
+            if event:
+                yield event
+            event = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(": ")
+            event[name] = json.loads(value) if name == "data" else value
+
+
+def test_the_event_feed_resumes_after_a_dropped_connection_losing_nothing(keyed: Server) -> None:
+    steps = 30
+    job_id = submit(keyed, KEY_A, size="256x256", num_inference_steps=steps, partial_images=1).json()["id"]
+    url = f"{keyed.url}/v1/images/jobs/{job_id}/events"
+    events: list[dict] = []
+    with HTTP.stream("GET", url, headers=auth(KEY_A)) as first:
+        assert first.headers["content-type"].startswith("text/event-stream")
+        for event in sse(first.iter_lines()):
+            events.append(event)
+            if event["event"] == "progress":
+                break  # the connection drops mid-render
+    with HTTP.stream("GET", url, headers={**auth(KEY_A), "Last-Event-ID": events[-1]["id"]}) as second:
+        events += list(sse(second.iter_lines()))
+    boot = events[0]["id"].split(".")[0]
+    assert [event["id"] for event in events] == [f"{boot}.{n}" for n in range(1, len(events) + 1)]
+    assert events[0]["event"] == "status" and events[0]["data"]["status"] == "queued"
+    progress = [event["data"]["step"] for event in events if event["event"] == "progress"]
+    assert progress == sorted(progress) and progress[-1] == steps
+    [preview] = [event["data"] for event in events if event["event"] == "preview"]
+    assert preview["partial_image_index"] == 0 and preview["b64_json"]
+    done = events[-1]
+    assert (
+        done["event"] == "done" and done["data"]["status"] == "succeeded" and done["data"]["result"]["data"]
+    )
+    # An ended job's feed is its end at once; another key's is a 404.
+    [again] = list(sse(HTTP.get(url, headers=auth(KEY_A)).text.splitlines()))
+    assert again["event"] == "done" and again["data"] == job(keyed, job_id, KEY_A).json()
+    assert HTTP.get(url, headers=auth(KEY_B)).status_code == 404
