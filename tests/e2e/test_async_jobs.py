@@ -104,15 +104,20 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.http.server_port}"
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
 
+    def __enter__(self) -> Receiver:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.http.shutdown()
+
     def posts(self, path: str) -> list[tuple[dict[str, str], bytes]]:
         return [(headers, body) for p, headers, body in self.received if p == path]
 
 
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[Receiver]:
-    running = Receiver()
-    yield running
-    running.http.shutdown()
+    with Receiver() as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

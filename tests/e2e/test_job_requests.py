@@ -1,6 +1,7 @@
 """What a client asks of an async job beside its render, against a real server, by raw HTTP and the official
 SDK: an Idempotency-Key (replayed, refused with another body, one job for concurrent sends, kept across a
-restart), `Prefer: wait=N`, the deletion of an ended job, and a shorter retention."""
+restart), `Prefer: wait=N`, the deletion of an ended job, a shorter retention, webhook event filters, a
+Cancel-After deadline, and the job's event feed resumed after a dropped connection."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import openai
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from tests.e2e import test_async_jobs as async_jobs
 from tests.e2e.conftest import (
     HTTP,
     LONG,
@@ -59,17 +61,14 @@ def started(tiny_weights: Path, tmp: Path, hooks: str = "http://127.0.0.1:9/hook
     return launch(command(tiny_weights, tmp, port), port, tmp / f"server-{port}.log", env)
 
 
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    running = Receiver()
-    yield running
-    running.http.shutdown()
+receiver = async_jobs.receiver  # the webhook receiver fixture, one per module
 
 
 @pytest.fixture(scope="module")
 def keyed(
     tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory, receiver: Receiver
 ) -> Iterator[Server]:
+    """Two API keys, webhooks allowed under the receiver's /hooks, --job-ttl-s of TTL_S."""
     server = started(tiny_weights, tmp_path_factory.mktemp("requests"), f"{receiver.url}/hooks")
     yield server
     stop_server(server)
