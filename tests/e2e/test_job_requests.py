@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -192,6 +193,30 @@ def test_idempotency_keys_outlive_a_restart(tiny_weights: Path, tmp_path: Path) 
         assert replay.json()["status"] == "succeeded"
         other = keyed_submit(second, KEY_A, "kept-key", seed=10)
         assert other.status_code == 422
+    finally:
+        stop_server(second)
+
+
+@pytest.mark.timeout(600)
+def test_a_deadline_outlives_a_killed_server(tiny_weights: Path, tmp_path: Path) -> None:
+    first = started(tiny_weights, tmp_path)
+    try:
+        blocker = submit(first, KEY_A, **LONG).json()["id"]
+        wait_for(first, blocker, lambda body: body["status"] == "running", KEY_A)
+        headers = {**ASYNC, **auth(KEY_A), "Cancel-After": "4s"}
+        late = HTTP.post(f"{first.url}/v1/images/generations", json=FAST, headers=headers).json()["id"]
+        os.kill(first.process.pid, signal.SIGKILL)
+        first.process.wait(30)
+    finally:
+        if first.process.poll() is None:
+            stop_server(first)
+    second = started(tiny_weights, tmp_path)
+    try:
+        # Recovered behind the blocker, which runs again from the start: its deadline still holds.
+        expired = wait_for(second, late, over, KEY_A)
+        assert expired["status"] == "expired" and expired["error"]["code"] == "deadline_exceeded", expired
+        assert f"job {late} recovered after a restart: was queued" in second.logs()
+        HTTP.delete(f"{second.url}/v1/images/jobs/{blocker}", headers=auth(KEY_A))
     finally:
         stop_server(second)
 
