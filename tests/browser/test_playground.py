@@ -203,3 +203,16 @@ def test_a_gpu_workers_mode_is_shown_for_the_model(page: Page) -> None:
         "Runs on cuda:0 in fast mode: float8, compiled"
         " · cuda:1: unavailable — mode: 'resident' needs about 115.6 GB"
     )
+
+
+def test_a_job_is_followed_on_its_event_feed(page: Page) -> None:
+    watch_states(page)
+    fill_request(page, "a red fox", "64x48", steps=30)
+    page.check("#as-job")
+    with page.expect_response("**/v1/images/jobs/*/events") as feed:
+        page.click("#generate")
+    assert feed.value.headers["content-type"].startswith("text/event-stream")
+    assert final_image_size(page) == [64, 48]
+    states = [state for state, _ in page.evaluate("window.seen")]
+    assert "partial" in states and states.index("partial") < states.index("final")
+    assert re.fullmatch(r"\d+", page.inner_text("#seed-used"))
