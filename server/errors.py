@@ -47,6 +47,7 @@ KINDS: dict[str, ErrorKind] = {
     "image_not_found": ErrorKind(404, "not_found"),
     "job_not_found": ErrorKind(404, "not_found"),
     "job_finished": ErrorKind(409),
+    "idempotency_key_reused": ErrorKind(422),  # the same Idempotency-Key with another request
     "not_found": ErrorKind(404, "not_found"),
     "method_not_allowed": ErrorKind(405),
     "request_too_large": ErrorKind(413),
@@ -59,6 +60,7 @@ KINDS: dict[str, ErrorKind] = {
     "model_unavailable": ErrorKind(503, "server_error"),
     "jobs_unavailable": ErrorKind(503, "server_error"),  # a job table the disk cannot open or write
     "queue_timeout": ErrorKind(504, "timeout"),
+    "deadline_exceeded": ErrorKind(504, "timeout"),  # a job's Cancel-After passed
     "server_error": ErrorKind(500, "server_error", None),
     # An async job that took its worker or the server down on each of its tries: another would too.
     "job_crashed": ErrorKind(500, "server_error"),

@@ -9,74 +9,48 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import logging
 import secrets
 import sqlite3
-from collections.abc import Coroutine, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+import time
+from collections.abc import AsyncIterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 
-from pipelines.errors import InvalidParameter
 from pipelines.loras import LoraChoice
-from pipelines.messages import Progress, RenderedImage, RenderRequest, RenderResult
+from pipelines.messages import RenderRequest
 from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
-from server.encode import encode
-from server.errors import APIError, envelope, to_api_error
-from server.jobs import ACTIVE, DATABASE, JobRow, JobTable, NewJob, StoreLocked
+from server.errors import APIError, to_api_error
+from server.job_feed import stream
+from server.job_headers import (
+    cancel_after_s,
+    check_job_fields,
+    check_replay,
+    fingerprint,
+    idempotency_key,
+    url_images,
+)
+from server.job_runner import MAX_ATTEMPTS, JobRunner
+from server.job_views import JobsHealth, LiveJob, not_found, owner_of
+from server.job_webhooks import JobWebhooks
+from server.jobs import ACTIVE, DATABASE, JobRow, JobTable, NewJob, StoreLocked, TableUnavailable
 from server.metrics import Metrics
 from server.normalize import Reply
-from server.protocol import (
-    ErrorBody,
-    ImageJob,
-    ImagesResponse,
-    JobPreview,
-    JobProgress,
-    JobStatus,
-    _ImageFields,
-)
+from server.protocol import ImageJob, ImageJobDeleted, _ImageFields
 from server.scheduler import Scheduler
 from server.service import ImageService, Prepared, public_base
 from server.webhooks import Webhooks
-from server.workers import WorkerCrashed
 
 logger = logging.getLogger(__name__)
 
-STATUSES: tuple[JobStatus, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
-# A job that takes its worker (or the whole server) down this many times fails instead of looping forever.
-MAX_ATTEMPTS = 3
 SWEEP_EVERY_S = 60.0
-ROOM_POLL_S = 1.0
-
-
-def wants_async(http: Request) -> bool:
-    """RFC 7240: `respond-async` among the preferences of any Prefer header, case-insensitive."""
-    return any(
-        preference.split(";")[0].split("=")[0].strip().lower() == "respond-async"
-        for header in http.headers.getlist("prefer")
-        for preference in header.split(",")
-    )
-
-
-def owner_of(http: Request) -> str:
-    """SHA-256 of the caller's API key, set by the auth middleware; '' when the server has no keys."""
-    return getattr(http.state, "caller", "")
-
-
-def not_found() -> APIError:
-    # The same answer for a job that never was, has expired, or is another key's: ids reveal nothing.
-    return APIError(
-        "job_not_found",
-        "No such job: it does not exist, has expired, or was submitted with another API key.",
-        "id",
-    )
 
 
 def _dump(prepared: Prepared, base_url: str) -> str:
@@ -97,31 +71,7 @@ def _load(stored: str, specs: Mapping[str, ModelSpec]) -> tuple[Prepared, str]:
     return Prepared(render, Reply(**data["reply"]), get_spec(render.model, specs)), data["base_url"]
 
 
-def _error_json(error: APIError) -> str:
-    return json.dumps(envelope(error)["error"])
-
-
-@dataclass
-class LiveJob:
-    """A stored job that this process is running: its request and what the worker has reported so far."""
-
-    id: str
-    owner: str
-    endpoint: str
-    prepared: Prepared
-    base_url: str
-    webhook_url: str | None
-    attempts: int = 0
-    dispatched: bool = False
-    step: int = 0
-    steps: int = 0
-    preview: RenderedImage | None = None
-    previews: int = 0
-    preview_b64: str | None = None
-    task: asyncio.Task[None] | None = None
-
-
-class JobService:
+class JobService(JobRunner):
     """What the job routes call; one per app, on app.state.jobs."""
 
     def __init__(
@@ -144,26 +94,32 @@ class JobService:
         self.scheduler = scheduler
         self.images = images
         self.webhooks = webhooks
+        self.notifier = JobWebhooks(webhooks, lambda: self._stored, self._view_of)
         self.metrics = metrics
         self.live: dict[str, LiveJob] = {}
+        self._failure: str | None = None  # why the table could not be opened
+        self._end_failure = ""  # why the last end could not be stored
+        self.boot = secrets.token_hex(4)
         self._background: set[asyncio.Task[Any]] = set()
 
     # Life cycle ---------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Run again every job a previous process left queued or running, and resend its pending webhooks.
-        Raises StoreLocked when another server holds the table."""
+        Raises StoreLocked when another server holds the table; a table that cannot be read leaves the
+        jobs unavailable and the rest serving."""
         self._spawn(self._sweep_forever())
         if not (self.folder / DATABASE).exists():
             return
         try:
             self.table = await asyncio.to_thread(JobTable, self.folder, self.settings.job_ttl_s)
-        except (OSError, sqlite3.Error) as exc:
-            logger.error(
-                "async jobs unavailable: the job table in %s cannot be opened (%s)", self.folder, exc
-            )
-            return
-        for row, stored in await self.table.unfinished():
+            await self._recover(self.table)
+        except (OSError, sqlite3.Error, TableUnavailable) as exc:
+            self._failure = str(exc)
+            logger.error("async jobs unavailable: the job table in %s cannot be used (%s)", self.folder, exc)
+
+    async def _recover(self, table: JobTable) -> None:
+        for row, stored in await table.unfinished():
             if row.attempts >= MAX_ATTEMPTS:
                 error = APIError(
                     "job_crashed",
@@ -183,11 +139,17 @@ class JobService:
                 row.status,
                 prepared.render.seeds,
             )
-            live = LiveJob(row.id, row.owner, row.endpoint, prepared, base_url, row.webhook_url, row.attempts)
-            self._run_live(live)
-        for row in await self.table.pending_webhooks():
-            self._spawn(self._notify(row))
+            # Accepted before the restart: back in the queue in the order they came, past its bound if need be
+            self._run_live(
+                LiveJob(row.id, row.owner, row.endpoint, prepared, base_url, row.webhook_url, row.attempts),
+                row,
+            )
+        for row in await table.pending_webhooks():
+            self._spawn(self.notifier.post(row.id, partial(self.notifier.ending, row)))
         await self._count()
+
+    def health(self) -> JobsHealth:
+        return JobsHealth.of(self.table, self._failure, self.live.values(), self._end_failure)
 
     async def stop(self) -> None:
         """Stop waiting on the jobs without ending them: the table keeps them for the next start."""
@@ -209,57 +171,111 @@ class JobService:
         endpoint: str,
         images: list[bytes] | None = None,
         prompt_required: bool = True,
-    ) -> ImageJob:
-        if body.stream:
-            raise InvalidParameter(
-                "stream", "stream=true and Prefer: respond-async ask for two different answers: choose one."
-            )
+    ) -> tuple[ImageJob, bool]:
+        """Store the job and put it in the queue; with the job, whether it is new (False: the job an
+        earlier request with the same Idempotency-Key made)."""
+        check_job_fields(body, self.settings.job_ttl_s)
         # The URL that was compared with the allow-list is the one stored and sent.
         webhook_url = None if body.webhook_url is None else self.webhooks.check(body.webhook_url)
+        owner = owner_of(http)
+        key = idempotency_key(http)
+        cancel_after = cancel_after_s(http)
+        asked = None if key is None else fingerprint(endpoint, body, images)
+        if key is not None:
+            earlier = await (await self._open()).by_key(owner, key)
+            if earlier is not None:
+                return await self._replay(earlier, asked), False
         # A synchronous request takes partial_images only with stream=true; a job keeps the latest to poll.
         plain = body.model_copy(update={"partial_images": None})
         prepared = await self.images.prepare(plain, images, prompt_required)
-        self.scheduler.check_room(prepared.render.model)
         job_id = "job_" + secrets.token_urlsafe(24)  # 192 random bits
         render = dataclasses.replace(prepared.render, id=job_id, partial_images=body.partial_images or 0)
         prepared = Prepared(render, prepared.reply, prepared.spec)
         base_url = public_base(http, self.settings)
-        owner = owner_of(http)
-        new = NewJob(job_id, owner, endpoint, render.model, _dump(prepared, base_url), webhook_url)
+        new = NewJob(
+            job_id,
+            owner,
+            endpoint,
+            render.model,
+            _dump(prepared, base_url),
+            webhook_url,
+            body.job_ttl_s,
+            key,
+            asked,
+            None if body.webhook_events is None else json.dumps(body.webhook_events),
+            None if cancel_after is None else time.time() + cancel_after,
+        )
         table = await self._open()
+        # Admission: a place in the queue is taken before the row is stored, and filled with no await after,
+        # so concurrent submits cannot all pass the check and overfill the queue.
+        self.scheduler.reserve(render.model)
         try:
-            stored = await table.insert(new, self.settings.max_jobs)
-        except sqlite3.Error as exc:  # a full or read-only disk: the request is refused, not lost
-            raise APIError("jobs_unavailable", f"The job table cannot store the job ({exc}).") from exc
-        if not stored:
+            row = await table.insert(new, self.settings.max_jobs)
+        finally:
+            self.scheduler.unreserve(render.model)
+        if row is None:
             room = await table.room_in_s()
             raise APIError(
                 "rate_limit_exceeded",
                 f"The server holds its limit of {self.settings.max_jobs} jobs; retry as old ones expire.",
                 retry_after_s=self.scheduler.retry_after_s() if room is None else room,
             )
-        self._run_live(LiveJob(job_id, owner, endpoint, prepared, base_url, body.webhook_url))
+        if row.id != job_id:  # the same key came in meanwhile: its job, never a second one
+            return await self._replay(row, asked), False
+        self._run_live(LiveJob(job_id, owner, endpoint, prepared, base_url, body.webhook_url), row)
         await self._count()
         http.state.job = f"job={job_id} model={render.model} size={render.width}x{render.height} n={render.n}"
+        return await self._view_of(row, detail=True), True
+
+    async def _replay(self, row: JobRow, asked: str | None) -> ImageJob:
+        check_replay(row.fingerprint, asked)
+        return await self._view_of(row, detail=True)
+
+    async def wait(self, job_id: str, owner: str, seconds: float) -> ImageJob:
+        """The job once it has ended, or as it is after `seconds`; the job runs on either way."""
+        live = self.live.get(job_id)
+        if live is not None and live.task is not None:
+            await asyncio.wait({live.task}, timeout=seconds)
         return await self.get(job_id, owner)
+
+    async def feed(self, job_id: str, owner: str, last_event_id: str | None) -> AsyncIterator[bytes]:
+        """The job's server-sent events (a 404 first if it is not the caller's)."""
+        await self.get(job_id, owner)
+        live = self.live.get(job_id)
+        reply = None if live is None else live.prepared.reply
+
+        async def final() -> dict:
+            return (await self.get(job_id, owner)).model_dump(mode="json", exclude_none=True)
+
+        output = ("png", None) if reply is None else (reply.output_format, reply.compression)
+        return stream(
+            None if live is None else live.feed, last_event_id, output, lambda: job_id in self.live, final
+        )
 
     async def get(self, job_id: str, owner: str) -> ImageJob:
         row = None if self.table is None else await self.table.get(job_id, owner)
         if row is None:
             raise not_found()
-        return await self._view(row, detail=True)
+        return await self._view_of(row, detail=True)
 
     async def recent(self, owner: str, limit: int) -> list[ImageJob]:
         rows = [] if self.table is None else await self.table.recent(owner, limit)
-        return [await self._view(row, detail=False) for row in rows]
+        return [await self._view_of(row, detail=False) for row in rows]
 
-    async def cancel(self, job_id: str, owner: str) -> ImageJob:
-        """A queued job leaves the queue and never runs; a running one stops at its next step."""
+    async def cancel_or_delete(self, job_id: str, owner: str) -> ImageJob | ImageJobDeleted:
+        """A queued job leaves the queue and never runs; a running one stops at its next step. An ended
+        job is deleted with its url images."""
         row = None if self.table is None else await self.table.get(job_id, owner)
         if row is None:
             raise not_found()
         live = self.live.get(job_id)
-        if row.status not in ACTIVE or not await self._end(job_id, "cancelled"):
+        if live is not None and live.ending is not None:
+            raise APIError(
+                "jobs_unavailable", "The job has ended but its end is not stored yet; retry later."
+            )
+        if row.status not in ACTIVE:
+            return await self._delete(job_id, owner)
+        if not await self._end(job_id, "cancelled"):
             ended = await self._stored.get(job_id, owner)
             raise APIError(
                 "job_finished",
@@ -270,181 +286,31 @@ class JobService:
             live.task.cancel()  # the scheduler drops it from its queue or tells its worker to stop
         return await self.get(job_id, owner)
 
+    async def _delete(self, job_id: str, owner: str) -> ImageJobDeleted:
+        row = await self._stored.delete(job_id, owner)
+        if row is None:
+            raise not_found()
+        for image_id in url_images(row.result):
+            await asyncio.to_thread(self.images.store.remove, image_id)
+        logger.info("job %s deleted", job_id)
+        await self._count()
+        return ImageJobDeleted(id=job_id)
+
     async def _open(self) -> JobTable:
         async with self._opening:
             if self.table is None:
                 try:
                     self.table = await asyncio.to_thread(JobTable, self.folder, self.settings.job_ttl_s)
                 except (OSError, sqlite3.Error, StoreLocked) as exc:
+                    self._failure = str(exc)
                     raise APIError(
                         "jobs_unavailable", f"The job table in {self.folder} cannot be opened ({exc})."
                     ) from exc
             return self.table
 
-    @property
-    def _stored(self) -> JobTable:
-        assert self.table is not None  # every job in flight came through the table
-        return self.table
-
-    # Running ------------------------------------------------------------------------------------------
-
-    def _run_live(self, live: LiveJob) -> None:
-        self.live[live.id] = live
-        live.task = asyncio.create_task(self._run(live))
-        live.task.add_done_callback(lambda _: self.live.pop(live.id, None))
-
-    async def _run(self, live: LiveJob) -> None:
-        try:
-            result = await self._render(live)
-            response = await self.images.respond(live.base_url, live.prepared, result)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            error = to_api_error(exc)
-            if error.code == "server_error":  # not an answer the worker gave: keep the traceback
-                logger.error("job %s failed", live.id, exc_info=exc)
-            await self._end(live.id, "failed", error=error)
-            return
-        await self._end(
-            live.id, "succeeded", result=response, detail=self._summary(live.prepared.render, result)
-        )
-
-    async def _render(self, live: LiveJob) -> RenderResult:
-        """The scheduler's result, waiting for room in a full queue and running again after a worker crash."""
-        while True:
-            live.dispatched = False
-            try:
-                return await self.scheduler.run(
-                    live.prepared.render,
-                    partial(self._progress, live),
-                    on_dispatch=partial(self._dispatched, live),
-                    deadline=False,
-                )
-            except APIError as exc:
-                if exc.code != "rate_limit_exceeded":
-                    raise
-                # Only jobs recovered at start-up meet a full queue (a new one was refused with this 429).
-                await asyncio.sleep(ROOM_POLL_S)
-            except WorkerCrashed:
-                if live.attempts >= MAX_ATTEMPTS:
-                    raise
-                logger.warning("job %s: its worker crashed; it runs again from the start", live.id)
-
-    def _dispatched(self, live: LiveJob) -> None:
-        live.dispatched = True
-
-        async def mark() -> None:
-            live.attempts = await self._stored.start(live.id) or live.attempts
-            await self._count()
-
-        self._spawn(mark())
-
-    def _progress(self, live: LiveJob, progress: Progress) -> None:
-        live.step, live.steps = progress.step, progress.total
-        if progress.preview is not None:
-            live.preview, live.preview_b64 = progress.preview, None
-            live.previews += 1
-
-    @staticmethod
-    def _summary(render: RenderRequest, result: RenderResult) -> str:
-        timings = result.timings_ms
-        return (
-            f"model={render.model} size={render.width}x{render.height} steps={render.steps} n={render.n} "
-            f"queue_ms={timings.get('queue', 0):.0f} run_ms={timings.get('run', 0):.0f}"
-        )
-
-    async def _end(
-        self,
-        job_id: str,
-        status: JobStatus,
-        result: ImagesResponse | None = None,
-        error: APIError | None = None,
-        detail: str = "",
-    ) -> bool:
-        """Store the job's end with its answer, once; then count it and send its webhook."""
-        try:
-            ended = await self._stored.finish(
-                job_id,
-                status,
-                None if result is None else result.model_dump_json(exclude_none=True),
-                None if error is None else _error_json(error),
-            )
-        except sqlite3.Error:  # a full disk: the row still says queued or running, so a restart runs it
-            logger.exception("job %s could not be stored as %s", job_id, status)
-            return False
-        if not ended:
-            return False
-        message = f": {error.code} {error.message}" if error is not None else f" {detail}"
-        logger.info("job %s %s%s", job_id, status, message.rstrip())
-        await self._count()
-        row = await self._stored.get(job_id)
-        if row is not None and row.webhook == "pending":
-            self._spawn(self._notify(row))
-        return True
-
-    # Answers ------------------------------------------------------------------------------------------
-
-    async def _view(self, row: JobRow, detail: bool) -> ImageJob:
-        job = ImageJob(
-            id=row.id,
-            status=row.status,
-            created=int(row.created),
-            model=row.model,
-            endpoint=row.endpoint,
-            result=None if row.result is None else ImagesResponse.model_validate_json(row.result),
-            error=None if row.error is None else ErrorBody.model_validate_json(row.error),
-            finished=None if row.finished is None else int(row.finished),
-            expires=None if row.finished is None else int(row.finished + self.settings.job_ttl_s),
-        )
-        live = self.live.get(row.id) if row.status in ACTIVE else None
-        if live is None:
-            return job
-        job.status = "running" if live.dispatched else "queued"
-        job.position = None if live.dispatched else self.scheduler.position(row.id)
-        if live.steps:
-            job.progress = JobProgress(step=live.step, steps=live.steps)
-        if detail and live.preview is not None:
-            if live.preview_b64 is None:
-                blob = await asyncio.to_thread(
-                    encode, live.preview, live.prepared.reply.output_format, live.prepared.reply.compression
-                )
-                live.preview_b64 = base64.b64encode(blob).decode()
-            job.preview = JobPreview(
-                b64_json=live.preview_b64,
-                partial_image_index=live.previews - 1,
-                output_format=live.prepared.reply.output_format,
-            )
-        return job
-
-    async def _notify(self, row: JobRow) -> None:
-        """The Standard Webhooks payload: type, timestamp and the job as GET answers it."""
-        assert row.webhook_url is not None
-        job = await self._view(row, detail=False)
-        payload = {
-            "type": f"image.job.{row.status}",
-            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            "data": job.model_dump(mode="json", exclude_none=True),
-        }
-        delivered = await self.webhooks.deliver(row.id, row.webhook_url, json.dumps(payload).encode())
-        await self._stored.webhook_sent(row.id, delivered)
-
-    # Housekeeping -------------------------------------------------------------------------------------
-
-    async def _count(self) -> None:
-        counts = {} if self.table is None else await self.table.counts()
-        for status in STATUSES:
-            self.metrics.jobs.labels(status).set(counts.get(status, 0))
-
     async def _sweep_forever(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TableUnavailable):  # logged by the table
                 if self.table is not None and await self.table.sweep():
                     await self._count()
-            except sqlite3.Error:
-                logger.exception("sweeping the job table failed")
             await asyncio.sleep(SWEEP_EVERY_S)
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)

@@ -28,6 +28,7 @@ SAFETY = (
     "BFL's moderation level; fluxd's checker (enable_safety_checker) has one threshold, --safety-threshold"
 )
 ENHANCE = "prompt_enhancement (one switch under the gateways' several names)"
+WebhookEvent = Literal["started", "preview", "succeeded", "failed", "cancelled", "expired"]
 
 
 class LoraWeight(BaseModel):
@@ -215,6 +216,22 @@ class _ImageFields(BaseModel):
         "BFL API reference (webhook_url)",
         max_length=2048,
     )
+    webhook_events: list[WebhookEvent] | None = declare(
+        "emulated",
+        "with webhook_url, the events POSTed, in the order they happen: started, preview (each partial "
+        "image), succeeded, failed, cancelled, expired (not started by its Cancel-After)",
+        "replicate (webhook_events_filter)",
+        default="succeeded, failed, cancelled, expired",
+        min_length=1,
+        max_length=6,
+    )
+    job_ttl_s: float | None = declare(
+        "emulated",
+        "with Prefer: respond-async, seconds the ended job and its result stay fetchable (its expires_at); "
+        "shorter than the server's --job-ttl-s, never longer (else a 400)",
+        "OpenAI video jobs (expires_at)",
+        gt=0,
+    )
 
 
 class ImageGenerationRequest(_ImageFields):
@@ -305,7 +322,7 @@ class ModelList(BaseModel):
 
 
 # Async jobs (`Prefer: respond-async`): fluxd's own objects, shaped after BFL's and fal's queue answers.
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
 
 
 class JobProgress(BaseModel):
@@ -376,6 +393,17 @@ class StreamError(BaseModel):
     error: ErrorBody
 
 
+class JobWebhook(BaseModel):
+    """One event's webhook delivery: its tries so far, the last HTTP status (null: no answer), the next
+    try."""
+
+    type: str
+    state: Literal["pending", "delivered", "failed"]
+    tries: int
+    last_status: int | None = None
+    next_try_at: int | None = None
+
+
 class ImageJob(BaseModel):
     """An async image request; `result` is the usual ImagesResponse once it succeeded, `error` the usual
     error envelope's body once it failed."""
@@ -392,7 +420,16 @@ class ImageJob(BaseModel):
     result: ImagesResponse | None = None
     error: ErrorBody | None = None
     finished: int | None = None
-    expires: int | None = None
+    expires_at: int | None = None  # once it ended: when it and its result go (a DELETE takes them sooner)
+    webhooks: list[JobWebhook] | None = None
+
+
+class ImageJobDeleted(BaseModel):
+    """The answer to DELETE of an ended job, as OpenAI's deletions answer."""
+
+    id: str
+    object: Literal["image.job.deleted"] = "image.job.deleted"
+    deleted: Literal[True] = True
 
 
 class ImageJobList(BaseModel):

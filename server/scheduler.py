@@ -75,6 +75,7 @@ class Scheduler:
         self.queue_timeout_s = queue_timeout_s
         self.queues: dict[str, deque[Job]] = {}
         self.seconds_per_image = 5.0  # an estimate for Retry-After, refined by every batch
+        self._reserved: dict[str, int] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -99,13 +100,23 @@ class Scheduler:
         return self.seconds_per_image * max(1, queued) / max(1, len(self.pool.workers))
 
     def check_room(self, model: str) -> None:
-        """The 429 a full queue answers, raised before a job is accepted."""
-        if len(self.queues.get(model, ())) >= self.queue_size:
+        """The 429 a full queue answers, raised before a job is accepted. Places reserved for async jobs
+        being stored count as taken."""
+        if len(self.queues.get(model, ())) + self._reserved.get(model, 0) >= self.queue_size:
             raise APIError(
                 "rate_limit_exceeded",
                 f"The queue for '{model}' is full; retry later.",
                 retry_after_s=self.retry_after_s(),
             )
+
+    def reserve(self, model: str) -> None:
+        """Take a place in the model's queue, or raise the 429, in one step with no await: an async job holds
+        it while its row is stored, then `admit(bounded=False)` fills it (or `unreserve` gives it back)."""
+        self.check_room(model)
+        self._reserved[model] = self._reserved.get(model, 0) + 1
+
+    def unreserve(self, model: str) -> None:
+        self._reserved[model] -= 1
 
     def position(self, request_id: str) -> int | None:
         """Jobs queued before this one, across models (0: it goes next); None once it has left the queue."""
@@ -121,30 +132,45 @@ class Scheduler:
         on_dispatch: Callable[[], None] | None = None,
         deadline: bool = True,
     ) -> RenderResult:
-        """Queue, wait for a worker and the result. Cancelling the awaiting task drops or stops the job.
+        """Queue, wait for a worker and the result. Cancelling the awaiting task drops or stops the job."""
+        return await self.wait(self.admit(request, on_progress), on_dispatch=on_dispatch, deadline=deadline)
 
-        `deadline=False` waits in the queue past --queue-timeout: the deadline bounds a held connection, and
-        an async job has none. `on_dispatch` runs when a worker takes the job."""
-        self.check_room(request.model)
+    def admit(
+        self, request: RenderRequest, on_progress: ProgressListener | None = None, *, bounded: bool = True
+    ) -> Job:
+        """Put the request at the end of its model's queue, with no await between the room check and the
+        append. `bounded=False` admits a job that holds its place already (reserved, or accepted before a
+        restart or a worker crash): it is never refused, never left outside the queue."""
+        if bounded:
+            self.check_room(request.model)
         queue = self.queues.setdefault(request.model, deque())
-        loop = asyncio.get_running_loop()
         job = Job(
             request,
             self.specs[request.model].weights_id,
             batch_key(request),
-            loop.create_future(),
+            asyncio.get_running_loop().create_future(),
             on_progress=on_progress,
         )
         queue.append(job)
         self._update_depth(request.model)
         self._wakeup.set()
+        return job
+
+    async def wait(
+        self, job: Job, *, on_dispatch: Callable[[], None] | None = None, deadline: bool = True
+    ) -> RenderResult:
+        """The admitted job's result. Cancelling the awaiting task drops or stops the job.
+
+        `deadline=False` waits in the queue past --queue-timeout: the deadline bounds a held connection, and
+        an async job has none. `on_dispatch` runs when a worker takes the job."""
+        queue = self.queues[job.request.model]
         try:
             try:
                 await asyncio.wait_for(job.started.wait(), self.queue_timeout_s if deadline else None)
             except TimeoutError:
                 if job in queue:
                     queue.remove(job)
-                    self._update_depth(request.model)
+                    self._update_depth(job.request.model)
                     raise APIError(
                         "queue_timeout",
                         f"The request waited more than {self.queue_timeout_s:g} s in the queue.",
@@ -155,6 +181,12 @@ class Scheduler:
         except asyncio.CancelledError:
             self._cancel(job, queue)
             raise
+
+    def withdraw(self, job: Job) -> None:
+        """Drop an admitted job that nobody waits for any more, if it is still queued."""
+        queue = self.queues.get(job.request.model, deque())
+        if job in queue:
+            self._cancel(job, queue)
 
     def _update_depth(self, model: str) -> None:
         self.metrics.queue_depth.labels(model).set(self.depth(model))

@@ -137,6 +137,15 @@ class ImageStore:
             entry = self._index.get(image_id)
         return entry if entry is not None and entry.expires > time.time() else None
 
+    def remove(self, image_id: str) -> None:
+        """Delete one image now (its job was deleted); its url answers 404 from here on."""
+        with self._lock:
+            entry = self._index.pop(image_id, None)
+            if entry is not None:
+                self._bytes -= entry.size
+        if entry is not None:
+            _unlink(entry.path)
+
     def sweep(self) -> None:
         """Delete expired images (and the oldest over the quota); re-check a store that failed to write."""
         with self._lock:

@@ -16,7 +16,7 @@ import logging
 import re
 import string
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import SplitResult, urlsplit
 
 import httpx
@@ -31,6 +31,7 @@ RETRY_DELAYS_S = (1.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0)
 TRY_TIMEOUT_S = 15.0
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _CREDENTIALS = re.compile(r"(//)[^/?#]*@")
+TryListener = Callable[[int, int | None, float | None], Awaitable[None]]
 
 
 def secret_key(secret: str) -> bytes:
@@ -201,28 +202,37 @@ class Webhooks:
             "webhook-signature": sign(self.key, message_id, timestamp, body),
         }
 
-    async def deliver(self, message_id: str, url: str, body: bytes) -> bool:
-        """POST until a 2xx answers or the retries run out; every try is logged. Each try is signed anew, as
-        its timestamp is new. Redirects are not followed: a redirect could lead off the allow-list."""
+    async def deliver(
+        self, message_id: str, url: str, body: bytes, on_try: TryListener | None = None
+    ) -> bool:
+        """POST until a 2xx answers or the retries run out; every try is logged, and told to `on_try` (tries
+        so far, the HTTP status or None for no answer, when the next try goes or None). Each try is signed
+        anew, as its timestamp is new. Redirects are not followed: one could lead off the allow-list."""
         target = self.allowed(url)
         if target is None:  # stored before a restart with another --webhook-allow, or before normalisation
             logger.error("webhook %s not sent: %s is not under --webhook-allow", message_id, masked(url))
             return False
         url = target
+        delays = (0.0, *RETRY_DELAYS_S)
         async with httpx.AsyncClient(timeout=TRY_TIMEOUT_S, follow_redirects=False) as client:
-            for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S), start=1):
+            for attempt, delay in enumerate(delays, start=1):
                 await asyncio.sleep(delay)
+                status: int | None = None
                 try:
                     answer = await client.post(url, content=body, headers=self.headers(message_id, body))
                 except httpx.HTTPError as exc:
                     outcome = f"failed: {type(exc).__name__} {exc}"
                 else:
+                    status = answer.status_code
                     if answer.is_success:
-                        logger.info(
-                            "webhook %s try %d to %s: %d", message_id, attempt, url, answer.status_code
-                        )
+                        logger.info("webhook %s try %d to %s: %d", message_id, attempt, url, status)
+                        if on_try is not None:
+                            await on_try(attempt, status, None)
                         return True
-                    outcome = f"answered {answer.status_code}"
+                    outcome = f"answered {status}"
                 logger.warning("webhook %s try %d to %s %s", message_id, attempt, url, outcome)
+                if on_try is not None:
+                    later = delays[attempt] if attempt < len(delays) else None
+                    await on_try(attempt, status, None if later is None else time.time() + later)
         logger.error("webhook %s to %s not delivered after %d tries", message_id, url, attempt)
         return False

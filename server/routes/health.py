@@ -21,7 +21,8 @@ async def ready(request: Request) -> JSONResponse:
     """Readiness: 503 until every worker is up with its preloaded models.
 
     `store` reports the url image store; one that cannot write does not make the server unready, since
-    every image is still answered (inline as `b64_json`, with an `x-fluxd-store-error` header)."""
+    every image is still answered (inline as `b64_json`, with an `x-fluxd-store-error` header). `jobs`
+    reports the async job table the same way: one that cannot be used answers 503 on the job routes only."""
     pool = request.app.state.pool
     workers = [
         {
@@ -39,6 +40,7 @@ async def ready(request: Request) -> JSONResponse:
         "status": "ready" if ok else "starting",
         "workers": workers,
         "store": asdict(request.app.state.store.health()),
+        "jobs": asdict(request.app.state.jobs.health()),
     }
     replicas = getattr(pool, "replicas", None)  # a pool spread over a Ray cluster says which replicas served
     if replicas is not None:

@@ -12,7 +12,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.errors import InvalidParameter
 from server.errors import validation_error
-from server.job_service import JobService, wants_async
+from server.job_headers import wait_s, wants_async
+from server.job_service import JobService, owner_of
 from server.protocol import ImageEditRequest, ImageGenerationRequest, ImageJob, ImagesResponse, _ImageFields
 from server.service import ClientGone, ImageService, Prepared, public_base
 
@@ -43,6 +44,29 @@ async def _answer(
     return await service.respond(public_base(request, service.settings), prepared, result, response.headers)
 
 
+async def _submit(
+    request: Request, body: _ImageFields, images: list[bytes] | None, prompt_required: bool
+) -> JSONResponse:
+    """A 202 and the job to poll; with `Prefer: wait=N`, the images (200) if the job succeeds within N s."""
+    jobs: JobService = request.app.state.jobs
+    wait = wait_s(request)
+    job, new = await jobs.submit(request, body, request.url.path, images, prompt_required)
+    if wait:
+        job = await jobs.wait(job.id, owner_of(request), wait)
+    headers = {"Location": f"/v1/images/jobs/{job.id}", **({} if new else {"Idempotent-Replayed": "true"})}
+    if wait is not None and job.result is not None:
+        return JSONResponse(
+            job.result.model_dump(mode="json", exclude_none=True),
+            headers={"Preference-Applied": f"wait={wait}", **headers},
+        )
+    applied = "respond-async" if wait is None else f"respond-async, wait={wait}"
+    return JSONResponse(
+        job.model_dump(mode="json", exclude_none=True),
+        status_code=202,
+        headers={"Preference-Applied": applied, **headers},
+    )
+
+
 async def _handle(
     request: Request,
     response: Response,
@@ -53,18 +77,12 @@ async def _handle(
 ) -> Response | ImagesResponse:
     """With `Prefer: respond-async`, a 202 and the job to poll; without, the images as before."""
     if wants_async(request):
-        jobs: JobService = request.app.state.jobs
-        job = await jobs.submit(request, body, request.url.path, images, prompt_required)
-        return JSONResponse(
-            job.model_dump(mode="json", exclude_none=True),
-            status_code=202,
-            headers={"Location": f"/v1/images/jobs/{job.id}", "Preference-Applied": "respond-async"},
-        )
-    if body.webhook_url is not None:
-        raise InvalidParameter(
-            "webhook_url",
-            "webhook_url is for async jobs: send the request with the header Prefer: respond-async.",
-        )
+        return await _submit(request, body, images, prompt_required)
+    for field in ("webhook_url", "webhook_events", "job_ttl_s"):
+        if getattr(body, field) is not None:
+            raise InvalidParameter(
+                field, f"{field} is for async jobs: send the request with the header Prefer: respond-async."
+            )
     prepared = await _service(request).prepare(body, images, prompt_required)
     return await _answer(request, response, prepared, kind)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
 
 from server.job_service import JobService, owner_of
-from server.protocol import ImageJob, ImageJobList
+from server.protocol import ImageJob, ImageJobDeleted, ImageJobList
 
 router = APIRouter(prefix="/v1/images/jobs", tags=["jobs"])
 
@@ -28,7 +29,20 @@ async def get_job(job_id: str, request: Request) -> ImageJob:
     return await _jobs(request).get(job_id, owner_of(request))
 
 
-@router.delete("/{job_id}", response_model=ImageJob, response_model_exclude_none=True)
-async def cancel_job(job_id: str, request: Request) -> ImageJob:
-    """Cancel: a queued job never runs, a running one stops at its next denoising step."""
-    return await _jobs(request).cancel(job_id, owner_of(request))
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "The job's server-sent events"}},
+)
+async def job_events(job_id: str, request: Request) -> StreamingResponse:
+    """Server-sent events of the job: `status` (with the queue position), `progress` (step k of n), `preview`,
+    then `done` with the job as GET answers it. Send `Last-Event-ID` to resume after the last event read."""
+    events = await _jobs(request).feed(job_id, owner_of(request), request.headers.get("last-event-id"))
+    return StreamingResponse(events, media_type="text/event-stream")
+
+
+@router.delete("/{job_id}", response_model=ImageJob | ImageJobDeleted, response_model_exclude_none=True)
+async def cancel_or_delete_job(job_id: str, request: Request) -> ImageJob | ImageJobDeleted:
+    """Cancel a queued job (it never runs) or a running one (it stops at its next denoising step); delete an
+    ended one, with its url images."""
+    return await _jobs(request).cancel_or_delete(job_id, owner_of(request))

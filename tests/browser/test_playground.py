@@ -146,15 +146,21 @@ def watch_states(page: Page) -> None:
     )
 
 
-def test_the_servers_partial_images_arrive_before_the_final_one(page: Page) -> None:
+# A job ("Run as a job") is followed on its event feed instead of the request's own stream.
+@pytest.mark.parametrize(("as_job", "events"), [(False, "**/v1/images/generations"), (True, "**/events")])
+def test_the_servers_partial_images_arrive_before_the_final_one(
+    page: Page, as_job: bool, events: str
+) -> None:
     watch_states(page)
     fill_request(page, "a red fox", "64x48", steps=30)
-    with page.expect_response("**/v1/images/generations") as response:
+    page.set_checked("#as-job", as_job)
+    with page.expect_response(events) as response:
         page.click("#generate")
     assert response.value.headers["content-type"].startswith("text/event-stream")
     assert final_image_size(page) == [64, 48]
     states = [state for state, _ in page.evaluate("window.seen")]
     assert "partial" in states and states.index("partial") < states.index("final")
+    assert re.fullmatch(r"\d+", page.inner_text("#seed-used"))
 
 
 def test_a_crlf_stream_is_parsed_too(page: Page) -> None:

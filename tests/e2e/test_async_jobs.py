@@ -104,15 +104,20 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.http.server_port}"
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
 
+    def __enter__(self) -> Receiver:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.http.shutdown()
+
     def posts(self, path: str) -> list[tuple[dict[str, str], bytes]]:
         return [(headers, body) for p, headers, body in self.received if p == path]
 
 
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[Receiver]:
-    running = Receiver()
-    yield running
-    running.http.shutdown()
+    with Receiver() as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +179,7 @@ def test_raw_http_edit_with_a_url_result(keyed: Server) -> None:
     assert body["status"] == "succeeded", body
     image = HTTP.get(body["result"]["data"][0]["url"])
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
-    assert body["expires"] > body["finished"] >= body["created"]
+    assert body["expires_at"] > body["finished"] >= body["created"]
 
 
 def test_another_keys_job_answers_404(keyed: Server) -> None:
@@ -224,8 +229,10 @@ def test_cancel_while_queued_and_while_running(keyed: Server) -> None:
         body = job(keyed, job_id, KEY_A).json()
         assert body["status"] == "cancelled" and "result" not in body
         assert keyed.wait_for_log(f"job {job_id} ").count(f"job {job_id} ") == 1  # the one line of its end
+    # A DELETE of an ended job deletes it.
     again = HTTP.delete(f"{keyed.url}/v1/images/jobs/{long}", headers=auth(KEY_A))
-    assert again.status_code == 409 and again.json()["error"]["code"] == "job_finished"
+    assert again.json() == {"id": long, "object": "image.job.deleted", "deleted": True}
+    assert job(keyed, long, KEY_A).status_code == 404
 
 
 def test_webhook_is_signed_retried_and_delivered(keyed: Server, receiver: Receiver) -> None:
@@ -398,13 +405,15 @@ def test_a_cancelled_job_reports_its_end_by_webhook_too(keyed: Server, receiver:
     assert Webhook(SECRET).verify(body, headers)["data"]["id"] == job_id
 
 
-def async_jobs_blocks() -> dict[str, str]:
-    """The fenced code blocks of README's "## Async jobs" section, by info string."""
+def async_jobs_blocks(part: int = 0) -> dict[str, str]:
+    """The fenced code blocks of README's "## Async jobs" section (0) or its n-th subsection, by fence."""
     section = (ROOT / "README.md").read_text().split("\n## Async jobs", 1)[1].split("\n## ", 1)[0]
-    return dict(re.findall(r"^```(\w+)\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL))
+    text = section.split("\n### ")[part]
+    return dict(re.findall(r"^```(\w+)\n(.*?)^```$", text, flags=re.MULTILINE | re.DOTALL))
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("part", [0, 1])
 @pytest.mark.parametrize(
     ("fence", "command", "made"),
     [
@@ -413,11 +422,11 @@ def async_jobs_blocks() -> dict[str, str]:
     ],
 )
 def test_readme_async_blocks_run_as_they_stand(
-    keyed: Server, tmp_path: Path, fence: str, command: list[str], made: dict[str, tuple[int, int]]
+    keyed: Server, tmp_path: Path, fence: str, command: list[str], made: dict[str, tuple[int, int]], part: int
 ) -> None:
     if fence == "bash" and not all(shutil.which(tool) for tool in ("curl", "jq", "base64")):
         pytest.skip("curl, jq and base64 are needed for README's curl block")
-    code = async_jobs_blocks()[fence].replace("http://localhost:8000", keyed.url)
+    code = async_jobs_blocks(part)[fence].replace("http://localhost:8000", keyed.url)
     (tmp_path / "jobs.py").write_text(re.sub(r"\bKEY\b", KEY_A, code))
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=540, check=False)
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"

@@ -89,3 +89,46 @@ def test_expired_jobs_are_gone(tmp_path: Path) -> None:
         assert run(table.counts()) == {}
     finally:
         table.close()
+
+
+def test_an_idempotency_key_holds_one_job_per_owner(table: JobTable) -> None:
+    keyed = NewJob("j1", "a", "/v1/images/generations", "flux.2-dev", "{}", None, None, "k", "print-1")
+    assert run(table.insert(keyed, limit=10)).id == "j1"
+    again = NewJob("j2", "a", "/v1/images/generations", "flux.2-dev", "{}", None, None, "k", "print-2")
+    held = run(table.insert(again, limit=10))
+    assert held.id == "j1" and held.fingerprint == "print-1"  # the first job, with what it was asked
+    assert run(table.get("j2")) is None
+    other_owner = NewJob("j3", "b", "/v1/images/generations", "flux.2-dev", "{}", None, None, "k", "print-1")
+    assert run(table.insert(other_owner, limit=10)).id == "j3"
+    assert run(table.by_key("a", "k")).id == "j1" and run(table.by_key("b", "k")).id == "j3"
+
+
+def test_a_shorter_retention_and_deletion(table: JobTable) -> None:
+    run(table.insert(NewJob("short", "a", "/e", "m", "{}", None, retention=5), limit=10))
+    run(table.insert(new("kept"), limit=10))
+    assert run(table.delete("short", "a")) is None  # not ended: nothing to delete
+    for job_id in ("short", "kept"):
+        run(table.finish(job_id, "succeeded", result="{}"))
+    short, kept = run(table.get("short")), run(table.get("kept"))
+    assert short.expires - short.finished == pytest.approx(5) and kept.expires - kept.finished == 60
+    assert run(table.delete("short", "b")) is None  # another owner's
+    assert run(table.delete("short", "a")).id == "short"
+    assert run(table.get("short")) is None
+
+
+def test_a_damaged_table_is_moved_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    table = JobTable(tmp_path, ttl_s=60)
+    run(table.insert(new("lost"), limit=10))
+    table.close()
+    database = tmp_path / "jobs.sqlite3"
+    data = bytearray(database.read_bytes())
+    data[100:4096] = b"\xff" * (4096 - 100)  # the first page's b-tree, behind an intact header
+    database.write_bytes(bytes(data))
+    fresh = JobTable(tmp_path, ttl_s=60)
+    try:
+        assert fresh.moved_aside is not None and fresh.moved_aside.read_bytes() == bytes(data)
+        assert str(database) in caplog.text and str(fresh.moved_aside) in caplog.text
+        assert run(fresh.get("lost")) is None
+        assert run(fresh.insert(new("next"), limit=10)).id == "next"
+    finally:
+        fresh.close()

@@ -11,7 +11,7 @@ from starlette.requests import Request
 
 from pipelines.errors import InvalidParameter
 from server.config import load_settings
-from server.job_service import wants_async
+from server.job_headers import wants_async
 from server.webhooks import Webhooks, secret_key, sign
 
 SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
