@@ -1,5 +1,6 @@
-"""A worker loop that answers every batch at once with one prepared picture: `fluxd bench front` measures the
-HTTP front alone behind it. Torch-free, no weights read; named by `--worker-entry pipelines.instant:main`."""
+"""A worker loop that answers every batch at once with one prepared picture, encoded beforehand in each
+format: `fluxd bench front` measures the HTTP front alone behind it. Torch-free, reads no weights; named by
+`--worker-entry pipelines.instant:main`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from multiprocessing.queues import Queue
 
 from PIL import Image, ImageChops, ImageFilter
 
+from pipelines.encoding import CONTENT_TYPES, encode
 from pipelines.messages import Failure, Ready, RenderedImage, RenderRequest, RenderResult, WorkerConfig
 from pipelines.worker import Lifeline, Outbox, _batches
 
@@ -32,9 +34,17 @@ def sample_picture(width: int, height: int) -> Image.Image:
     )
 
 
+@cache
+def prepared(width: int, height: int, fmt: str, compression: int | None) -> bytes:
+    """The picture encoded once per format, as a worker would send it: the bench measures the front alone."""
+    return encode(sample_picture(width, height).tobytes(), width, height, fmt, compression)
+
+
 def answer(request: RenderRequest) -> RenderResult:
-    pixels = sample_picture(request.width, request.height).tobytes()
-    images = [RenderedImage(pixels, request.width, request.height, seed) for seed in request.seeds]
+    w, h = request.width, request.height
+    data = prepared(w, h, request.output_format, request.output_compression)
+    content_type = CONTENT_TYPES[request.output_format]
+    images = [RenderedImage(data, content_type, w, h, seed) for seed in request.seeds]
     return RenderResult(request.id, images, timings_ms={"batch_images": request.n})
 
 
@@ -46,7 +56,6 @@ def main(inbox: Queue, outbox: Outbox, control: Queue, config: WorkerConfig) -> 
         for request in batch:
             try:
                 outbox.put(answer(request))
-            except Exception as exc:  # noqa: BLE001 - every request gets its answer, as in pipelines.worker
+            except Exception as exc:  # every request gets its answer, as in pipelines.worker
                 outbox.put(Failure([request.id], "internal", f"instant engine: {exc}"))
         lifeline.batch_done()
-

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from server.bench import BenchError, _exit_on_sigterm, running_server, run_load
+from server.bench import BenchError, _exit_on_sigterm, run_load, running_server
 from server.bench_report import cpu_model
 
 if TYPE_CHECKING:
@@ -154,14 +154,17 @@ def measure(client: httpx.Client, workdir: Path, count: int) -> list[Cell]:
     return cells
 
 
-def format_report(cells: Sequence[Cell], reference_ms: float, levels: Sequence[tuple[int, float, int]]) -> str:
+def format_report(
+    cells: Sequence[Cell], reference_ms: float, levels: Sequence[tuple[int, float, int]]
+) -> str:
     cpu = cpu_model(Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     worst = max(cells, key=lambda cell: cell.cpu_ms)
     default_level = next(size for level, _, size in levels if level == 6)
     lines = [
-        f"fluxd bench front, {date}: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.machine()}, "
-        f"Python {platform.python_version()}; {SIZE}x{SIZE} images from an instant worker",
+        f"fluxd bench front, {date}: {os.cpu_count()} cores ({cpu}), "
+        f"{platform.system()} {platform.machine()}, Python {platform.python_version()}; "
+        f"{SIZE}x{SIZE} images from an instant worker",
         "",
         "| format | response | concurrency | images/s | front CPU ms/image | x encode | ceiling (GPUs) |",
         "|---|---|---|---|---|---|---|",
@@ -171,8 +174,8 @@ def format_report(cells: Sequence[Cell], reference_ms: float, levels: Sequence[t
             for c in cells
         ),
         "",
-        f"x encode: front CPU per image / one Pillow PNG encode (compress_level 6) of the same picture in this "
-        f"process, {reference_ms:.0f} ms in this run. Ceiling: one front core at the worst cell "
+        "x encode: front CPU per image / one Pillow PNG encode (compress_level 6) of the same picture "
+        f"in this process, {reference_ms:.0f} ms in this run. Ceiling: one front core at the worst cell "
         f"({worst.fmt} {worst.response} at {worst.concurrency}, {worst.cpu_ms:.1f} ms) keeps up with "
         f"{ceiling_gpus(worst.cpu_ms):.0f} H100s of Turbo at {TURBO_S:g} s an image.",
         "",
@@ -191,7 +194,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="fluxd bench front",
         description="the HTTP front's CPU per image and images/s over a worker that answers at once",
     )
-    parser.add_argument("--requests", type=int, help=f"requests per format, response and concurrency ({FULL})")
+    parser.add_argument(
+        "--requests", type=int, help=f"requests per format, response and concurrency ({FULL})"
+    )
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK} requests each")
     parser.add_argument("--out", type=Path, help="also write the tables to this markdown file")
     args = parser.parse_args(argv)

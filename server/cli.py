@@ -1,4 +1,5 @@
-"""`fluxd serve | weights tiny|pull|list|verify | bench gpu|serve|front|accel`. Logging is configured here, once."""
+"""`fluxd serve | weights tiny|pull|list|verify | bench gpu|serve|front|accel`. Logging is configured here,
+once."""
 
 from __future__ import annotations
 
@@ -240,7 +241,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, CliSettingsSource[Any]]:
     bench_parser = sub.add_parser(
         "bench",
         help="gpu: synthetic full-size models on a CUDA device; serve: HTTP overhead, batching, soak; "
-        "front: the HTTP front's CPU per image over an instant worker; accel: what each acceleration level saves",
+        "front: the HTTP front's CPU per image over an instant worker; accel: what each acceleration level "
+        "saves",
         add_help=False,
     )
     bench_parser.add_argument("target", choices=["gpu", "serve", "front", "accel"])

@@ -28,7 +28,6 @@ from pipelines.loras import LoraChoice
 from pipelines.messages import Progress, RenderedImage, RenderRequest, RenderResult
 from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
-from server.encode import encode
 from server.errors import APIError, envelope, to_api_error
 from server.jobs import ACTIVE, DATABASE, JobRow, JobTable, NewJob, StoreLocked
 from server.metrics import Metrics
@@ -87,14 +86,18 @@ def _dump(prepared: Prepared, base_url: str) -> str:
 
 def _load(stored: str, specs: Mapping[str, ModelSpec]) -> tuple[Prepared, str]:
     data = json.loads(stored)
+    reply = data["reply"]
     render = RenderRequest(
         **{
+            # A job stored before requests named their format: its reply's.
+            "output_format": reply["output_format"],
+            "output_compression": reply["compression"],
             **data["render"],
             "images": [base64.b64decode(i) for i in data["render"]["images"]],
             "loras": [LoraChoice(**lora) for lora in data["render"].get("loras", [])],
         }
     )
-    return Prepared(render, Reply(**data["reply"]), get_spec(render.model, specs)), data["base_url"]
+    return Prepared(render, Reply(**reply), get_spec(render.model, specs)), data["base_url"]
 
 
 def _error_json(error: APIError) -> str:
@@ -404,11 +407,8 @@ class JobService:
         if live.steps:
             job.progress = JobProgress(step=live.step, steps=live.steps)
         if detail and live.preview is not None:
-            if live.preview_b64 is None:
-                blob = await asyncio.to_thread(
-                    encode, live.preview, live.prepared.reply.output_format, live.prepared.reply.compression
-                )
-                live.preview_b64 = base64.b64encode(blob).decode()
+            if live.preview_b64 is None:  # the worker encoded it: base64 only, once per preview
+                live.preview_b64 = base64.b64encode(live.preview.data).decode()
             job.preview = JobPreview(
                 b64_json=live.preview_b64,
                 partial_image_index=live.previews - 1,

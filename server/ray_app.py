@@ -108,6 +108,7 @@ class FluxdEngine:
     async def run(
         self, batch: list[RenderRequest]
     ) -> AsyncIterator[Assigned | Progress | RenderResult | Failure]:
+        from pipelines.encoding import Encoder
         from pipelines.worker import render as render_batch
 
         loop = asyncio.get_running_loop()
@@ -118,11 +119,15 @@ class FluxdEngine:
             assert isinstance(message, Progress | RenderResult | Failure)  # what worker.render sends
             loop.call_soon_threadsafe(messages.put_nowait, message)
 
+        # The images encode on a thread of this call's own: the engine's thread is free for the next batch.
+        encoder = Encoder(send)
+
         def render() -> None:
             try:
-                render_batch(self.engine, batch, send, cancelled)
+                render_batch(self.engine, batch, encoder.sender(batch), cancelled)
             finally:
-                loop.call_soon_threadsafe(messages.put_nowait, None)
+                encoder.then(lambda: loop.call_soon_threadsafe(messages.put_nowait, None))
+                encoder.close(wait=False)
 
         done = loop.run_in_executor(self.executor, render)
         yield self.assigned

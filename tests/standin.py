@@ -2,7 +2,7 @@
 
 It implements the pool's interface (what server/scheduler.py, server/routes and the app's lifespan call) and
 stands in for the process boundary only: the tests that render pixels use the real workers (tests/e2e).
-Each submitted batch is recorded and answered when the test says so, with flat grey pixels.
+Each submitted batch is recorded and answered when the test says so, with flat grey images.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.encoding import RAW_RGB, encoded
 from pipelines.messages import RenderedImage, RenderRequest, RenderResult, WorkerConfig
 
 
@@ -61,7 +62,9 @@ class StandInHandle:
 
 def _result(request: RenderRequest) -> RenderResult:
     pixels = bytes([128]) * (request.width * request.height * 3)
-    images = [RenderedImage(pixels, request.width, request.height, seed) for seed in request.seeds]
+    raw = [RenderedImage(pixels, RAW_RGB, request.width, request.height, seed) for seed in request.seeds]
+    # Encoded as a worker does, in the request's format: the front forwards the bytes.
+    images = [encoded(image, (request.output_format, request.output_compression)) for image in raw]
     return RenderResult(
         request.id, images, timings_ms={"batch_images": request.n}, acceleration=request.acceleration
     )
