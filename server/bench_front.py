@@ -81,31 +81,26 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def png_levels() -> list[tuple[int, float, int]]:
-    """(compress_level, encode CPU ms, bytes) for the bench's picture."""
+def png_encode(level: int | None, repeats: int) -> tuple[float, int]:
+    """CPU ms (the median of `repeats`) and bytes of a PNG of the bench's picture at `level` (None: Pillow's
+    default)."""
     from pipelines.instant import sample_picture
 
     picture = sample_picture(SIZE, SIZE)
-    rows = []
-    for level in PNG_LEVELS:
+    options = {} if level is None else {"compress_level": level}
+    times, size = [], 0
+    for _ in range(repeats):
         buffer = io.BytesIO()
         started = time.process_time()
-        picture.save(buffer, "PNG", compress_level=level)
-        rows.append((level, 1000 * (time.process_time() - started), len(buffer.getvalue())))
-    return rows
-
-
-def reference_encode_ms() -> float:
-    """CPU ms of one default Pillow PNG encode of the picture here, the median of three."""
-    from pipelines.instant import sample_picture
-
-    picture = sample_picture(SIZE, SIZE)
-    times = []
-    for _ in range(3):
-        started = time.process_time()
-        picture.save(io.BytesIO(), "PNG")
+        picture.save(buffer, "PNG", **options)
         times.append(1000 * (time.process_time() - started))
-    return sorted(times)[1]
+        size = len(buffer.getvalue())
+    return sorted(times)[len(times) // 2], size
+
+
+def png_levels(repeats: int) -> list[tuple[int, float, int]]:
+    """(compress_level, encode CPU ms, bytes) for the bench's picture."""
+    return [(level, *png_encode(level, repeats)) for level in PNG_LEVELS]
 
 
 def body(fmt: str, response: str, seed: int) -> dict[str, object]:
@@ -170,7 +165,7 @@ def format_report(
         "|---|---|---|---|---|---|---|",
         *(
             f"| {c.fmt} | {c.response} | {c.concurrency} | {c.images_per_s:.1f} | {c.cpu_ms:.1f} | "
-            f"{c.cpu_ms / reference_ms:.2f} | {ceiling_gpus(c.cpu_ms):.0f} |"
+            f"{c.cpu_ms / reference_ms:.3f} | {ceiling_gpus(c.cpu_ms):.0f} |"
             for c in cells
         ),
         "",
@@ -223,9 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="fluxd-bench-front-") as tmp,
     ):
         try:
-            reference_ms = reference_encode_ms()
+            reference_ms, _ = png_encode(None, 3)
             cells = measure(client, Path(tmp), args.requests)
-            levels = png_levels()
+            levels = png_levels(1 if args.quick else 3)
         except BenchError as exc:
             print(f"fluxd bench front: {exc}", file=sys.stderr)
             return 2
