@@ -73,6 +73,14 @@ class Progress:
     preview: RenderedImage | None = None
 
 
+@dataclass
+class Rendered:
+    """Sent when a batch's pipeline call is over, before its images are encoded: the worker takes the next
+    batch (its denoising) while they encode on a thread, and their results follow."""
+
+    ids: list[str]
+
+
 FailureKind = Literal["invalid", "unavailable", "out_of_memory", "internal", "cancelled"]
 
 

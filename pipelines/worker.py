@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.encoding import Encoder
 from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit, WeightsMissing
-from pipelines.messages import Failure, Heartbeat, Progress, Ready, RenderRequest, WorkerConfig
+from pipelines.messages import Failure, Heartbeat, Progress, Ready, Rendered, RenderRequest, WorkerConfig
 
 if TYPE_CHECKING:
     from pipelines.engine import Engine
@@ -210,6 +210,7 @@ def render(engine: Engine, batch: list[RenderRequest], send: Send, cancelled: se
     except Exception as exc:
         send(failure(ids, exc))
         return
+    send(Rendered(ids))
     for result in results:
         result.loaded = engine.loaded()
         result.device_memory_bytes = engine.device_memory()

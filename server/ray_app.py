@@ -35,7 +35,16 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
 
-from pipelines.messages import Assigned, Failure, Progress, Ready, RenderRequest, RenderResult, WorkerConfig
+from pipelines.messages import (
+    Assigned,
+    Failure,
+    Progress,
+    Ready,
+    Rendered,
+    RenderRequest,
+    RenderResult,
+    WorkerConfig,
+)
 from pipelines.specs import ModelSpec
 from server.app import create_app, worker_configs
 from server.config import Settings
@@ -116,6 +125,8 @@ class FluxdEngine:
         cancelled: set[str] = set()
 
         def send(message: object) -> None:
+            if isinstance(message, Rendered):
+                return  # a lane waits for its call's results; this replica's engine thread is free already
             assert isinstance(message, Progress | RenderResult | Failure)  # what worker.render sends
             loop.call_soon_threadsafe(messages.put_nowait, message)
 

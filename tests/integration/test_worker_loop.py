@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipelines.encoding import RAW_RGB
 from pipelines.engine import Engine
-from pipelines.messages import Failure, Progress, RenderedImage, RenderRequest, RenderResult
+from pipelines.messages import Failure, Progress, Rendered, RenderedImage, RenderRequest, RenderResult
 from pipelines.specs import SPECS
 from pipelines.worker import serve
 
@@ -92,6 +92,8 @@ def test_a_png_answer_holds_the_pixels_the_engine_rendered(engine: Engine, model
     [preview] = [raw(p.preview) for p in reports if p.preview is not None]
     sent: list[object] = []
     serve(engine, iter([[request("png", model, **fields)]]), sent.append, set())
+    # The worker is free for the next batch before its images encode.
+    assert [type(m) for m in sent if not isinstance(m, Progress)] == [Rendered, RenderResult]
     [result] = [m for m in sent if isinstance(m, RenderResult)]
     [image] = result.images
     assert image.content_type == "image/png"
