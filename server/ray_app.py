@@ -35,16 +35,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
 
-from pipelines.messages import (
-    Assigned,
-    Failure,
-    Progress,
-    Ready,
-    Rendered,
-    RenderRequest,
-    RenderResult,
-    WorkerConfig,
-)
+from pipelines.messages import Assigned, Failure, Progress, Ready, RenderRequest, RenderResult, WorkerConfig
 from pipelines.specs import ModelSpec
 from server.app import create_app, worker_configs
 from server.config import Settings
@@ -125,10 +116,9 @@ class FluxdEngine:
         cancelled: set[str] = set()
 
         def send(message: object) -> None:
-            if isinstance(message, Rendered):
-                return  # a lane waits for its call's results; this replica's engine thread is free already
-            assert isinstance(message, Progress | RenderResult | Failure)  # what worker.render sends
-            loop.call_soon_threadsafe(messages.put_nowait, message)
+            # Not Rendered: a lane waits for its call's results; this replica's engine thread is free already.
+            if isinstance(message, Progress | RenderResult | Failure):
+                loop.call_soon_threadsafe(messages.put_nowait, message)
 
         # The images encode on a thread of this call's own: the engine's thread is free for the next batch.
         encoder = Encoder(send)
