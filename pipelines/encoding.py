@@ -81,7 +81,7 @@ class Encoder:
         formats = {request.id: (request.output_format, request.output_compression) for request in batch}
         return lambda message: self.then(lambda: self._deliver(message, formats))
 
-    def then(self, action: Callable[[], None]) -> None:
+    def then(self, action: Callable[[], object]) -> None:
         """Run `action` on the thread once everything given before it is sent."""
         self._thread.submit(self._logged, action)
 
@@ -101,7 +101,7 @@ class Encoder:
         self._send(message)
 
     @staticmethod
-    def _logged(action: Callable[[], None]) -> None:
+    def _logged(action: Callable[[], object]) -> None:
         try:
             action()
         except Exception:
