@@ -179,16 +179,16 @@ class ImageService:
         """One image's `url` and/or `b64_json` fields (both when the request named no response_format), and
         why a url image came inline; runs in a thread."""
         blob = image.data
-        inline = base64.b64encode(blob).decode()
         if reply.sync_mode:
-            return {"url": f"data:{image.content_type};base64,{inline}"}, None
-        payload = {} if reply.response_format == "url" else {"b64_json": inline}
+            return {"url": f"data:{image.content_type};base64,{base64.b64encode(blob).decode()}"}, None
+        # A url-only answer base64s nothing, unless the store fails it.
+        payload = {} if reply.response_format == "url" else {"b64_json": base64.b64encode(blob).decode()}
         if reply.response_format == "b64_json":
             return payload, None
         try:
             image_id = self.store.put(blob, reply.output_format)
         except StoreUnavailable as exc:  # the image the GPU made still reaches the client
-            return {"b64_json": inline}, str(exc)
+            return {"b64_json": base64.b64encode(blob).decode()}, str(exc)
         payload["url"] = f"{base}/v1/files/images/{image_id}.{reply.output_format}"
         return payload, None
 
