@@ -29,8 +29,8 @@ CONTENT_TYPES = {
 RAW_RGB = "application/x-fluxd-rgb"  # height x width x 3 uint8, inside the worker until it is encoded
 LOSSY = frozenset({"jpeg", "webp", "avif"})
 DEFAULT_QUALITY = 90
-# zlib's fastest level, chosen by `fluxd bench front`'s PNG table (README: "PNG: speed against size"): about
-# 5x faster than Pillow's default 6 for files about 17% larger. PNG stays lossless at every level.
+# zlib's fastest level, chosen by `fluxd bench front`'s PNG table (README: "PNG: speed against size"):
+# 5-6x faster than Pillow's default 6 for files about 17% larger. PNG stays lossless at every level.
 PNG_COMPRESS_LEVEL = 1
 
 Format = tuple[str, int | None]  # output_format, output_compression
