@@ -18,6 +18,7 @@ import torch
 from pipelines import loading
 from pipelines.acceleration import accelerated
 from pipelines.adapters import Adapter, AdapterCache, user_adapters
+from pipelines.encoding import RAW_RGB
 from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit
 from pipelines.families import flux1, flux2
 from pipelines.images import decode_image, fit_reference
@@ -401,7 +402,7 @@ class StepReports:
         pixels = to_uint8(self.family.preview(pipeline, latents[rows], width, height))
         self.preview_ms += (time.perf_counter() - started) * 1000
         return {
-            request.id: RenderedImage(image.tobytes(), width, height, request.seeds[0])
+            request.id: RenderedImage(image.tobytes(), RAW_RGB, width, height, request.seeds[0])
             for request, image in zip(wanted, pixels, strict=True)
         }
 
@@ -443,7 +444,7 @@ def _results(
     offset = 0
     for index, (request, revised_prompt) in enumerate(zip(batch, revised, strict=True)):
         rendered = [
-            RenderedImage(images[offset + i].tobytes(), images.shape[2], images.shape[1], seed)
+            RenderedImage(images[offset + i].tobytes(), RAW_RGB, images.shape[2], images.shape[1], seed)
             for i, seed in enumerate(request.seeds)
         ]
         offset += request.n

@@ -28,6 +28,9 @@ class RenderRequest:
     acceleration: str = "none"  # step caching level (pipelines.acceleration); batches never mix levels
     safety_check: bool = False  # run the safety checker on this request's images (pipelines.safety)
     loras: list[LoraChoice] = field(default_factory=list)  # on top of the model's own adapter (Turbo)
+    # How the worker encodes the images (pipelines.encoding); not a batch key: each image is encoded alone.
+    output_format: str = "png"
+    output_compression: int | None = None
 
     @property
     def n(self) -> int:
@@ -36,9 +39,12 @@ class RenderRequest:
 
 @dataclass
 class RenderedImage:
-    """Raw RGB pixels (height x width x 3, uint8) and the seed that made them."""
+    """One image as the client asked for it, `data` in `content_type` (image/png...), and the seed that made
+    it. The worker encodes it (pipelines.encoding): inside the worker, before that, `data` holds raw RGB
+    pixels (height x width x 3, uint8) under pipelines.encoding.RAW_RGB."""
 
-    pixels: bytes
+    data: bytes
+    content_type: str
     width: int
     height: int
     seed: int
@@ -65,6 +71,14 @@ class Progress:
     step: int
     total: int
     preview: RenderedImage | None = None
+
+
+@dataclass
+class Rendered:
+    """Sent when a batch's pipeline call is over, before its images are encoded: the worker takes the next
+    batch (its denoising) while they encode on a thread, and their results follow."""
+
+    ids: list[str]
 
 
 FailureKind = Literal["invalid", "unavailable", "out_of_memory", "internal", "cancelled"]

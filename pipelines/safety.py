@@ -73,11 +73,11 @@ class SafetyChecker:
                 image.safety_note = NOT_CHECKED
             return
         started = time.perf_counter()
-        pixels = [np.frombuffer(i.pixels, np.uint8).reshape(i.height, i.width, 3) for i in images]
+        pixels = [np.frombuffer(i.data, np.uint8).reshape(i.height, i.width, 3) for i in images]
         for image, flagged in zip(images, self.flags(pixels), strict=True):
             image.nsfw = flagged
             if flagged:
-                image.pixels = bytes(len(image.pixels))
+                image.data = bytes(len(image.data))
         elapsed_ms = (time.perf_counter() - started) * 1000
         for result in asking:
             result.timings_ms["safety"] = elapsed_ms

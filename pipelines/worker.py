@@ -20,8 +20,9 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.encoding import Encoder
 from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit, WeightsMissing
-from pipelines.messages import Failure, Heartbeat, Progress, Ready, RenderRequest, WorkerConfig
+from pipelines.messages import Failure, Heartbeat, Progress, Ready, Rendered, RenderRequest, WorkerConfig
 
 if TYPE_CHECKING:
     from pipelines.engine import Engine
@@ -174,23 +175,30 @@ def serve(
     batch_done: Callable[[], None] = lambda: None,
 ) -> None:
     """Render each batch and send its answers: every request exactly one, a result or a Failure. The server
-    counts a worker busy until each request it sent has its answer, so one left unanswered wedges it."""
-    for batch in batches:
-        # A client can go away while its batch is still on its way here: its cancellation comes first.
-        gone = [request.id for request in batch if request.id in cancelled]
-        live = [request for request in batch if request.id not in gone]
-        try:
-            if gone:
-                send(Failure(gone, "cancelled", "The client went away before its request started."))
-            if live:
-                render(engine, live, send, cancelled)
-        finally:
-            cancelled.difference_update(request.id for request in batch)
-        batch_done()
+    counts a worker busy until each request it sent has its answer, so one left unanswered wedges it. Images
+    are encoded, and every message sent, by the encoder's thread, in order, while this loop goes on."""
+    encoder = Encoder(send)
+    try:
+        for batch in batches:
+            # A client can go away while its batch is still on its way here: its cancellation comes first.
+            gone = [request.id for request in batch if request.id in cancelled]
+            live = [request for request in batch if request.id not in gone]
+            answer = encoder.sender(batch)
+            try:
+                if gone:
+                    answer(Failure(gone, "cancelled", "The client went away before its request started."))
+                if live:
+                    render(engine, live, answer, cancelled)
+            finally:
+                cancelled.difference_update(request.id for request in batch)
+            encoder.then(batch_done)  # counted once its answers went out
+    finally:
+        encoder.close()
 
 
 def render(engine: Engine, batch: list[RenderRequest], send: Send, cancelled: set[str]) -> None:
-    """One pipeline call; each request gets its result, or all of them one Failure."""
+    """One pipeline call; each request gets its result, or all of them one Failure. Images are sent as the
+    engine made them, raw: `send` encodes them (Encoder.sender)."""
     ids = [request.id for request in batch]
 
     def on_step(progress: Progress, _pipe: Any) -> bool:
@@ -202,6 +210,7 @@ def render(engine: Engine, batch: list[RenderRequest], send: Send, cancelled: se
     except Exception as exc:
         send(failure(ids, exc))
         return
+    send(Rendered(ids))
     for result in results:
         result.loaded = engine.loaded()
         result.device_memory_bytes = engine.device_memory()

@@ -22,10 +22,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pipelines.encoding import CONTENT_TYPES
 from pipelines.messages import WorkerConfig
 from pipelines.specs import ModelSpec
 from server.config import Settings
-from server.encode import CONTENT_TYPES
 from server.errors import (
     APIError,
     BodyTooLarge,

@@ -172,13 +172,18 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def running_server(
-    client: httpx.Client, weights_dir: Path, workdir: Path, max_batch_images: int
+    client: httpx.Client,
+    weights_dir: Path,
+    workdir: Path,
+    max_batch_images: int,
+    flags: Sequence[str] = ("--demo",),
 ) -> Iterator[ServerProcess]:
-    """`fluxd serve --demo` on 127.0.0.1 until /ready answers 200; stopped on leaving, whatever happened."""
+    """`fluxd serve --demo` (or with other `flags`) on 127.0.0.1 until /ready answers 200; stopped on leaving,
+    whatever happened."""
     import httpx
 
     port = free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--demo", "--host", HOST, "--port", str(port)]
+    command = [sys.executable, "-m", "server.cli", "serve", *flags, "--host", HOST, "--port", str(port)]
     command += ["--weights-dir", str(weights_dir), "--store-dir", str(workdir / f"store-{port}")]
     command += ["--max-batch-images", str(max_batch_images), "--log-level", "WARNING"]
     # The caller's FLUXD_* settings (keys, queue sizes, a config file) would change what is measured.

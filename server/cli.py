@@ -1,4 +1,5 @@
-"""`fluxd serve | weights tiny|pull|list|verify | bench gpu|serve|accel`. Logging is configured here, once."""
+"""`fluxd serve | weights tiny|pull|list|verify | bench gpu|serve|front|accel`. Logging is configured here,
+once."""
 
 from __future__ import annotations
 
@@ -191,6 +192,10 @@ def bench(args: argparse.Namespace, rest: list[str]) -> int:
         from server.bench import main as serve_main
 
         return serve_main(rest)
+    if args.target == "front":
+        from server.bench_front import main as front_main
+
+        return front_main(rest)
     if args.target == "accel":
         from pipelines.bench_accel import main as accel_main
 
@@ -236,10 +241,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, CliSettingsSource[Any]]:
     bench_parser = sub.add_parser(
         "bench",
         help="gpu: synthetic full-size models on a CUDA device; serve: HTTP overhead, batching, soak; "
-        "accel: what each acceleration level saves",
+        "front: the HTTP front's CPU per image over an instant worker; accel: what each acceleration level "
+        "saves",
         add_help=False,
     )
-    bench_parser.add_argument("target", choices=["gpu", "serve", "accel"])
+    bench_parser.add_argument("target", choices=["gpu", "serve", "front", "accel"])
     return parser, serve_settings
 
 

@@ -10,8 +10,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.encode import encode
-
 KEEPALIVE_S = 15.0  # a comment line this often, so proxies keep an idle feed open
 
 
@@ -52,7 +50,7 @@ def _event(event: str, data: object, event_id: str) -> bytes:
 async def stream(
     feed: JobFeed | None,
     last_event_id: str | None,
-    output: tuple[str, int | None],
+    output_format: str,
     live: Callable[[], bool],
     final: Callable[[], Awaitable[dict]],
 ) -> AsyncIterator[bytes]:
@@ -69,12 +67,11 @@ async def stream(
                 continue
             for event, data in feed.events[seen:]:
                 seen += 1
-                if event == "preview":  # encoded as the job's images are, when sent
-                    blob = await asyncio.to_thread(encode, data["image"], *output)
+                if event == "preview":  # the worker encoded it as the job's images are
                     data = {
-                        "b64_json": base64.b64encode(blob).decode(),
+                        "b64_json": base64.b64encode(data["image"].data).decode(),
                         "partial_image_index": data["partial_image_index"],
-                        "output_format": output[0],
+                        "output_format": output_format,
                     }
                 yield _event(event, data, f"{feed.boot}.{seen}")
                 if event == "done":

@@ -61,14 +61,18 @@ def _dump(prepared: Prepared, base_url: str) -> str:
 
 def _load(stored: str, specs: Mapping[str, ModelSpec]) -> tuple[Prepared, str]:
     data = json.loads(stored)
+    reply = data["reply"]
     render = RenderRequest(
         **{
+            # A job stored before requests named their format: its reply's.
+            "output_format": reply["output_format"],
+            "output_compression": reply["compression"],
             **data["render"],
             "images": [base64.b64decode(i) for i in data["render"]["images"]],
             "loras": [LoraChoice(**lora) for lora in data["render"].get("loras", [])],
         }
     )
-    return Prepared(render, Reply(**data["reply"]), get_spec(render.model, specs)), data["base_url"]
+    return Prepared(render, Reply(**reply), get_spec(render.model, specs)), data["base_url"]
 
 
 class JobService(JobRunner):
@@ -247,10 +251,9 @@ class JobService(JobRunner):
         async def final() -> dict:
             return (await self.get(job_id, owner)).model_dump(mode="json", exclude_none=True)
 
-        output = ("png", None) if reply is None else (reply.output_format, reply.compression)
-        return stream(
-            None if live is None else live.feed, last_event_id, output, lambda: job_id in self.live, final
-        )
+        output_format = "png" if reply is None else reply.output_format
+        feed = None if live is None else live.feed
+        return stream(feed, last_event_id, output_format, lambda: job_id in self.live, final)
 
     async def get(self, job_id: str, owner: str) -> ImageJob:
         row = None if self.table is None else await self.table.get(job_id, owner)

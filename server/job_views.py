@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from fastapi import Request
 
 from pipelines.messages import RenderedImage, RenderRequest, RenderResult
-from server.encode import encode
 from server.errors import APIError
 from server.job_feed import JobFeed
 from server.jobs import JobRow, JobTable, TableUnavailable
@@ -111,11 +110,8 @@ async def view(row: JobRow, live: LiveJob | None, scheduler: Scheduler, detail: 
     if live.steps:
         job.progress = JobProgress(step=live.step, steps=live.steps)
     if detail and live.preview is not None:
-        if live.preview_b64 is None:
-            blob = await asyncio.to_thread(
-                encode, live.preview, live.prepared.reply.output_format, live.prepared.reply.compression
-            )
-            live.preview_b64 = base64.b64encode(blob).decode()
+        if live.preview_b64 is None:  # the worker encoded it: base64 only, once per preview
+            live.preview_b64 = base64.b64encode(live.preview.data).decode()
         job.preview = JobPreview(
             b64_json=live.preview_b64,
             partial_image_index=live.previews - 1,

@@ -17,13 +17,13 @@ from typing import Any, Literal
 from pydantic import TypeAdapter, ValidationError
 
 from pipelines.arguments import SET_BY_FLUXD
+from pipelines.encoding import LOSSY
 from pipelines.errors import InvalidParameter
 from pipelines.loras import LoraChoice
 from pipelines.loras import resolve as resolve_loras
 from pipelines.messages import RenderRequest
 from pipelines.sizes import resolve_size
 from pipelines.specs import PASSTHROUGH_BOUNDS, ModelSpec
-from server.encode import LOSSY
 from server.protocol import DECLARATIONS, MAX_PROMPT_CHARS, MAX_SEED, OutputFormat, _ImageFields
 
 EchoQuality = Literal["low", "medium", "high"]
@@ -267,5 +267,7 @@ def build_request(
         acceleration=_acceleration(body, spec),
         safety_check=_safety_check(body, safety_default),
         loras=_loras(body, spec, weights_dir),
+        output_format=reply.output_format,
+        output_compression=reply.compression,
     )
     return request, reply

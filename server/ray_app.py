@@ -110,6 +110,7 @@ class FluxdEngine:
     async def run(
         self, batch: list[RenderRequest]
     ) -> AsyncIterator[Assigned | Progress | RenderResult | Failure]:
+        from pipelines.encoding import Encoder
         from pipelines.worker import render as render_batch
 
         loop = asyncio.get_running_loop()
@@ -117,14 +118,19 @@ class FluxdEngine:
         cancelled: set[str] = set()
 
         def send(message: object) -> None:
-            assert isinstance(message, Progress | RenderResult | Failure)  # what worker.render sends
-            loop.call_soon_threadsafe(messages.put_nowait, message)
+            # Not Rendered: a lane waits for its call's results; this replica's engine thread is free already.
+            if isinstance(message, Progress | RenderResult | Failure):
+                loop.call_soon_threadsafe(messages.put_nowait, message)
+
+        # The images encode on a thread of this call's own: the engine's thread is free for the next batch.
+        encoder = Encoder(send)
 
         def render() -> None:
             try:
-                render_batch(self.engine, batch, send, cancelled)
+                render_batch(self.engine, batch, encoder.sender(batch), cancelled)
             finally:
-                loop.call_soon_threadsafe(messages.put_nowait, None)
+                encoder.then(lambda: loop.call_soon_threadsafe(messages.put_nowait, None))
+                encoder.close(wait=False)
 
         done = loop.run_in_executor(self.executor, render)
         yield self.assigned

@@ -1,4 +1,5 @@
-"""The images service: request -> validated RenderRequest -> scheduler -> encoded, stored, shaped answer."""
+"""The images service: request -> validated RenderRequest -> scheduler -> stored, shaped answer. The worker
+encoded the images; this process only forwards their bytes (base64, or a file of the url store)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,9 @@ from starlette.datastructures import MutableHeaders
 from pipelines.arguments import PASSTHROUGH
 from pipelines.errors import InvalidParameter
 from pipelines.images import reference_sizes
-from pipelines.messages import Progress, RenderRequest, RenderResult
+from pipelines.messages import Progress, RenderedImage, RenderRequest, RenderResult
 from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
-from server.encode import CONTENT_TYPES, encode
 from server.errors import APIError, envelope, to_api_error
 from server.normalize import Reply, build_request
 from server.protocol import ImageData, ImagesResponse, InputTokensDetails, Usage, _ImageFields
@@ -148,10 +148,7 @@ class ImageService:
         when url images had to come inline."""
         reply, render = prepared.reply, prepared.render
         payloads = await asyncio.to_thread(
-            lambda: [
-                self._payload(reply, encode(image, reply.output_format, reply.compression), base)
-                for image in result.images
-            ]
+            lambda: [self._payload(reply, image, base) for image in result.images]
         )
         failures = sorted({failure for _, failure in payloads if failure})
         if failures and headers is not None:
@@ -178,20 +175,20 @@ class ImageService:
             acceleration=result.acceleration,
         )
 
-    def _payload(self, reply: Reply, blob: bytes, base: str) -> tuple[dict[str, str], str | None]:
+    def _payload(self, reply: Reply, image: RenderedImage, base: str) -> tuple[dict[str, str], str | None]:
         """One image's `url` and/or `b64_json` fields (both when the request named no response_format), and
         why a url image came inline; runs in a thread."""
+        blob = image.data
         if reply.sync_mode:
-            content_type = CONTENT_TYPES[reply.output_format]
-            return {"url": f"data:{content_type};base64,{base64.b64encode(blob).decode()}"}, None
-        inline = base64.b64encode(blob).decode()
-        payload = {} if reply.response_format == "url" else {"b64_json": inline}
+            return {"url": f"data:{image.content_type};base64,{base64.b64encode(blob).decode()}"}, None
+        # A url-only answer base64s nothing, unless the store fails it.
+        payload = {} if reply.response_format == "url" else {"b64_json": base64.b64encode(blob).decode()}
         if reply.response_format == "b64_json":
             return payload, None
         try:
             image_id = self.store.put(blob, reply.output_format)
         except StoreUnavailable as exc:  # the image the GPU made still reaches the client
-            return {"b64_json": inline}, str(exc)
+            return {"b64_json": base64.b64encode(blob).decode()}, str(exc)
         payload["url"] = f"{base}/v1/files/images/{image_id}.{reply.output_format}"
         return payload, None
 
@@ -215,13 +212,10 @@ class ImageService:
                     continue
                 if progress.preview is None or sent >= render.partial_images:
                     continue
-                blob = await asyncio.to_thread(
-                    encode, progress.preview, reply.output_format, reply.compression
-                )
                 event = f"{kind}.partial_image"
                 payload = {
                     "type": event,
-                    "b64_json": base64.b64encode(blob).decode(),
+                    "b64_json": base64.b64encode(progress.preview.data).decode(),
                     "created_at": int(time.time()),
                     "partial_image_index": sent,
                     **common,
@@ -230,11 +224,10 @@ class ImageService:
                 yield _sse(event, payload)
             result = job.result()
             [image] = result.images
-            blob = await asyncio.to_thread(encode, image, reply.output_format, reply.compression)
             event = f"{kind}.completed"
             payload = {
                 "type": event,
-                "b64_json": base64.b64encode(blob).decode(),
+                "b64_json": base64.b64encode(image.data).decode(),
                 "created_at": int(time.time()),
                 "usage": usage(render).model_dump(),
                 **common,

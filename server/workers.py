@@ -20,7 +20,16 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from pipelines import worker as worker_main
-from pipelines.messages import Failure, Heartbeat, Progress, Ready, RenderRequest, RenderResult, WorkerConfig
+from pipelines.messages import (
+    Failure,
+    Heartbeat,
+    Progress,
+    Ready,
+    Rendered,
+    RenderRequest,
+    RenderResult,
+    WorkerConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +74,7 @@ class _Pending:
     batch: int
     on_progress: ProgressListener | None = None
     cancelled: bool = False
+    rendered: bool = False  # its images are encoding: no longer counted in busy_images
 
 
 @dataclass
@@ -220,6 +230,8 @@ class WorkerHandle:
                 self._batches[pending.batch].progress(message.step, time.monotonic())
                 if pending.on_progress is not None:
                     pending.on_progress(message)
+        elif isinstance(message, Rendered):
+            self._rendered(message.ids)
         elif isinstance(message, RenderResult):
             self._resolve(message.id, lambda future: future.set_result(message))
             if self.info is not None and message.loaded:
@@ -228,11 +240,23 @@ class WorkerHandle:
             for request_id in message.ids:
                 self._fail(request_id, message)
 
+    def _rendered(self, ids: list[str]) -> None:
+        """The batch's pipeline call is over and its images encode on the worker's thread: the scheduler may
+        send the next batch now, to denoise meanwhile."""
+        for request_id in ids:
+            pending = self._pending.get(request_id)
+            if pending is not None and not pending.rendered:
+                pending.rendered = True
+                self.busy_images = max(0, self.busy_images - pending.images)
+        if self.on_ready is not None:
+            self.on_ready()
+
     def _resolve(self, request_id: str, settle: Callable[[asyncio.Future], None]) -> None:
         pending = self._pending.pop(request_id, None)
         if pending is None:
             return
-        self.busy_images = max(0, self.busy_images - pending.images)
+        if not pending.rendered:
+            self.busy_images = max(0, self.busy_images - pending.images)
         batch = self._batches.get(pending.batch)
         if batch is not None and not any(i in self._pending for i in batch.ids):
             del self._batches[pending.batch]

@@ -2,16 +2,18 @@
 
 It implements the pool's interface (what server/scheduler.py, server/routes and the app's lifespan call) and
 stands in for the process boundary only: the tests that render pixels use the real workers (tests/e2e).
-Each submitted batch is recorded and answered when the test says so, with flat grey pixels.
+Each submitted batch is recorded and answered when the test says so, with flat grey images.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.encoding import RAW_RGB, encoded
 from pipelines.messages import RenderedImage, RenderRequest, RenderResult, WorkerConfig
 
 
@@ -27,6 +29,7 @@ class StandInHandle:
     batches: list[list[RenderRequest]] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     fail_with: BaseException | None = None
+    image_bytes: bytes | None = None  # sent as every image's encoded bytes instead of a grey image
     _futures: dict[str, asyncio.Future[RenderResult]] = field(default_factory=dict)
     _requests: dict[str, RenderRequest] = field(default_factory=dict)
 
@@ -50,7 +53,7 @@ class StandInHandle:
             del self._futures[request_id]
             self.busy_images -= request.n
             if not future.done():
-                future.set_result(_result(request))
+                future.set_result(_result(request, self.image_bytes))
 
     def cancel(self, request_id: str) -> None:
         self.cancelled.append(request_id)
@@ -59,9 +62,13 @@ class StandInHandle:
         return False
 
 
-def _result(request: RenderRequest) -> RenderResult:
+def _result(request: RenderRequest, data: bytes | None) -> RenderResult:
     pixels = bytes([128]) * (request.width * request.height * 3)
-    images = [RenderedImage(pixels, request.width, request.height, seed) for seed in request.seeds]
+    raw = [RenderedImage(pixels, RAW_RGB, request.width, request.height, seed) for seed in request.seeds]
+    # Encoded as a worker does, in the request's format: the front forwards the bytes.
+    images = [encoded(image, (request.output_format, request.output_compression)) for image in raw]
+    if data is not None:
+        images = [dataclasses.replace(image, data=data) for image in images]
     return RenderResult(
         request.id, images, timings_ms={"batch_images": request.n}, acceleration=request.acceleration
     )

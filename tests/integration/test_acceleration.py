@@ -52,9 +52,7 @@ def render(engine: Engine, req: RenderRequest) -> tuple[np.ndarray, float, str]:
     """Pixels of every image, the transformer's full evaluations, and the level the result reports."""
     with counting(engine.pipeline(SPECS[req.model]).transformer) as counter:
         [result] = engine.render([req])
-    pixels = np.stack(
-        [np.frombuffer(i.pixels, np.uint8).reshape(i.height, i.width, 3) for i in result.images]
-    )
+    pixels = np.stack([np.frombuffer(i.data, np.uint8).reshape(i.height, i.width, 3) for i in result.images])
     return pixels, counter.evaluations, result.acceleration
 
 

@@ -42,7 +42,7 @@ def request(model: str, seeds: list[int], width: int = 64, height: int = 48, **f
 
 def pixels(engine: Engine, req: RenderRequest) -> list[np.ndarray]:
     [result] = engine.render([req])
-    return [np.frombuffer(i.pixels, np.uint8).reshape(i.height, i.width, 3) for i in result.images]
+    return [np.frombuffer(i.data, np.uint8).reshape(i.height, i.width, 3) for i in result.images]
 
 
 @pytest.mark.parametrize("model", sorted(SPECS))
@@ -130,7 +130,7 @@ def test_turbo_runs_any_step_count(engine: Engine, steps: int) -> None:
     assert ran == list(range(1, steps + 1))  # the denoising loop ran that many steps, not its 8
     [image] = result.images
     assert (image.width, image.height) == (64, 48)
-    assert np.frombuffer(image.pixels, np.uint8).std() > 0
+    assert np.frombuffer(image.data, np.uint8).std() > 0
 
 
 def test_turbo_at_8_steps_runs_fals_sigmas_as_published(engine: Engine) -> None:

@@ -59,7 +59,7 @@ def test_the_revised_prompt_depends_only_on_the_request(engine: Engine) -> None:
     torch.rand(100)  # the global RNG moves; the enhancement's own does not
     again = enhanced(engine, "flux.2-dev", seed=7)
     assert first.revised_prompt == again.revised_prompt
-    assert first.images[0].pixels == again.images[0].pixels
+    assert first.images[0].data == again.images[0].data
 
 
 def test_without_enhancement_there_is_no_revised_prompt(engine: Engine) -> None:

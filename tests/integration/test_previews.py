@@ -45,7 +45,7 @@ def render(engine: Engine, batch: list[RenderRequest]) -> tuple[list[Progress], 
     reports: list[Progress] = []
     results = engine.render(batch, lambda progress, _pipe: reports.append(progress) or False)
     finals = {
-        r.id: np.frombuffer(r.images[0].pixels, np.uint8).reshape(r.images[0].height, r.images[0].width, 3)
+        r.id: np.frombuffer(r.images[0].data, np.uint8).reshape(r.images[0].height, r.images[0].width, 3)
         for r in results
     }
     return reports, finals
@@ -54,7 +54,7 @@ def render(engine: Engine, batch: list[RenderRequest]) -> tuple[list[Progress], 
 def pixels(progress: Progress) -> np.ndarray:
     assert progress.preview is not None
     image = progress.preview
-    return np.frombuffer(image.pixels, np.uint8).reshape(image.height, image.width, 3)
+    return np.frombuffer(image.data, np.uint8).reshape(image.height, image.width, 3)
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,7 @@ def test_same_prompt_other_seed_skips_the_encoder_and_changes_nothing(
         [result] = cached.render([request(model, [2])])
     assert calls == []
     assert result.timings_ms["prompt_cache_hits"] == 1
-    second = np.frombuffer(result.images[0].pixels, np.uint8).reshape(first.shape)
+    second = np.frombuffer(result.images[0].data, np.uint8).reshape(first.shape)
     assert not np.array_equal(first, second)
     expected = [pixels(uncached, request(model, [seed]))[0] for seed in (1, 2)]
     for got, want in zip((first, second), expected, strict=True):

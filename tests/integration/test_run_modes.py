@@ -151,7 +151,7 @@ def test_model_offload_keeps_the_vae_on_the_device_so_previews_leave_the_transfo
     tiled = Engine(SPECS, tiny_weights)  # the tiny VAE tiles above 32 px, as model offload has it do
     tiled.pipeline(SPECS["flux.1-dev"]).vae.enable_tiling()
     want = pixels(tiled, request("flux.1-dev", [7], steps=4))[0]
-    got = np.frombuffer(result.images[0].pixels, np.uint8).reshape(want.shape)
+    got = np.frombuffer(result.images[0].data, np.uint8).reshape(want.shape)
     assert np.abs(as_int(got) - as_int(want)).max() <= 1
 
 

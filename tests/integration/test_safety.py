@@ -42,17 +42,17 @@ def checked(
 def test_flagged_images_are_black_and_say_so(rendered, tmp_path: Path) -> None:
     asked, not_asked = checked(rendered, SafetyChecker(write_safety_checker(tmp_path / "s", verdict="nsfw")))
     assert [image.nsfw for image in asked.images] == [True, True]
-    assert all(image.pixels == bytes(len(image.pixels)) for image in asked.images)
+    assert all(image.data == bytes(len(image.data)) for image in asked.images)
     assert "safety" in asked.timings_ms
     original = rendered[1][1]
     assert [image.nsfw for image in not_asked.images] == [None, None]  # it did not ask: left as rendered
-    assert [i.pixels for i in not_asked.images] == [i.pixels for i in original.images]
+    assert [i.data for i in not_asked.images] == [i.data for i in original.images]
 
 
 def test_unflagged_images_are_untouched(rendered, tmp_path: Path) -> None:
     asked, _ = checked(rendered, SafetyChecker(write_safety_checker(tmp_path / "s", verdict="normal")))
     assert [image.nsfw for image in asked.images] == [False, False]
-    assert [i.pixels for i in asked.images] == [i.pixels for i in rendered[1][0].images]
+    assert [i.data for i in asked.images] == [i.data for i in rendered[1][0].images]
 
 
 def test_a_flag_follows_the_threshold(rendered, tmp_path: Path) -> None:
@@ -64,5 +64,5 @@ def test_a_flag_follows_the_threshold(rendered, tmp_path: Path) -> None:
 def test_without_a_classifier_each_image_says_it_was_not_checked(rendered, tmp_path: Path) -> None:
     asked, not_asked = checked(rendered, SafetyChecker(tmp_path / "absent"))
     assert [(image.nsfw, image.safety_note) for image in asked.images] == [(None, NOT_CHECKED)] * 2
-    assert [i.pixels for i in asked.images] == [i.pixels for i in rendered[1][0].images]
+    assert [i.data for i in asked.images] == [i.data for i in rendered[1][0].images]
     assert [image.safety_note for image in not_asked.images] == [None, None]

@@ -280,7 +280,7 @@ def test_the_engine_serves_synthetic_weights_turbo_included(tiny_weights: Path) 
         [result] = engine.render([request])
         results[model] = result.images[0]
         assert (result.images[0].width, result.images[0].height) == (64, 48)
-    assert results["flux.2-dev"].pixels != results["flux.2-dev-turbo"].pixels  # the random LoRA is live
+    assert results["flux.2-dev"].data != results["flux.2-dev-turbo"].data  # the random LoRA is live
     assert engine.loaded() == ["flux.1-kontext-dev", "flux.2-dev"]
 
 

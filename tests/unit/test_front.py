@@ -7,11 +7,13 @@ What crosses the process boundary is answered by tests/standin.py; the scheduler
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 
@@ -190,5 +192,29 @@ def test_models_publish_the_declared_parameters(tmp_path: Path) -> None:
         dev = (await client.get("/v1/models/flux.1-dev")).json()
         assert "image" not in dev["parameters"] and "image" not in dev["normalisation"]
         json.dumps(kontext)
+
+    run(tmp_path, check)
+
+
+def test_the_front_forwards_the_bytes_the_worker_encoded(tmp_path: Path) -> None:
+    # Bytes no decoder takes: a front that decoded or re-encoded an image would fail on them.
+    sent = b"bytes the worker encoded as webp"
+
+    async def check(client: httpx.AsyncClient, worker: StandInHandle) -> None:
+        worker.image_bytes = sent
+        for response_format in ("b64_json", "url"):
+            body = {**BODY, "output_format": "webp", "output_compression": 40}
+            body["response_format"] = response_format
+            answer = asyncio.ensure_future(client.post("/v1/images/generations", json=body))
+            await until(lambda: worker.busy_images > 0)
+            [request] = worker.batches[-1]
+            assert (request.output_format, request.output_compression) == ("webp", 40)  # the worker's job
+            worker.finish()
+            [image] = (await answer).json()["data"]
+            if response_format == "b64_json":
+                assert base64.b64decode(image["b64_json"]) == sent
+            else:
+                stored = await client.get(urlparse(image["url"]).path)
+                assert (stored.content, stored.headers["content-type"]) == (sent, "image/webp")
 
     run(tmp_path, check)

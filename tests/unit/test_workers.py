@@ -8,7 +8,16 @@ from typing import Any
 
 import pytest
 
-from pipelines.messages import Failure, Heartbeat, Progress, RenderRequest, WorkerConfig
+from pipelines.messages import (
+    Failure,
+    Heartbeat,
+    Progress,
+    Rendered,
+    RenderedImage,
+    RenderRequest,
+    RenderResult,
+    WorkerConfig,
+)
 from server.workers import Liveness, WorkerFailure, WorkerHandle
 
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin runs the async tests
@@ -61,6 +70,22 @@ async def test_a_heartbeat_settles_only_the_batches_the_worker_finished(worker: 
     assert first.done() and not second.done()
     assert worker.busy_images == 1
     assert first.exception().failure.kind == "internal"  # type: ignore[union-attr]  # never cancelled
+
+
+async def test_a_worker_whose_images_encode_takes_the_next_batch_and_still_answers(
+    worker: WorkerHandle,
+) -> None:
+    woken: list[bool] = []
+    worker.on_ready = lambda: woken.append(True)
+    [first] = worker.submit([request("first", 2)], {})
+    dispatch(worker, Rendered(["first"]))  # denoised; its images encode on the worker's thread
+    assert (worker.busy_images, woken) == (0, [True])  # the scheduler may send the next batch
+    [second] = worker.submit([request("second")], {})
+    image = RenderedImage(b"png", "image/png", 32, 32, 0)
+    dispatch(worker, RenderResult("first", [image, image]))
+    assert first.done() and worker.busy_images == 1  # "first" is not counted twice
+    dispatch(worker, Failure(["second"], "internal", "failed"))
+    assert isinstance(second.exception(), WorkerFailure) and worker.busy_images == 0
 
 
 def test_a_batch_deadline_is_the_floor_or_its_measured_steps_times_the_factor() -> None:
