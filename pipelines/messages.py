@@ -2,36 +2,61 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any
 
+from pipelines.errors import ErrorCode
 from pipelines.loras import DEFAULT_CACHE_MB, LoraChoice
+
+
+class BatchKey:
+    """Marks a RenderRequest field whose value is one for a whole pipeline call: requests that differ in it
+    never share a batch (`Annotated[int, BatchKey]`). The scheduler's batch key is made of these fields."""
 
 
 @dataclass
 class RenderRequest:
-    """One client request, fully resolved: every default applied, every value validated."""
+    """One client request, fully resolved: every default applied, every value validated.
+
+    A field that a pipeline call takes once for all its images (shape, schedule, references, adapters) is
+    marked BatchKey; one that each request of a batch keeps its own (prompt, seeds) is not."""
 
     id: str
-    model: str
+    model: Annotated[str, BatchKey]
     prompt: str
-    width: int
-    height: int
-    steps: int
-    guidance: float
+    width: Annotated[int, BatchKey]
+    height: Annotated[int, BatchKey]
+    steps: Annotated[int, BatchKey]
+    guidance: Annotated[float, BatchKey]
     seeds: list[int]
-    images: list[bytes] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
+    images: Annotated[list[bytes], BatchKey] = field(default_factory=list)  # references, one set per call
+    extra: Annotated[dict[str, Any], BatchKey] = field(default_factory=dict)
     enhance_prompt: bool = False
     enhance_temperature: float = 0.15
-    partial_images: int = 0
-    acceleration: str = "none"  # step caching level (pipelines.acceleration); batches never mix levels
+    partial_images: Annotated[int, BatchKey] = 0
+    # Step caching level (pipelines.acceleration): the cache hook is on for a whole call.
+    acceleration: Annotated[str, BatchKey] = "none"
     safety_check: bool = False  # run the safety checker on this request's images (pipelines.safety)
-    loras: list[LoraChoice] = field(default_factory=list)  # on top of the model's own adapter (Turbo)
+    # On top of the model's own adapter (Turbo); a call runs with one set of adapters at one set of scales.
+    loras: Annotated[list[LoraChoice], BatchKey] = field(default_factory=list)
 
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+
+@functools.cache
+def batch_fields(request_type: type[RenderRequest]) -> tuple[str, ...]:
+    """The fields of `request_type` (RenderRequest or a subclass) marked BatchKey, in declaration order."""
+    hints = typing.get_type_hints(request_type, include_extras=True)
+    return tuple(
+        f.name
+        for f in dataclasses.fields(request_type)
+        if BatchKey in getattr(hints[f.name], "__metadata__", ())
+    )
 
 
 @dataclass
@@ -67,18 +92,14 @@ class Progress:
     preview: RenderedImage | None = None
 
 
-FailureKind = Literal["invalid", "unavailable", "out_of_memory", "internal", "cancelled"]
-
-
 @dataclass
 class Failure:
-    """A batch that could not be rendered; `kind` decides the HTTP status on the other side."""
+    """A batch that could not be rendered; `code` decides the HTTP status on the other side."""
 
     ids: list[str]
-    kind: FailureKind
+    code: ErrorCode
     message: str
     param: str | None = None
-    code: str | None = None
 
 
 @dataclass

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipelines.errors import InvalidParameter, ModelNotFound
+from pipelines.errors import ErrorCode, FluxdError, InvalidParameter, ModelNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class ErrorKind:
     retry_after_s: float | None = None
 
 
-KINDS: dict[str, ErrorKind] = {
+KINDS: dict[ErrorCode, ErrorKind] = {
     # Bad input: a retry cannot fix it.
     "invalid_value": ErrorKind(400),
     "invalid_json": ErrorKind(400),
@@ -61,15 +61,17 @@ KINDS: dict[str, ErrorKind] = {
     "server_error": ErrorKind(500, "server_error", None),
     # An async job that took its worker or the server down on each of its tries: another would too.
     "job_crashed": ErrorKind(500, "server_error"),
+    # A request whose client went away: nobody reads the answer (nginx's 499, "client closed request").
+    "cancelled": ErrorKind(499, "server_error"),
 }
-_BY_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_BY_STATUS: dict[int, ErrorCode] = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 class APIError(Exception):
     """An error of a declared kind (`code`), with its message and the parameter it names."""
 
     def __init__(
-        self, code: str, message: str, param: str | None = None, retry_after_s: float | None = None
+        self, code: ErrorCode, message: str, param: str | None = None, retry_after_s: float | None = None
     ) -> None:
         super().__init__(message)
         self.kind = KINDS[code]
@@ -101,18 +103,10 @@ def to_api_error(exc: BaseException) -> APIError:
 
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, InvalidParameter):
+    if isinstance(exc, FluxdError):
         return APIError(exc.code, exc.message, exc.param)
-    if isinstance(exc, ModelNotFound):
-        return APIError("model_not_found", exc.message, "model")
     if isinstance(exc, WorkerFailure):
-        failure = exc.failure
-        if failure.kind == "invalid":
-            return APIError(failure.code or "invalid_value", failure.message, failure.param or "body")
-        if failure.kind == "unavailable":
-            return APIError("model_unavailable", failure.message, failure.param)
-        if failure.kind == "out_of_memory":
-            return APIError("out_of_memory", failure.message)
+        return APIError(exc.failure.code, exc.failure.message, exc.failure.param)
     if isinstance(exc, WorkerCrashed):
         return APIError(
             "worker_restarted", "The worker running this request crashed and is being restarted; retry."

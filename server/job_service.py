@@ -24,9 +24,9 @@ from typing import Any
 from fastapi import Request
 
 from pipelines.errors import InvalidParameter
-from pipelines.loras import LoraChoice
 from pipelines.messages import Progress, RenderedImage, RenderRequest, RenderResult
 from pipelines.specs import ModelSpec, get_spec
+from pipelines.wire import from_json, to_json
 from server.config import Settings
 from server.encode import encode
 from server.errors import APIError, envelope, to_api_error
@@ -79,22 +79,22 @@ def not_found() -> APIError:
     )
 
 
+@dataclass
+class StoredRequest:
+    """What the job table keeps of a job to run it again after a restart."""
+
+    render: RenderRequest
+    reply: Reply
+    base_url: str
+
+
 def _dump(prepared: Prepared, base_url: str) -> str:
-    render = dataclasses.asdict(prepared.render)
-    render["images"] = [base64.b64encode(image).decode() for image in prepared.render.images]
-    return json.dumps({"render": render, "reply": dataclasses.asdict(prepared.reply), "base_url": base_url})
+    return to_json(StoredRequest(prepared.render, prepared.reply, base_url))
 
 
 def _load(stored: str, specs: Mapping[str, ModelSpec]) -> tuple[Prepared, str]:
-    data = json.loads(stored)
-    render = RenderRequest(
-        **{
-            **data["render"],
-            "images": [base64.b64decode(i) for i in data["render"]["images"]],
-            "loras": [LoraChoice(**lora) for lora in data["render"].get("loras", [])],
-        }
-    )
-    return Prepared(render, Reply(**data["reply"]), get_spec(render.model, specs)), data["base_url"]
+    row = from_json(stored, StoredRequest)
+    return Prepared(row.render, row.reply, get_spec(row.render.model, specs)), row.base_url
 
 
 def _error_json(error: APIError) -> str:

@@ -35,8 +35,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
 
-from pipelines.messages import Assigned, Failure, Progress, Ready, RenderRequest, RenderResult, WorkerConfig
+from pipelines.messages import Assigned, Failure, Progress, Ready, RenderResult, WorkerConfig
 from pipelines.specs import ModelSpec
+from pipelines.wire import Message, decode_batch, encode_message
 from server.app import create_app, worker_configs
 from server.config import Settings
 from server.ray_pool import RayPool, lane_count
@@ -102,19 +103,19 @@ class FluxdEngine:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="fluxd-engine")
         logger.info("engine replica %s ready on node %s (%s)", replica, node, config.device)
 
-    def describe(self) -> Ready:
-        return dataclasses.replace(self.ready, loaded=self.engine.loaded())
+    def describe(self) -> bytes:
+        return encode_message(dataclasses.replace(self.ready, loaded=self.engine.loaded()))
 
-    async def run(
-        self, batch: list[RenderRequest]
-    ) -> AsyncIterator[Assigned | Progress | RenderResult | Failure]:
+    async def run(self, data: bytes) -> AsyncIterator[bytes]:
+        """The messages of one batch (pipelines.wire), as the worker process would send them."""
         from pipelines.worker import render as render_batch
 
+        batch = decode_batch(data)
         loop = asyncio.get_running_loop()
         messages: asyncio.Queue[Progress | RenderResult | Failure | None] = asyncio.Queue()
         cancelled: set[str] = set()
 
-        def send(message: object) -> None:
+        def send(message: Message) -> None:
             assert isinstance(message, Progress | RenderResult | Failure)  # what worker.render sends
             loop.call_soon_threadsafe(messages.put_nowait, message)
 
@@ -125,10 +126,10 @@ class FluxdEngine:
                 loop.call_soon_threadsafe(messages.put_nowait, None)
 
         done = loop.run_in_executor(self.executor, render)
-        yield self.assigned
+        yield encode_message(self.assigned)
         try:
             while (message := await messages.get()) is not None:
-                yield message
+                yield encode_message(message)
         except asyncio.CancelledError:
             # The front cancelled the call: every client of the batch went away. The engine stops at the
             # next step; a batch sent meanwhile waits for the executor's one thread.

@@ -28,6 +28,7 @@ from ray.serve.exceptions import RequestCancelledError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from pipelines.messages import Assigned, Failure, Ready, RenderRequest, WorkerConfig
+from pipelines.wire import decode_message, encode_batch
 from server.config import Settings
 from server.workers import Liveness, WorkerCrashed, WorkerFailure, WorkerHandle, WorkerPool
 
@@ -71,7 +72,7 @@ class ReplicaLane(WorkerHandle):
         self.replica = None  # until the replica that takes this batch says which it is
         self._call_ids = {request.id for request in batch}
         self._cancelled = set()
-        call = self.engine.options(stream=True, method_name="run").remote(batch)
+        call = self.engine.options(stream=True, method_name="run").remote(encode_batch(batch))
         assert isinstance(call, DeploymentResponseGenerator)  # what stream=True answers
         self._call = call
         self._task = self.loop.create_task(self._receive(call, sorted(self._call_ids)))
@@ -85,7 +86,8 @@ class ReplicaLane(WorkerHandle):
 
     async def _receive(self, call: DeploymentResponseGenerator, ids: list[str]) -> None:
         try:
-            async for message in call:
+            async for data in call:
+                message = decode_message(data)
                 if isinstance(message, Assigned):
                     self.replica = message
                     if self.on_assigned is not None:
@@ -98,7 +100,7 @@ class ReplicaLane(WorkerHandle):
             self._replica_lost(exc)
         except Exception:
             logger.exception("batch %s failed on the Ray cluster", ids)
-            failure = Failure(ids, "internal", "The server failed to render the image.")
+            failure = Failure(ids, "server_error", "The server failed to render the image.")
             self._fail_all(ids, lambda: WorkerFailure(failure))
         finally:
             if self._call is call:
@@ -159,11 +161,12 @@ class RayPool(WorkerPool):
         # Serve deploys the front and the engine together: the engine's replicas may still be loading.
         while True:
             try:
-                ready: Ready = await self.engine.describe.remote()
+                ready = decode_message(await self.engine.describe.remote())
                 break
             except (RayActorError, ActorUnavailableError) as exc:
                 logger.warning("engine deployment not answering yet (%s); retrying", exc)
                 await asyncio.sleep(DESCRIBE_RETRY_S)
+        assert isinstance(ready, Ready)  # what describe answers
         for lane in self.workers:
             lane._handle(dataclasses.replace(ready))
 

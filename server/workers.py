@@ -21,6 +21,7 @@ from typing import Any
 
 from pipelines import worker as worker_main
 from pipelines.messages import Failure, Heartbeat, Progress, Ready, RenderRequest, RenderResult, WorkerConfig
+from pipelines.wire import Message, decode_message, encode_batch
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class WorkerHandle:
     # Transport: a worker process's queues here; a Ray Serve call in server/ray_pool.py.
 
     def _send(self, batch: list[RenderRequest]) -> None:
-        self._inbox.put(batch)
+        self._inbox.put(encode_batch(batch))
 
     def _send_cancel(self, request_id: str) -> None:
         self._control.put(request_id)
@@ -188,7 +189,7 @@ class WorkerHandle:
                     if process.is_alive():
                         continue
                     break
-                message = messages.recv()
+                message = decode_message(messages.recv_bytes())
             except (EOFError, OSError):
                 break
             self.loop.call_soon_threadsafe(self._dispatch, process, message)
@@ -198,13 +199,13 @@ class WorkerHandle:
 
     # Event loop ----------------------------------------------------------------------------------------
 
-    def _dispatch(self, process: BaseProcess, message: object) -> None:
+    def _dispatch(self, process: BaseProcess, message: Message) -> None:
         if process is not self.process:
             return  # a late word from a process already replaced
         self._heard = time.monotonic()
         self._handle(message)
 
-    def _handle(self, message: object) -> None:
+    def _handle(self, message: Message) -> None:
         """A worker's message, whatever carried it (a process's pipe here, a Ray Serve call in ray_pool)."""
         if isinstance(message, Heartbeat):
             self._settle_finished(message.batches)
@@ -254,7 +255,7 @@ class WorkerHandle:
                     failure = Failure([request_id], "cancelled", "The client went away.")
                 else:
                     logger.error("worker %s finished a batch without answering %s", self.name, request_id)
-                    failure = Failure([request_id], "internal", "The server failed to render the image.")
+                    failure = Failure([request_id], "server_error", "The server failed to render the image.")
                 self._fail(request_id, failure)
 
     def _check(self) -> None:

@@ -43,7 +43,7 @@ def answered(messages: list[object]) -> Counter[str]:
 def test_a_batch_cancelled_before_the_worker_took_it_is_answered_cancelled(engine: Engine) -> None:
     cancelled = {"a", "b"}
     messages = answers(engine, [[request("a"), request("b")]], cancelled)
-    assert [(m.ids, m.kind) for m in messages if isinstance(m, Failure)] == [(["a", "b"], "cancelled")]
+    assert [(m.ids, m.code) for m in messages if isinstance(m, Failure)] == [(["a", "b"], "cancelled")]
     assert answered(messages) == {"a": 1, "b": 1}
     assert not cancelled  # nothing of a finished batch stays behind
 
@@ -52,7 +52,7 @@ def test_a_cancelled_request_leaves_its_batch_mates_running(engine: Engine) -> N
     messages = answers(engine, [[request("gone"), request("kept")], [request("next")]], {"gone"})
     assert answered(messages) == {"gone": 1, "kept": 1, "next": 1}
     [failure] = [m for m in messages if isinstance(m, Failure)]
-    assert (failure.ids, failure.kind) == (["gone"], "cancelled")
+    assert (failure.ids, failure.code) == (["gone"], "cancelled")
     assert {m.id for m in messages if isinstance(m, RenderResult)} == {"kept", "next"}
 
 
@@ -63,4 +63,4 @@ def test_a_failing_batch_answers_each_request_once(engine: Engine) -> None:
         engine, [[request("x", "flux.1-dev", extra=bad), request("y", "flux.1-dev", extra=bad)]], set()
     )
     assert answered(messages) == {"x": 1, "y": 1}
-    assert [m.kind for m in messages if isinstance(m, Failure)] == ["invalid"]
+    assert [m.code for m in messages if isinstance(m, Failure)] == ["invalid_value"]

@@ -44,13 +44,13 @@ async def test_a_cancelled_request_the_worker_never_answered_is_settled_when_its
 ) -> None:
     gone, kept = worker.submit([request("gone", 2), request("kept")], {})
     worker.cancel("gone")
-    dispatch(worker, Failure(["kept"], "internal", "failed"))
+    dispatch(worker, Failure(["kept"], "server_error", "failed"))
     assert worker.busy_images == 2  # still held for "gone"
     dispatch(worker, Heartbeat(batches=1))  # the worker is past that batch
     assert worker.busy_images == 0
     with pytest.raises(WorkerFailure) as info:
         await gone
-    assert info.value.failure.kind == "cancelled"
+    assert info.value.failure.code == "cancelled"
     assert isinstance(kept.exception(), WorkerFailure)
 
 
@@ -60,7 +60,7 @@ async def test_a_heartbeat_settles_only_the_batches_the_worker_finished(worker: 
     dispatch(worker, Heartbeat(batches=1))
     assert first.done() and not second.done()
     assert worker.busy_images == 1
-    assert first.exception().failure.kind == "internal"  # type: ignore[union-attr]  # never cancelled
+    assert first.exception().failure.code == "server_error"  # type: ignore[union-attr]  # never cancelled
 
 
 def test_a_batch_deadline_is_the_floor_or_its_measured_steps_times_the_factor() -> None:
