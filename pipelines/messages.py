@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from pipelines.errors import ErrorCode
-from pipelines.loras import DEFAULT_CACHE_MB, LoraChoice
+from pipelines.loras import LoraChoice
 
 
 class BatchKey:
@@ -134,18 +134,21 @@ class Assigned:
 
 @dataclass
 class WorkerConfig:
+    """What a worker process is started with. Every field comes from a setting (server.config.Settings,
+    through server.app.worker_configs), which holds its default: none is repeated here."""
+
     weights_dir: str
-    device: str = "cpu"
-    preload: list[str] = field(default_factory=list)
-    threads: int | None = None
-    memory_budget_bytes: int | None = None
-    prompt_cache_bytes: int = 0
-    lora_cache_bytes: int = DEFAULT_CACHE_MB * 2**20
-    modes: dict[str, str] = field(default_factory=dict)  # requested mode per checkpoint; others are auto
-    synthetic: bool = False  # full-size random weights from the published configs instead of checkpoints
-    parent_pid: int | None = None  # the server; the worker exits when it is gone
-    log_level: str = "INFO"
-    specs: dict[str, Any] = field(default_factory=dict)  # ModelSpec per id, as the front resolved them
-    entry: str = WORKER_ENTRY
-    heartbeat_s: float = 1.0
-    safety_threshold: float = 0.5  # nsfw probability from which the safety checker flags an image
+    device: str
+    preload: list[str]
+    threads: int | None
+    memory_budget_bytes: int | None
+    prompt_cache_bytes: int
+    lora_cache_bytes: int
+    modes: dict[str, str]  # requested mode per checkpoint; others are auto
+    synthetic: bool  # full-size random weights from the published configs instead of checkpoints
+    parent_pid: int | None  # the server; the worker exits when it is gone
+    log_level: str
+    specs: dict[str, Any]  # ModelSpec per id, as the front resolved them
+    entry: str
+    heartbeat_s: float
+    safety_threshold: float  # nsfw probability from which the safety checker flags an image

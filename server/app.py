@@ -53,6 +53,8 @@ OPEN_PREFIXES = ("/v1/files/images/",)
 
 
 def worker_configs(settings: Settings, specs: dict) -> list[WorkerConfig]:
+    """One config per device, each value from its setting, whose declaration holds its default: here only
+    units change."""
     return [
         WorkerConfig(
             weights_dir=str(settings.weights_dir),

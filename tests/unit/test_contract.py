@@ -128,3 +128,11 @@ def test_every_error_code_has_one_kind_and_a_worker_failure_keeps_its_code() -> 
     error = to_api_error(WorkerFailure(Failure(["a"], "model_unavailable", "no weights", "model")))
     assert (error.status, error.code, error.param) == (503, "model_unavailable", "model")
     assert isinstance(to_api_error(RuntimeError()), APIError)
+
+
+def test_a_worker_setting_has_its_default_only_in_the_settings() -> None:
+    from pipelines.messages import WorkerConfig
+
+    defaulted = [f.name for f in dataclasses.fields(WorkerConfig) if f.default is not dataclasses.MISSING]
+    assert defaulted == [], "declare the default on the setting in server.config.Settings"
+    assert not [f for f in dataclasses.fields(WorkerConfig) if f.default_factory is not dataclasses.MISSING]

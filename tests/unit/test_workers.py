@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from pipelines.messages import Failure, Heartbeat, Progress, RenderRequest, WorkerConfig
+from pipelines.messages import Failure, Heartbeat, Progress, RenderRequest
+from server.app import worker_configs
+from server.config import Settings
 from server.workers import Liveness, WorkerFailure, WorkerHandle
 
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin runs the async tests
@@ -28,7 +30,8 @@ def anyio_backend() -> str:
 @pytest.fixture
 async def worker() -> WorkerHandle:
     """A handle as `start` leaves it, on the test's event loop, plain queues standing in for the process's."""
-    worker = WorkerHandle("0:cpu", WorkerConfig("weights"), asyncio.get_running_loop(), LIVENESS)
+    [config] = worker_configs(Settings(weights_dir="weights"), {})
+    worker = WorkerHandle("0:cpu", config, asyncio.get_running_loop(), LIVENESS)
     worker.process = object()  # type: ignore[assignment]  # whose messages `_dispatch` accepts
     worker._inbox = queue.Queue()  # type: ignore[assignment]
     worker._control = queue.Queue()  # type: ignore[assignment]
