@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -48,15 +47,20 @@ class RenderRequest:
         return len(self.seeds)
 
 
-@functools.cache
 def batch_fields(request_type: type[RenderRequest]) -> tuple[str, ...]:
     """The fields of `request_type` (RenderRequest or a subclass) marked BatchKey, in declaration order."""
-    hints = typing.get_type_hints(request_type, include_extras=True)
-    return tuple(
-        f.name
-        for f in dataclasses.fields(request_type)
-        if BatchKey in getattr(hints[f.name], "__metadata__", ())
-    )
+    known = _BATCH_FIELDS.get(request_type)
+    if known is None:
+        hints = typing.get_type_hints(request_type, include_extras=True)
+        known = _BATCH_FIELDS[request_type] = tuple(
+            f.name
+            for f in dataclasses.fields(request_type)
+            if BatchKey in getattr(hints[f.name], "__metadata__", ())
+        )
+    return known
+
+
+_BATCH_FIELDS: dict[type[RenderRequest], tuple[str, ...]] = {}
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The worker pool on a Ray cluster: batches run on the engine deployment's replicas, through Ray Serve.
 
-RayPool keeps WorkerPool's interface, so the scheduler (batching, deadlines, cancellation), /ready and
+RayPool is a Pool (server/pool.py), so the scheduler (batching, deadlines, cancellation), /ready and
 /v1/models use it unchanged; each lane keeps WorkerHandle's bookkeeping (pending futures, progress listeners,
 the Ready/Progress/RenderResult/Failure messages). Only the transport differs: a batch is one streaming call
 on the engine deployment, whose replica answers with the messages a worker process sends, preceded by
@@ -30,7 +30,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from pipelines.messages import Assigned, Failure, Ready, RenderRequest, WorkerConfig
 from pipelines.wire import decode_message, encode_batch
 from server.config import Settings
-from server.workers import Liveness, WorkerCrashed, WorkerFailure, WorkerHandle, WorkerPool
+from server.pool import all_ready, wait_all_ready
+from server.workers import Liveness, WorkerCrashed, WorkerFailure, WorkerHandle
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +125,8 @@ class ReplicaLane(WorkerHandle):
             self._resolve(request_id, lambda future: future.set_exception(error()))
 
 
-class RayPool(WorkerPool):
-    """Lanes into the engine deployment, behind WorkerPool's interface."""
+class RayPool:
+    """Lanes into the engine deployment: a Pool (server/pool.py)."""
 
     def __init__(
         self,
@@ -135,7 +136,10 @@ class RayPool(WorkerPool):
         liveness: Liveness,
         on_restart: Callable[[str], None] | None = None,
     ) -> None:
-        super().__init__([config], liveness, on_restart)
+        self.config = config
+        self.liveness = liveness
+        self.on_restart = on_restart
+        self.workers: list[ReplicaLane] = []
         self.engine = engine
         self.lanes = lanes
         self._served: dict[str, dict[str, Any]] = {}
@@ -146,7 +150,7 @@ class RayPool(WorkerPool):
             self.workers.append(
                 ReplicaLane(
                     f"ray:{index}",
-                    self.configs[0],
+                    self.config,
                     loop,
                     self.liveness,
                     on_restart=self.on_restart,
@@ -189,7 +193,18 @@ class RayPool(WorkerPool):
                 ]
         return []
 
+    async def wait_ready(self, timeout_s: float) -> None:
+        await wait_all_ready(self.workers, timeout_s)
+
+    def all_ready(self) -> bool:
+        return all_ready(self.workers)
+
+    def closing(self) -> None:
+        for lane in self.workers:
+            lane.closing()
+
     def stop(self) -> None:
         if self._describing is not None:
             self._describing.cancel()
-        super().stop()
+        for lane in self.workers:
+            lane.stop()

@@ -20,7 +20,7 @@ from pipelines.specs import ModelSpec
 from pipelines.wire import canonical
 from server.errors import APIError
 from server.metrics import Metrics
-from server.workers import ProgressListener, WorkerHandle, WorkerPool
+from server.pool import Pool, ProgressListener, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Ticket:
     started: asyncio.Event = field(default_factory=asyncio.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
     on_progress: ProgressListener | None = None
-    worker: WorkerHandle | None = None
+    worker: Worker | None = None
 
 
 class Scheduler:
@@ -51,7 +51,7 @@ class Scheduler:
 
     def __init__(
         self,
-        pool: WorkerPool,
+        pool: Pool,
         specs: Mapping[str, ModelSpec],
         queue_size: int,
         max_batch_images: int,
@@ -211,7 +211,7 @@ class Scheduler:
             future.add_done_callback(functools.partial(self._settle, ticket, started=started))
         return True
 
-    def _pick_worker(self, weights: str) -> WorkerHandle | None:
+    def _pick_worker(self, weights: str) -> Worker | None:
         idle = [w for w in self.pool.workers if w.ready.is_set() and w.busy_images == 0]
         if not idle:
             return None

@@ -22,6 +22,7 @@ from typing import Any
 from pipelines import worker as worker_main
 from pipelines.messages import Failure, Heartbeat, Progress, Ready, RenderRequest, RenderResult, WorkerConfig
 from pipelines.wire import Message, decode_message, encode_batch
+from server.pool import ProgressListener, all_ready, wait_all_ready
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,6 @@ class WorkerFailure(Exception):
     def __init__(self, failure: Failure) -> None:
         super().__init__(failure.message)
         self.failure = failure
-
-
-ProgressListener = Callable[[Progress], None]
 
 
 @dataclass(frozen=True)
@@ -87,7 +85,8 @@ class _Batch:
 
 @dataclass
 class WorkerHandle:
-    """One worker process and the jobs it holds. Methods are called on the event loop."""
+    """One worker process and the requests it holds, a Worker (server/pool.py). Methods are called on the
+    event loop."""
 
     name: str
     config: WorkerConfig
@@ -130,7 +129,7 @@ class WorkerHandle:
 
     def submit(
         self, batch: list[RenderRequest], listeners: dict[str, ProgressListener | None]
-    ) -> list[asyncio.Future]:
+    ) -> list[asyncio.Future[RenderResult]]:
         self._sent += 1
         self._batches[self._sent] = _Batch([r.id for r in batch], batch[0].steps, time.monotonic())
         futures = []
@@ -303,7 +302,7 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    """One worker per device."""
+    """One worker process per device: a Pool (server/pool.py)."""
 
     def __init__(
         self,
@@ -331,13 +330,10 @@ class WorkerPool:
             self.workers.append(handle)
 
     async def wait_ready(self, timeout_s: float) -> None:
-        started = time.monotonic()
-        for handle in self.workers:
-            remaining = max(0.1, timeout_s - (time.monotonic() - started))
-            await asyncio.wait_for(handle.ready.wait(), remaining)
+        await wait_all_ready(self.workers, timeout_s)
 
     def all_ready(self) -> bool:
-        return bool(self.workers) and all(handle.ready.is_set() for handle in self.workers)
+        return all_ready(self.workers)
 
     def modes(self, weights_id: str) -> list[dict[str, Any]]:
         """What each ready worker runs the checkpoint as, with the worker's device."""
