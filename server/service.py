@@ -41,6 +41,13 @@ _ECHO_FORMATS: dict[str, Literal["png", "webp", "jpeg", "gif"]] = {
 }
 
 
+async def disconnected(http: Request) -> None:
+    """Returns when the client goes away: the server's `http.disconnect` message, listened for as vLLM's
+    `with_cancellation` does. The body has been read by then, so no other message is lost here."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
 class ClientGone(Exception):
     """The client disconnected; nothing is sent back."""
 
@@ -113,17 +120,17 @@ class ImageService:
     async def run(self, http: Request, prepared: Prepared, listener=None) -> RenderResult:
         """Run the job, cancelling it if the client goes away while it waits or runs."""
         task = asyncio.ensure_future(self.scheduler.run(prepared.render, listener))
+        gone = asyncio.ensure_future(disconnected(http))
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=0.25)
-                if done:
-                    break
-                if await http.is_disconnected():
-                    task.cancel()
-                    raise ClientGone()
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             task.cancel()
             raise
+        finally:
+            gone.cancel()
+        if not task.done():
+            task.cancel()
+            raise ClientGone()
         try:
             result = task.result()
         except (WorkerFailure, WorkerCrashed) as exc:

@@ -84,8 +84,8 @@ class _Late:
 
 
 def late_batches(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
-    """Every batch reaches the loop 0.4 s late: longer than the server takes to notice a client gone
-    (it looks every 0.25 s), so a cancellation can arrive before its batch."""
+    """Every batch reaches the loop 0.4 s late: longer than the server takes to hear that a client went
+    away, so a cancellation can arrive before its batch."""
     worker.main(_Late(inbox, 0.4), outbox, control, config)  # type: ignore[arg-type]
 
 
