@@ -8,11 +8,9 @@ bit-identical to fluxd before step caching (hashes of the same render computed o
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipelines.acceleration import counting, full_evaluations
 from pipelines.engine import Engine
@@ -29,12 +27,6 @@ BEFORE = {
     "flux.1-dev": "ed3f5910dee71aca8437c29777780ec6d88f367296b32d9d3af212ef47da326f",
 }
 TARGETS = {"regular": 1.5, "high": 2.0}
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_weights: Path) -> Engine:
-    torch.set_num_threads(2)
-    return Engine(SPECS, tiny_weights)
 
 
 def request(model: str, level: str, seeds: tuple[int, ...] = (5, 6), **fields) -> RenderRequest:

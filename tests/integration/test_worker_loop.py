@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
-
-import pytest
-import torch
 
 from pipelines.engine import Engine
 from pipelines.messages import Failure, Progress, RenderRequest, RenderResult
-from pipelines.specs import SPECS
 from pipelines.worker import serve
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_weights: Path) -> Engine:
-    torch.set_num_threads(2)
-    return Engine(SPECS, tiny_weights)
 
 
 def request(request_id: str, model: str = "flux.2-dev", **fields) -> RenderRequest:
