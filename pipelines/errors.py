@@ -30,6 +30,9 @@ ErrorCode = Literal[
 """Every error code a worker or the front answers with: the `code` of the OpenAI error envelope. The front
 answers each as server/errors.py's KINDS says. A mistyped code fails type checking."""
 
+SERVER_ERROR = "The server had an error while processing your request."
+"""The message of a fault the client can do nothing about (OpenAI's own words); its traceback is logged."""
+
 
 class FluxdError(Exception):
     """Base class of every error fluxd raises on purpose: its `code` and `param` are what a client sees."""

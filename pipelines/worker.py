@@ -20,7 +20,7 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.errors import FluxdError, ModeUnfit
+from pipelines.errors import SERVER_ERROR, FluxdError, ModeUnfit
 from pipelines.messages import Failure, Heartbeat, Progress, Ready, RenderRequest, WorkerConfig
 from pipelines.wire import Message, decode_batch, encode_message
 
@@ -221,4 +221,4 @@ def failure(ids: list[str], exc: Exception) -> Failure:
         torch.cuda.empty_cache()
         return Failure(ids, "out_of_memory", "The device ran out of memory for this request.")
     logger.error("rendering %s failed", ids, exc_info=exc)
-    return Failure(ids, "server_error", "The server failed to render the image.")
+    return Failure(ids, "server_error", SERVER_ERROR)

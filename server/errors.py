@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipelines.errors import ErrorCode, FluxdError, InvalidParameter, ModelNotFound
+from pipelines.errors import SERVER_ERROR, ErrorCode, FluxdError, InvalidParameter, ModelNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(
             "worker_restarted", "The worker running this request crashed and is being restarted; retry."
         )
-    return APIError("server_error", "The server had an error while processing your request.")
+    return APIError("server_error", SERVER_ERROR)
 
 
 def envelope(error: APIError) -> dict[str, Any]:

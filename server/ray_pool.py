@@ -27,6 +27,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import RequestCancelledError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from pipelines.errors import SERVER_ERROR
 from pipelines.messages import Assigned, Failure, Ready, RenderRequest, WorkerConfig
 from pipelines.wire import decode_message, encode_batch
 from server.config import Settings
@@ -101,7 +102,7 @@ class ReplicaLane(WorkerHandle):
             self._replica_lost(exc)
         except Exception:
             logger.exception("batch %s failed on the Ray cluster", ids)
-            failure = Failure(ids, "server_error", "The server failed to render the image.")
+            failure = Failure(ids, "server_error", SERVER_ERROR)
             self._fail_all(ids, lambda: WorkerFailure(failure))
         finally:
             if self._call is call:

@@ -20,6 +20,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from pipelines import worker as worker_main
+from pipelines.errors import SERVER_ERROR
 from pipelines.messages import Failure, Heartbeat, Progress, Ready, RenderRequest, RenderResult, WorkerConfig
 from pipelines.wire import Message, decode_message, encode_batch
 from server.pool import ProgressListener, all_ready, wait_all_ready
@@ -254,7 +255,7 @@ class WorkerHandle:
                     failure = Failure([request_id], "cancelled", "The client went away.")
                 else:
                     logger.error("worker %s finished a batch without answering %s", self.name, request_id)
-                    failure = Failure([request_id], "server_error", "The server failed to render the image.")
+                    failure = Failure([request_id], "server_error", SERVER_ERROR)
                 self._fail(request_id, failure)
 
     def _check(self) -> None:
