@@ -89,7 +89,7 @@ class APIError(Exception):
         return self.kind.type
 
     def headers(self) -> dict[str, str]:
-        headers = {"x-error-code": self.code}
+        headers: dict[str, str] = {"x-error-code": self.code}
         if self.kind.retry is not None:
             headers["x-should-retry"] = "true" if self.kind.retry else "false"
         if self.retry_after_s is not None:
