@@ -214,12 +214,18 @@ class ImageService:
             "output_format": reply.output_format,  # normalize allows only STREAM_FORMATS here
         }
         sent = 0
+        getter: asyncio.Future[Progress] | None = None
         try:
             while not job.done() or not events.empty():
-                try:
-                    progress = await asyncio.wait_for(events.get(), 0.25)
-                except TimeoutError:
-                    continue
+                if events.empty():  # wait for the next step report or the end of the job, which comes first
+                    getter = asyncio.ensure_future(events.get())
+                    await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        continue
+                    progress = getter.result()
+                else:
+                    progress = events.get_nowait()
                 if progress.preview is None or sent >= render.partial_images:
                     continue
                 blob = await asyncio.to_thread(
@@ -264,6 +270,8 @@ class ImageService:
             yield _sse("error", {"type": "error", **envelope(error)})
         finally:
             job.cancel()
+            if getter is not None:
+                getter.cancel()
 
 
 def _sse(event: str, payload: dict) -> bytes:
