@@ -118,7 +118,7 @@ class ImageService:
         return Prepared(render, reply, spec)
 
     async def run(self, http: Request, prepared: Prepared, listener=None) -> RenderResult:
-        """Run the job, cancelling it if the client goes away while it waits or runs."""
+        """Render the request, cancelling it if the client goes away while it waits or runs."""
         task = asyncio.ensure_future(self.scheduler.run(prepared.render, listener))
         gone = asyncio.ensure_future(disconnected(http))
         try:
@@ -205,7 +205,7 @@ class ImageService:
     async def stream(self, http: Request, prepared: Prepared, kind: str) -> AsyncIterator[bytes]:
         """Server-sent events: partial images as previews arrive, then exactly one completed event."""
         events: asyncio.Queue[Progress] = asyncio.Queue()
-        job = asyncio.ensure_future(self.run(http, prepared, events.put_nowait))
+        rendering = asyncio.ensure_future(self.run(http, prepared, events.put_nowait))
         reply, render = prepared.reply, prepared.render
         common = {
             "size": f"{render.width}x{render.height}",
@@ -216,10 +216,10 @@ class ImageService:
         sent = 0
         getter: asyncio.Future[Progress] | None = None
         try:
-            while not job.done() or not events.empty():
-                if events.empty():  # wait for the next step report or the end of the job, which comes first
+            while not rendering.done() or not events.empty():
+                if events.empty():  # wait for the next step report or the render's end, which comes first
                     getter = asyncio.ensure_future(events.get())
-                    await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait({getter, rendering}, return_when=asyncio.FIRST_COMPLETED)
                     if not getter.done():
                         getter.cancel()
                         continue
@@ -241,7 +241,7 @@ class ImageService:
                 }
                 sent += 1
                 yield _sse(event, payload)
-            result = job.result()
+            result = rendering.result()
             [image] = result.images
             blob = await asyncio.to_thread(encode, image, reply.output_format, reply.compression)
             event = f"{kind}.completed"
@@ -269,7 +269,7 @@ class ImageService:
             http.app.state.metrics.errors.labels(str(error.status), error.code).inc()
             yield _sse("error", {"type": "error", **envelope(error)})
         finally:
-            job.cancel()
+            rendering.cancel()
             if getter is not None:
                 getter.cancel()
 

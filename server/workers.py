@@ -1,9 +1,9 @@
-"""Spawned worker processes, one per device: start, watch, restart, and the futures of their jobs.
+"""Spawned worker processes, one per device: start, watch, restart, and the futures of their requests.
 
 The HTTP process never imports torch; it talks to each worker through multiprocessing queues and a pipe. A
 reader thread per worker turns the worker's answers into asyncio results. A worker that dies, goes silent
 (stopped or frozen: no heartbeat) or holds a batch past its deadline (hung) is killed if need be and
-replaced; every job it held fails with WorkerCrashed.
+replaced; every request it held fails with WorkerCrashed.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ WATCH_INTERVAL_S = 0.5
 
 
 class WorkerCrashed(Exception):
-    """The worker process died (or was killed as hung) while it held the job."""
+    """The worker process died (or was killed as hung) while it held the request."""
 
 
 class WorkerFailure(Exception):
-    """The worker answered a job with a Failure."""
+    """The worker answered a request with a Failure."""
 
     def __init__(self, failure: Failure) -> None:
         super().__init__(failure.message)
@@ -317,7 +317,7 @@ class WorkerPool:
         self.workers: list[WorkerHandle] = []
 
     def start(self, loop: asyncio.AbstractEventLoop, on_ready: Callable[[], None] | None = None) -> None:
-        """`on_ready` runs whenever a worker (a first one or a replacement) becomes ready for jobs."""
+        """`on_ready` runs whenever a worker (a first one or a replacement) becomes ready for batches."""
         for index, config in enumerate(self.configs):
             handle = WorkerHandle(
                 f"{index}:{config.device}",

@@ -136,3 +136,17 @@ def test_a_worker_setting_has_its_default_only_in_the_settings() -> None:
     defaulted = [f.name for f in dataclasses.fields(WorkerConfig) if f.default is not dataclasses.MISSING]
     assert defaulted == [], "declare the default on the setting in server.config.Settings"
     assert not [f for f in dataclasses.fields(WorkerConfig) if f.default_factory is not dataclasses.MISSING]
+
+
+def test_a_job_row_stored_before_the_serialiser_loads() -> None:
+    """The layout the hand-written dump wrote (images as base64, LoRAs as objects) is msgspec's own JSON."""
+    import base64
+    import json
+
+    request = every_field_set()
+    reply = Reply("webp", 80, None, True, "high", "opaque", False)
+    render = dataclasses.asdict(request)
+    render["images"] = [base64.b64encode(image).decode() for image in request.images]
+    stored = json.dumps({"render": render, "reply": dataclasses.asdict(reply), "base_url": "http://x"})
+    loaded, base_url = _load(stored, SPECS)
+    assert (loaded.render, loaded.reply, base_url) == (request, reply, "http://x")
