@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.errors import SERVER_ERROR, ErrorCode, FluxdError, InvalidParameter, ModelNotFound
+from server.pool import WorkerCrashed, WorkerFailure
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,6 @@ class APIError(Exception):
 
 def to_api_error(exc: BaseException) -> APIError:
     """Any exception as the error a client sees; an unexpected one is a generic 500."""
-    from server.workers import WorkerCrashed, WorkerFailure  # the pool imports nothing of this module
-
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, FluxdError):

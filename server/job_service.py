@@ -33,6 +33,7 @@ from server.errors import APIError, envelope, to_api_error
 from server.jobs import ACTIVE, DATABASE, JobRow, JobTable, NewJob, StoreLocked
 from server.metrics import Metrics
 from server.normalize import Reply
+from server.pool import WorkerCrashed
 from server.protocol import (
     ErrorBody,
     ImageJob,
@@ -45,7 +46,6 @@ from server.protocol import (
 from server.scheduler import Scheduler
 from server.service import ImageService, Prepared, public_base
 from server.webhooks import Webhooks
-from server.workers import WorkerCrashed
 
 logger = logging.getLogger(__name__)
 

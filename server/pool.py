@@ -12,12 +12,24 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pipelines.messages import Progress, Ready, RenderRequest, RenderResult, WorkerConfig
+from pipelines.messages import Failure, Progress, Ready, RenderRequest, RenderResult, WorkerConfig
 
 if TYPE_CHECKING:
     from server.workers import Liveness
 
 ProgressListener = Callable[[Progress], None]
+
+
+class WorkerCrashed(Exception):
+    """The worker died (a process killed, a replica lost) or was killed as hung while it held the request."""
+
+
+class WorkerFailure(Exception):
+    """The worker answered a request with a Failure."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
 
 
 class Worker(Protocol):
@@ -50,7 +62,8 @@ class Worker(Protocol):
     def submit(
         self, batch: list[RenderRequest], listeners: dict[str, ProgressListener | None]
     ) -> list[asyncio.Future[RenderResult]]:
-        """Run `batch`: one future per request, in order, settled with its result or its error."""
+        """Run `batch`: one future per request, in order, settled with its result, a WorkerFailure or a
+        WorkerCrashed."""
         ...
 
     def cancel(self, request_id: str) -> None:

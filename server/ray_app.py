@@ -6,8 +6,8 @@
   per model for the whole cluster, and `url` answers live in that replica's store, so a GET for one works
   whichever node's HTTP proxy receives it. The front is light (no torch); it needs no GPU.
 - FluxdEngine, one replica per GPU (or CPU replicas without GPUs): the Engine of a local worker, built and
-  run by the same functions (pipelines/runner.py). Serve places the replicas, restarts one that dies and
-  scales their number on the batches in flight.
+  run by the same functions (`start_engine` and `render` of pipelines/worker.py). Serve places the
+  replicas, restarts one that dies and scales their number on the batches in flight.
 
 `fluxd serve --ray auto|ADDRESS|local` calls `serve_on_ray`; KubeRay's RayService imports `build`.
 Imported only with --ray: the plain install never imports ray. Torch is imported inside the engine replica.

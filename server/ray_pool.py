@@ -31,8 +31,8 @@ from pipelines.errors import SERVER_ERROR
 from pipelines.messages import Assigned, Failure, Ready, RenderRequest, WorkerConfig
 from pipelines.wire import decode_message, encode_batch
 from server.config import Settings
-from server.pool import all_ready, wait_all_ready
-from server.workers import Liveness, WorkerCrashed, WorkerFailure, WorkerHandle
+from server.pool import WorkerCrashed, WorkerFailure, all_ready, wait_all_ready
+from server.workers import Liveness, WorkerHandle
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from server.config import Settings
 from server.encode import CONTENT_TYPES, encode
 from server.errors import APIError, envelope, to_api_error
 from server.normalize import Reply, build_request
+from server.pool import WorkerCrashed, WorkerFailure
 from server.protocol import ImageData, ImagesResponse, InputTokensDetails, Usage, _ImageFields
 from server.scheduler import Scheduler
 from server.store import ImageStore, StoreUnavailable
-from server.workers import WorkerCrashed, WorkerFailure
 
 logger = logging.getLogger(__name__)
 

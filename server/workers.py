@@ -23,23 +23,11 @@ from pipelines import worker as worker_main
 from pipelines.errors import SERVER_ERROR
 from pipelines.messages import Failure, Heartbeat, Progress, Ready, RenderRequest, RenderResult, WorkerConfig
 from pipelines.wire import Message, decode_message, encode_batch
-from server.pool import ProgressListener, all_ready, wait_all_ready
+from server.pool import ProgressListener, WorkerCrashed, WorkerFailure, all_ready, wait_all_ready
 
 logger = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.5
-
-
-class WorkerCrashed(Exception):
-    """The worker process died (or was killed as hung) while it held the request."""
-
-
-class WorkerFailure(Exception):
-    """The worker answered a request with a Failure."""
-
-    def __init__(self, failure: Failure) -> None:
-        super().__init__(failure.message)
-        self.failure = failure
 
 
 @dataclass(frozen=True)

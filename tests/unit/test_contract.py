@@ -27,9 +27,9 @@ from pipelines.wire import decode_batch, decode_message, encode_batch, encode_me
 from server.errors import KINDS, APIError, to_api_error
 from server.job_service import _dump, _load
 from server.normalize import Reply
+from server.pool import WorkerFailure
 from server.scheduler import batch_key
 from server.service import Prepared
-from server.workers import WorkerFailure
 
 BASE = RenderRequest("r", "flux.2-dev", "a lighthouse", 64, 64, 4, 4.0, [7])
 

@@ -11,7 +11,8 @@ import pytest
 from pipelines.messages import Failure, Heartbeat, Progress, RenderRequest
 from server.app import worker_configs
 from server.config import Settings
-from server.workers import Liveness, WorkerFailure, WorkerHandle
+from server.pool import WorkerFailure
+from server.workers import Liveness, WorkerHandle
 
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin runs the async tests
 
