@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image
 
 from pipelines.messages import Failure, Progress, RenderedImage, RenderRequest, RenderResult
+from pipelines.wire import Message
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ DEFAULT_QUALITY = 90
 PNG_COMPRESS_LEVEL = 1
 
 Format = tuple[str, int | None]  # output_format, output_compression
-Send = Callable[[object], None]
+Send = Callable[[Message], None]
 
 
 def encode(pixels: bytes, width: int, height: int, fmt: str, compression: int | None = None) -> bytes:
@@ -58,7 +59,7 @@ def encoded(image: RenderedImage, fmt: Format) -> RenderedImage:
     return dataclasses.replace(image, data=data, content_type=CONTENT_TYPES[fmt[0]])
 
 
-def encode_message(message: object, formats: Mapping[str, Format]) -> object:
+def with_encoded_images(message: Message, formats: Mapping[str, Format]) -> Message:
     """A worker's message with each of its images (a result's, a preview) in its request's format."""
     if isinstance(message, RenderResult):
         fmt = formats[message.id]
@@ -89,13 +90,13 @@ class Encoder:
         """No more messages; what was given is still sent (before this returns, with `wait`)."""
         self._thread.shutdown(wait=wait)
 
-    def _deliver(self, message: object, formats: Mapping[str, Format]) -> None:
+    def _deliver(self, message: Message, formats: Mapping[str, Format]) -> None:
         try:
-            message = encode_message(message, formats)
+            message = with_encoded_images(message, formats)
         except Exception:  # every request still gets its one answer
             logger.exception("encoding the images of %s failed", getattr(message, "id", message))
             if isinstance(message, RenderResult):
-                message = Failure([message.id], "internal", "The server failed to encode the image.")
+                message = Failure([message.id], "server_error", "The server failed to encode the image.")
             else:
                 return  # a preview: the final image follows
         self._send(message)

@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,7 +19,7 @@ from pipelines.acceleration import accelerated
 from pipelines.adapters import Adapter, AdapterCache, user_adapters
 from pipelines.encoding import RAW_RGB
 from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit
-from pipelines.families import flux1, flux2
+from pipelines.families import Family, flux1, flux2
 from pipelines.images import decode_image, fit_reference
 from pipelines.loras import DEFAULT_CACHE_MB, LoraChoice
 from pipelines.messages import Progress, RenderedImage, RenderRequest, RenderResult
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FAMILIES: dict[str, ModuleType] = {"flux2": flux2, "flux1": flux1, "flux1-kontext": flux1}
+FAMILIES: dict[str, Family] = {"flux2": flux2, "flux1": flux1, "flux1-kontext": flux1}
 
 
 @dataclass(frozen=True)
@@ -366,7 +365,7 @@ class StepReports:
     """The pipeline's step-end callback: after each step a Progress per request, carrying a preview where
     one is due. Raises Cancelled when no request of the batch is wanted any more."""
 
-    def __init__(self, batch: list[RenderRequest], family: ModuleType, on_step: StepHook | None) -> None:
+    def __init__(self, batch: list[RenderRequest], family: Family, on_step: StepHook | None) -> None:
         self.batch = batch
         self.family = family
         self.on_step = on_step

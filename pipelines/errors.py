@@ -2,9 +2,48 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+ErrorCode = Literal[
+    "invalid_value",
+    "invalid_json",
+    "unknown_parameter",
+    "missing_required_parameter",
+    "invalid_api_key",
+    "model_not_found",
+    "image_not_found",
+    "job_not_found",
+    "job_finished",
+    "idempotency_key_reused",
+    "idempotency_key_reused",
+    "not_found",
+    "method_not_allowed",
+    "request_too_large",
+    "rate_limit_exceeded",
+    "worker_restarted",
+    "out_of_memory",
+    "model_unavailable",
+    "jobs_unavailable",
+    "queue_timeout",
+    "deadline_exceeded",
+    "deadline_exceeded",
+    "server_error",
+    "job_crashed",
+    "cancelled",
+]
+"""Every error code a worker or the front answers with: the `code` of the OpenAI error envelope. The front
+answers each as server/errors.py's KINDS says. A mistyped code fails type checking."""
+
+SERVER_ERROR = "The server had an error while processing your request."
+"""The message of a fault the client can do nothing about (OpenAI's own words); its traceback is logged."""
+
 
 class FluxdError(Exception):
-    """Base class of every error fluxd raises on purpose."""
+    """Base class of every error fluxd raises on purpose: its `code` and `param` are what a client sees."""
+
+    code: ErrorCode = "server_error"
+    param: str | None = None
+    message: str
 
 
 class InvalidParameter(FluxdError, ValueError):
@@ -14,7 +53,7 @@ class InvalidParameter(FluxdError, ValueError):
     whose `param` points at it.
     """
 
-    def __init__(self, param: str, message: str, code: str = "invalid_value") -> None:
+    def __init__(self, param: str, message: str, code: ErrorCode = "invalid_value") -> None:
         super().__init__(message)
         self.param = param
         self.message = message
@@ -23,6 +62,9 @@ class InvalidParameter(FluxdError, ValueError):
 
 class ModelNotFound(FluxdError, LookupError):
     """The model id is neither a known model nor an alias."""
+
+    code = "model_not_found"
+    param = "model"
 
     def __init__(self, model: str, known: list[str]) -> None:
         message = f"The model '{model}' does not exist. Available models: {', '.join(sorted(known))}."
@@ -33,6 +75,9 @@ class ModelNotFound(FluxdError, LookupError):
 
 class WeightsMissing(FluxdError, FileNotFoundError):
     """A model's weights are neither in the weights folder nor in the Hugging Face cache."""
+
+    code = "model_unavailable"
+    param = "model"
 
     def __init__(self, model_id: str, looked_in: list[str], fetch_command: str) -> None:
         message = (
@@ -46,6 +91,9 @@ class WeightsMissing(FluxdError, FileNotFoundError):
 class ModeUnfit(FluxdError, RuntimeError):
     """The mode configured for a checkpoint cannot run on this worker's device (too little memory)."""
 
+    code = "model_unavailable"
+    param = "model"
+
     def __init__(self, weights_id: str, reason: str) -> None:
         super().__init__(reason)
         self.weights_id = weights_id
@@ -55,6 +103,9 @@ class ModeUnfit(FluxdError, RuntimeError):
 class Cancelled(FluxdError):
     """Every request of a running batch went away: its remaining steps and its decode are skipped."""
 
+    code = "cancelled"
+
     def __init__(self, ids: list[str]) -> None:
         super().__init__(f"cancelled: {', '.join(ids)}")
         self.ids = ids
+        self.message = "Every client of this batch went away."

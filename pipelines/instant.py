@@ -57,5 +57,5 @@ def main(inbox: Queue, outbox: Outbox, control: Queue, config: WorkerConfig) -> 
             try:
                 outbox.put(answer(request))
             except Exception as exc:  # every request gets its answer, as in pipelines.worker
-                outbox.put(Failure([request.id], "internal", f"instant engine: {exc}"))
+                outbox.put(Failure([request.id], "server_error", f"instant engine: {exc}"))
         lifeline.batch_done()

@@ -2,32 +2,45 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from pipelines.loras import DEFAULT_CACHE_MB, LoraChoice
+from pipelines.errors import ErrorCode
+from pipelines.loras import LoraChoice
+
+
+class BatchKey:
+    """Marks a RenderRequest field whose value is one for a whole pipeline call: requests that differ in it
+    never share a batch (`Annotated[int, BatchKey]`). The scheduler's batch key is made of these fields."""
 
 
 @dataclass
 class RenderRequest:
-    """One client request, fully resolved: every default applied, every value validated."""
+    """One client request, fully resolved: every default applied, every value validated.
+
+    A field that a pipeline call takes once for all its images (shape, schedule, references, adapters) is
+    marked BatchKey; one that each request of a batch keeps its own (prompt, seeds) is not."""
 
     id: str
-    model: str
+    model: Annotated[str, BatchKey]
     prompt: str
-    width: int
-    height: int
-    steps: int
-    guidance: float
+    width: Annotated[int, BatchKey]
+    height: Annotated[int, BatchKey]
+    steps: Annotated[int, BatchKey]
+    guidance: Annotated[float, BatchKey]
     seeds: list[int]
-    images: list[bytes] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
+    images: Annotated[list[bytes], BatchKey] = field(default_factory=list)  # references, one set per call
+    extra: Annotated[dict[str, Any], BatchKey] = field(default_factory=dict)
     enhance_prompt: bool = False
     enhance_temperature: float = 0.15
-    partial_images: int = 0
-    acceleration: str = "none"  # step caching level (pipelines.acceleration); batches never mix levels
+    partial_images: Annotated[int, BatchKey] = 0
+    # Step caching level (pipelines.acceleration): the cache hook is on for a whole call.
+    acceleration: Annotated[str, BatchKey] = "none"
     safety_check: bool = False  # run the safety checker on this request's images (pipelines.safety)
-    loras: list[LoraChoice] = field(default_factory=list)  # on top of the model's own adapter (Turbo)
+    # On top of the model's own adapter (Turbo); a call runs with one set of adapters at one set of scales.
+    loras: Annotated[list[LoraChoice], BatchKey] = field(default_factory=list)
     # How the worker encodes the images (pipelines.encoding); not a batch key: each image is encoded alone.
     output_format: str = "png"
     output_compression: int | None = None
@@ -35,6 +48,22 @@ class RenderRequest:
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+
+def batch_fields(request_type: type[RenderRequest]) -> tuple[str, ...]:
+    """The fields of `request_type` (RenderRequest or a subclass) marked BatchKey, in declaration order."""
+    known = _BATCH_FIELDS.get(request_type)
+    if known is None:
+        hints = typing.get_type_hints(request_type, include_extras=True)
+        known = _BATCH_FIELDS[request_type] = tuple(
+            f.name
+            for f in dataclasses.fields(request_type)
+            if BatchKey in getattr(hints[f.name], "__metadata__", ())
+        )
+    return known
+
+
+_BATCH_FIELDS: dict[type[RenderRequest], tuple[str, ...]] = {}
 
 
 @dataclass
@@ -81,18 +110,14 @@ class Rendered:
     ids: list[str]
 
 
-FailureKind = Literal["invalid", "unavailable", "out_of_memory", "internal", "cancelled"]
-
-
 @dataclass
 class Failure:
-    """A batch that could not be rendered; `kind` decides the HTTP status on the other side."""
+    """A batch that could not be rendered; `code` decides the HTTP status on the other side."""
 
     ids: list[str]
-    kind: FailureKind
+    code: ErrorCode
     message: str
     param: str | None = None
-    code: str | None = None
 
 
 @dataclass
@@ -127,18 +152,21 @@ class Assigned:
 
 @dataclass
 class WorkerConfig:
+    """What a worker process is started with. Every field comes from a setting (server.config.Settings,
+    through server.app.worker_configs), which holds its default: none is repeated here."""
+
     weights_dir: str
-    device: str = "cpu"
-    preload: list[str] = field(default_factory=list)
-    threads: int | None = None
-    memory_budget_bytes: int | None = None
-    prompt_cache_bytes: int = 0
-    lora_cache_bytes: int = DEFAULT_CACHE_MB * 2**20
-    modes: dict[str, str] = field(default_factory=dict)  # requested mode per checkpoint; others are auto
-    synthetic: bool = False  # full-size random weights from the published configs instead of checkpoints
-    parent_pid: int | None = None  # the server; the worker exits when it is gone
-    log_level: str = "INFO"
-    specs: dict[str, Any] = field(default_factory=dict)  # ModelSpec per id, as the front resolved them
-    entry: str = WORKER_ENTRY
-    heartbeat_s: float = 1.0
-    safety_threshold: float = 0.5  # nsfw probability from which the safety checker flags an image
+    device: str
+    preload: list[str]
+    threads: int | None
+    memory_budget_bytes: int | None
+    prompt_cache_bytes: int
+    lora_cache_bytes: int
+    modes: dict[str, str]  # requested mode per checkpoint; others are auto
+    synthetic: bool  # full-size random weights from the published configs instead of checkpoints
+    parent_pid: int | None  # the server; the worker exits when it is gone
+    log_level: str
+    specs: dict[str, Any]  # ModelSpec per id, as the front resolved them
+    entry: str
+    heartbeat_s: float
+    safety_threshold: float  # nsfw probability from which the safety checker flags an image

@@ -21,15 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.encoding import Encoder
-from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit, WeightsMissing
+from pipelines.errors import SERVER_ERROR, FluxdError, ModeUnfit
 from pipelines.messages import Failure, Heartbeat, Progress, Ready, Rendered, RenderRequest, WorkerConfig
+from pipelines.wire import Message, decode_batch, encode_message
 
 if TYPE_CHECKING:
     from pipelines.engine import Engine
 
 logger = logging.getLogger(__name__)
 
-Send = Callable[[object], None]
+Send = Callable[[Message], None]
 
 
 def spawned(inbox: Queue, outbox: Connection, control: Queue, config: WorkerConfig) -> None:
@@ -59,9 +60,10 @@ class Outbox:
         self._connection = connection
         self._lock = threading.Lock()
 
-    def put(self, message: object) -> None:
+    def put(self, message: Message) -> None:
+        data = encode_message(message)
         with self._lock:
-            self._connection.send(message)
+            self._connection.send_bytes(data)
 
 
 class Lifeline:
@@ -159,12 +161,12 @@ def _batches(inbox: Queue) -> Iterator[list[RenderRequest]]:
     """Batches as they arrive, until the server sends None."""
     while True:
         try:
-            batch: list[RenderRequest] | None = inbox.get(timeout=1.0)
+            batch: bytes | None = inbox.get(timeout=1.0)
         except queue.Empty:
             continue
         if batch is None:
             return
-        yield batch
+        yield decode_batch(batch)
 
 
 def serve(
@@ -221,15 +223,11 @@ def failure(ids: list[str], exc: Exception) -> Failure:
     """What the server is told of a batch that raised `exc`; faults are logged here, with the traceback."""
     import torch
 
-    if isinstance(exc, Cancelled):
-        return Failure(ids, "cancelled", "Every client of this batch went away.")
-    if isinstance(exc, InvalidParameter):
-        return Failure(ids, "invalid", exc.message, exc.param, exc.code)
-    if isinstance(exc, WeightsMissing | ModeUnfit):
-        return Failure(ids, "unavailable", exc.message, "model", "model_unavailable")
+    if isinstance(exc, FluxdError):  # raised on purpose: it names its own code
+        return Failure(ids, exc.code, exc.message, exc.param)
     if isinstance(exc, torch.OutOfMemoryError):
         logger.error("out of memory rendering %s", ids, exc_info=exc)
         torch.cuda.empty_cache()
         return Failure(ids, "out_of_memory", "The device ran out of memory for this request.")
     logger.error("rendering %s failed", ids, exc_info=exc)
-    return Failure(ids, "internal", "The server failed to render the image.")
+    return Failure(ids, "server_error", SERVER_ERROR)

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from server.errors import (
 from server.job_service import JobService
 from server.metrics import Metrics
 from server.openapi import install_openapi
+from server.pool import MakePool
 from server.registry import requested_modes, served_specs
 from server.routes import files, health, images, jobs, loras, models
 from server.scheduler import Scheduler
@@ -53,6 +54,8 @@ OPEN_PREFIXES = ("/v1/files/images/",)
 
 
 def worker_configs(settings: Settings, specs: dict) -> list[WorkerConfig]:
+    """One config per device, each value from its setting, whose declaration holds its default: here only
+    units change."""
     return [
         WorkerConfig(
             weights_dir=str(settings.weights_dir),
@@ -149,7 +152,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(
     settings: Settings,
-    make_pool: Callable[..., WorkerPool] = WorkerPool,
+    make_pool: MakePool = WorkerPool,
     specs: dict[str, ModelSpec] | None = None,
 ) -> FastAPI:
     """The app; `make_pool(configs, liveness, on_restart)` builds what runs the renders (the spawned workers,

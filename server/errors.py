@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from pipelines.errors import InvalidParameter, ModelNotFound
+from pipelines.errors import SERVER_ERROR, ErrorCode, FluxdError, InvalidParameter, ModelNotFound
+from server.pool import WorkerCrashed, WorkerFailure
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class ErrorKind:
     retry_after_s: float | None = None
 
 
-KINDS: dict[str, ErrorKind] = {
+KINDS: dict[ErrorCode, ErrorKind] = {
     # Bad input: a retry cannot fix it.
     "invalid_value": ErrorKind(400),
     "invalid_json": ErrorKind(400),
@@ -64,8 +65,10 @@ KINDS: dict[str, ErrorKind] = {
     "server_error": ErrorKind(500, "server_error", None),
     # An async job that took its worker or the server down on each of its tries: another would too.
     "job_crashed": ErrorKind(500, "server_error"),
+    # A request whose client went away: nobody reads the answer (nginx's 499, "client closed request").
+    "cancelled": ErrorKind(499, "server_error"),
 }
-_BY_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_BY_STATUS: dict[int, ErrorCode] = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
@@ -73,7 +76,7 @@ class APIError(Exception):
     """An error of a declared kind (`code`), with its message and the parameter it names."""
 
     def __init__(
-        self, code: str, message: str, param: str | None = None, retry_after_s: float | None = None
+        self, code: ErrorCode, message: str, param: str | None = None, retry_after_s: float | None = None
     ) -> None:
         super().__init__(message)
         self.kind = KINDS[code]
@@ -91,7 +94,7 @@ class APIError(Exception):
         return self.kind.type
 
     def headers(self) -> dict[str, str]:
-        headers = {"x-error-code": self.code}
+        headers: dict[str, str] = {"x-error-code": self.code}
         if self.kind.retry is not None:
             headers["x-should-retry"] = "true" if self.kind.retry else "false"
         if self.retry_after_s is not None:
@@ -101,27 +104,17 @@ class APIError(Exception):
 
 def to_api_error(exc: BaseException) -> APIError:
     """Any exception as the error a client sees; an unexpected one is a generic 500."""
-    from server.workers import WorkerCrashed, WorkerFailure  # the pool imports nothing of this module
-
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, InvalidParameter):
+    if isinstance(exc, FluxdError):
         return APIError(exc.code, exc.message, exc.param)
-    if isinstance(exc, ModelNotFound):
-        return APIError("model_not_found", exc.message, "model")
     if isinstance(exc, WorkerFailure):
-        failure = exc.failure
-        if failure.kind == "invalid":
-            return APIError(failure.code or "invalid_value", failure.message, failure.param or "body")
-        if failure.kind == "unavailable":
-            return APIError("model_unavailable", failure.message, failure.param)
-        if failure.kind == "out_of_memory":
-            return APIError("out_of_memory", failure.message)
+        return APIError(exc.failure.code, exc.failure.message, exc.failure.param)
     if isinstance(exc, WorkerCrashed):
         return APIError(
             "worker_restarted", "The worker running this request crashed and is being restarted; retry."
         )
-    return APIError("server_error", "The server had an error while processing your request.")
+    return APIError("server_error", SERVER_ERROR)
 
 
 def envelope(error: APIError) -> dict[str, Any]:

@@ -18,10 +18,10 @@ from server.job_views import LiveJob, summary, view
 from server.job_webhooks import JobWebhooks, events_of
 from server.jobs import ACTIVE, JobRow, JobTable, TableUnavailable
 from server.metrics import Metrics
+from server.pool import WorkerCrashed
 from server.protocol import ImageJob, ImagesResponse, JobStatus
 from server.scheduler import Scheduler
 from server.service import ImageService
-from server.workers import WorkerCrashed
 
 logger = logging.getLogger(__name__)
 

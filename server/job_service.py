@@ -8,7 +8,6 @@ in the table in the same statement that ends the job, and sends the webhooks.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import json
@@ -17,15 +16,16 @@ import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 
-from pipelines.loras import LoraChoice
 from pipelines.messages import RenderRequest
 from pipelines.specs import ModelSpec, get_spec
+from pipelines.wire import from_json, to_json
 from server.config import Settings
 from server.errors import APIError, to_api_error
 from server.job_feed import stream
@@ -53,26 +53,26 @@ logger = logging.getLogger(__name__)
 SWEEP_EVERY_S = 60.0
 
 
+@dataclass
+class StoredRequest:
+    """What the job table keeps of a job to run it again after a restart."""
+
+    render: RenderRequest
+    reply: Reply
+    base_url: str
+
+
 def _dump(prepared: Prepared, base_url: str) -> str:
-    render = dataclasses.asdict(prepared.render)
-    render["images"] = [base64.b64encode(image).decode() for image in prepared.render.images]
-    return json.dumps({"render": render, "reply": dataclasses.asdict(prepared.reply), "base_url": base_url})
+    return to_json(StoredRequest(prepared.render, prepared.reply, base_url))
 
 
 def _load(stored: str, specs: Mapping[str, ModelSpec]) -> tuple[Prepared, str]:
     data = json.loads(stored)
-    reply = data["reply"]
-    render = RenderRequest(
-        **{
-            # A job stored before requests named their format: its reply's.
-            "output_format": reply["output_format"],
-            "output_compression": reply["compression"],
-            **data["render"],
-            "images": [base64.b64decode(i) for i in data["render"]["images"]],
-            "loras": [LoraChoice(**lora) for lora in data["render"].get("loras", [])],
-        }
-    )
-    return Prepared(render, Reply(**reply), get_spec(render.model, specs)), data["base_url"]
+    if "output_format" not in data["render"]:  # stored before requests named their format: its reply's
+        reply = data["reply"]
+        data["render"].update(output_format=reply["output_format"], output_compression=reply["compression"])
+    row = from_json(json.dumps(data), StoredRequest)
+    return Prepared(row.render, row.reply, get_spec(row.render.model, specs)), row.base_url
 
 
 class JobService(JobRunner):

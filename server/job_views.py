@@ -18,7 +18,7 @@ from server.errors import APIError
 from server.job_feed import JobFeed
 from server.jobs import JobRow, JobTable, TableUnavailable
 from server.protocol import ErrorBody, ImageJob, ImagesResponse, JobPreview, JobProgress, JobStatus
-from server.scheduler import Job, Scheduler
+from server.scheduler import Scheduler, Ticket
 from server.service import Prepared
 
 
@@ -76,7 +76,7 @@ class LiveJob:
     preview: RenderedImage | None = None
     previews: int = 0
     preview_b64: str | None = None
-    entry: Job | None = None  # its place in the scheduler's queue
+    entry: Ticket | None = None  # its place in the scheduler's queue
     task: asyncio.Task[None] | None = None
     # An end the table could not store yet (a full disk): answered from here until it is stored.
     ending: tuple[JobStatus, str | None, str | None, float] | None = None

@@ -6,8 +6,8 @@
   per model for the whole cluster, and `url` answers live in that replica's store, so a GET for one works
   whichever node's HTTP proxy receives it. The front is light (no torch); it needs no GPU.
 - FluxdEngine, one replica per GPU (or CPU replicas without GPUs): the Engine of a local worker, built and
-  run by the same functions (pipelines/runner.py). Serve places the replicas, restarts one that dies and
-  scales their number on the batches in flight.
+  run by the same functions (`start_engine` and `render` of pipelines/worker.py). Serve places the
+  replicas, restarts one that dies and scales their number on the batches in flight.
 
 `fluxd serve --ray auto|ADDRESS|local` calls `serve_on_ray`; KubeRay's RayService imports `build`.
 Imported only with --ray: the plain install never imports ray. Torch is imported inside the engine replica.
@@ -37,8 +37,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
 
-from pipelines.messages import Assigned, Failure, Progress, Ready, RenderRequest, RenderResult, WorkerConfig
+from pipelines.messages import Assigned, Failure, Progress, Ready, RenderResult, WorkerConfig
 from pipelines.specs import ModelSpec
+from pipelines.wire import Message, decode_batch, encode_message
 from server.app import create_app, worker_configs
 from server.config import Settings, problems
 from server.ray_pool import RayPool, lane_count
@@ -104,20 +105,20 @@ class FluxdEngine:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="fluxd-engine")
         logger.info("engine replica %s ready on node %s (%s)", replica, node, config.device)
 
-    def describe(self) -> Ready:
-        return dataclasses.replace(self.ready, loaded=self.engine.loaded())
+    def describe(self) -> bytes:
+        return encode_message(dataclasses.replace(self.ready, loaded=self.engine.loaded()))
 
-    async def run(
-        self, batch: list[RenderRequest]
-    ) -> AsyncIterator[Assigned | Progress | RenderResult | Failure]:
+    async def run(self, data: bytes) -> AsyncIterator[bytes]:
+        """The messages of one batch (pipelines.wire), as the worker process would send them."""
         from pipelines.encoding import Encoder
         from pipelines.worker import render as render_batch
 
+        batch = decode_batch(data)
         loop = asyncio.get_running_loop()
         messages: asyncio.Queue[Progress | RenderResult | Failure | None] = asyncio.Queue()
         cancelled: set[str] = set()
 
-        def send(message: object) -> None:
+        def send(message: Message) -> None:
             # Not Rendered: a lane waits for its call's results; this replica's engine thread is free already.
             if isinstance(message, Progress | RenderResult | Failure):
                 loop.call_soon_threadsafe(messages.put_nowait, message)
@@ -133,10 +134,10 @@ class FluxdEngine:
                 encoder.close(wait=False)
 
         done = loop.run_in_executor(self.executor, render)
-        yield self.assigned
+        yield encode_message(self.assigned)
         try:
             while (message := await messages.get()) is not None:
-                yield message
+                yield encode_message(message)
         except asyncio.CancelledError:
             # The front cancelled the call: every client of the batch went away. The engine stops at the
             # next step; a batch sent meanwhile waits for the executor's one thread.

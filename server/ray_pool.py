@@ -1,6 +1,6 @@
 """The worker pool on a Ray cluster: batches run on the engine deployment's replicas, through Ray Serve.
 
-RayPool keeps WorkerPool's interface, so the scheduler (batching, deadlines, cancellation), /ready and
+RayPool is a Pool (server/pool.py), so the scheduler (batching, deadlines, cancellation), /ready and
 /v1/models use it unchanged; each lane keeps WorkerHandle's bookkeeping (pending futures, progress listeners,
 the Ready/Progress/RenderResult/Failure messages). Only the transport differs: a batch is one streaming call
 on the engine deployment, whose replica answers with the messages a worker process sends, preceded by
@@ -27,9 +27,12 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import RequestCancelledError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from pipelines.errors import SERVER_ERROR
 from pipelines.messages import Assigned, Failure, Ready, RenderRequest, WorkerConfig
+from pipelines.wire import decode_message, encode_batch
 from server.config import Settings
-from server.workers import Liveness, WorkerCrashed, WorkerFailure, WorkerHandle, WorkerPool
+from server.pool import WorkerCrashed, WorkerFailure, all_ready, wait_all_ready
+from server.workers import Liveness, WorkerHandle
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ class ReplicaLane(WorkerHandle):
         self.replica = None  # until the replica that takes this batch says which it is
         self._call_ids = {request.id for request in batch}
         self._cancelled = set()
-        call = self.engine.options(stream=True, method_name="run").remote(batch)
+        call = self.engine.options(stream=True, method_name="run").remote(encode_batch(batch))
         assert isinstance(call, DeploymentResponseGenerator)  # what stream=True answers
         self._call = call
         self._task = self.loop.create_task(self._receive(call, sorted(self._call_ids)))
@@ -85,7 +88,8 @@ class ReplicaLane(WorkerHandle):
 
     async def _receive(self, call: DeploymentResponseGenerator, ids: list[str]) -> None:
         try:
-            async for message in call:
+            async for data in call:
+                message = decode_message(data)
                 if isinstance(message, Assigned):
                     self.replica = message
                     if self.on_assigned is not None:
@@ -98,7 +102,7 @@ class ReplicaLane(WorkerHandle):
             self._replica_lost(exc)
         except Exception:
             logger.exception("batch %s failed on the Ray cluster", ids)
-            failure = Failure(ids, "internal", "The server failed to render the image.")
+            failure = Failure(ids, "server_error", SERVER_ERROR)
             self._fail_all(ids, lambda: WorkerFailure(failure))
         finally:
             if self._call is call:
@@ -122,8 +126,8 @@ class ReplicaLane(WorkerHandle):
             self._resolve(request_id, lambda future: future.set_exception(error()))
 
 
-class RayPool(WorkerPool):
-    """Lanes into the engine deployment, behind WorkerPool's interface."""
+class RayPool:
+    """Lanes into the engine deployment: a Pool (server/pool.py)."""
 
     def __init__(
         self,
@@ -133,7 +137,10 @@ class RayPool(WorkerPool):
         liveness: Liveness,
         on_restart: Callable[[str], None] | None = None,
     ) -> None:
-        super().__init__([config], liveness, on_restart)
+        self.config = config
+        self.liveness = liveness
+        self.on_restart = on_restart
+        self.workers: list[ReplicaLane] = []
         self.engine = engine
         self.lanes = lanes
         self._served: dict[str, dict[str, Any]] = {}
@@ -144,7 +151,7 @@ class RayPool(WorkerPool):
             self.workers.append(
                 ReplicaLane(
                     f"ray:{index}",
-                    self.configs[0],
+                    self.config,
                     loop,
                     self.liveness,
                     on_restart=self.on_restart,
@@ -159,11 +166,12 @@ class RayPool(WorkerPool):
         # Serve deploys the front and the engine together: the engine's replicas may still be loading.
         while True:
             try:
-                ready: Ready = await self.engine.describe.remote()
+                ready = decode_message(await self.engine.describe.remote())
                 break
             except (RayActorError, ActorUnavailableError) as exc:
                 logger.warning("engine deployment not answering yet (%s); retrying", exc)
                 await asyncio.sleep(DESCRIBE_RETRY_S)
+        assert isinstance(ready, Ready)  # what describe answers
         for lane in self.workers:
             lane._handle(dataclasses.replace(ready))
 
@@ -186,7 +194,18 @@ class RayPool(WorkerPool):
                 ]
         return []
 
+    async def wait_ready(self, timeout_s: float) -> None:
+        await wait_all_ready(self.workers, timeout_s)
+
+    def all_ready(self) -> bool:
+        return all_ready(self.workers)
+
+    def closing(self) -> None:
+        for lane in self.workers:
+            lane.closing()
+
     def stop(self) -> None:
         if self._describing is not None:
             self._describing.cancel()
-        super().stop()
+        for lane in self.workers:
+            lane.stop()

@@ -1,6 +1,7 @@
-"""Bounded per-model queues in front of the workers, with batching of compatible jobs and queue deadlines.
+"""Bounded per-model queues in front of the workers, with batching of compatible requests and deadlines.
 
-A worker gets one batch at a time, so jobs wait here, where they can still be batched, timed out or dropped.
+A worker gets one batch at a time, so requests wait here, each as a Ticket, where they can still be
+batched, timed out or dropped.
 """
 
 from __future__ import annotations
@@ -14,45 +15,35 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from pipelines.messages import Progress, RenderRequest, RenderResult
+from pipelines.messages import Progress, RenderRequest, RenderResult, batch_fields
 from pipelines.specs import ModelSpec
+from pipelines.wire import canonical
 from server.errors import APIError
 from server.metrics import Metrics
-from server.workers import ProgressListener, WorkerHandle, WorkerPool
+from server.pool import Pool, ProgressListener, Worker
 
 logger = logging.getLogger(__name__)
 
 
-def batch_key(request: RenderRequest) -> tuple:
-    """Jobs with equal keys can share one pipeline call: same model, shape, schedule (step caching
-    included: the cache hook is on for a whole call), references, and LoRAs at the same scales."""
-    references = hashlib.sha256(
-        b"".join(hashlib.sha256(image).digest() for image in request.images)
-    ).hexdigest()
-    return (
-        request.model,
-        request.width,
-        request.height,
-        request.steps,
-        request.guidance,
-        references,
-        repr(sorted(request.extra.items())),
-        request.partial_images,
-        tuple((lora.key, lora.scale) for lora in request.loras),
-        request.acceleration,
-    )
+def batch_key(request: RenderRequest) -> bytes:
+    """Requests with equal keys can share one pipeline call: they agree on every field their declaration
+    marks BatchKey (pipelines/messages.py)."""
+    values = [getattr(request, name) for name in batch_fields(type(request))]
+    return hashlib.sha256(canonical(values)).digest()
 
 
 @dataclass
-class Job:
+class Ticket:
+    """A request's place in its model's queue, until a worker takes it; then the worker and its future."""
+
     request: RenderRequest
     weights: str
-    key: tuple
+    key: bytes
     future: asyncio.Future[RenderResult]
     started: asyncio.Event = field(default_factory=asyncio.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
     on_progress: ProgressListener | None = None
-    worker: WorkerHandle | None = None
+    worker: Worker | None = None
 
 
 class Scheduler:
@@ -60,7 +51,7 @@ class Scheduler:
 
     def __init__(
         self,
-        pool: WorkerPool,
+        pool: Pool,
         specs: Mapping[str, ModelSpec],
         queue_size: int,
         max_batch_images: int,
@@ -73,7 +64,7 @@ class Scheduler:
         self.queue_size = queue_size
         self.max_batch_images = max_batch_images
         self.queue_timeout_s = queue_timeout_s
-        self.queues: dict[str, deque[Job]] = {}
+        self.queues: dict[str, deque[Ticket]] = {}
         self.seconds_per_image = 5.0  # an estimate for Retry-After, refined by every batch
         self._reserved: dict[str, int] = {}
         self._wakeup = asyncio.Event()
@@ -96,11 +87,11 @@ class Scheduler:
         return sum(len(q) for q in self.queues.values())
 
     def retry_after_s(self) -> float:
-        queued = sum(job.request.n for q in self.queues.values() for job in q)
+        queued = sum(ticket.request.n for q in self.queues.values() for ticket in q)
         return self.seconds_per_image * max(1, queued) / max(1, len(self.pool.workers))
 
     def check_room(self, model: str) -> None:
-        """The 429 a full queue answers, raised before a job is accepted. Places reserved for async jobs
+        """The 429 a full queue answers, raised before a request is accepted. Places reserved for async jobs
         being stored count as taken."""
         if len(self.queues.get(model, ())) + self._reserved.get(model, 0) >= self.queue_size:
             raise APIError(
@@ -119,8 +110,8 @@ class Scheduler:
         self._reserved[model] -= 1
 
     def position(self, request_id: str) -> int | None:
-        """Jobs queued before this one, across models (0: it goes next); None once it has left the queue."""
-        queued = {job.request.id: job.enqueued_at for q in self.queues.values() for job in q}
+        """Requests queued before this one, across models (0: it goes next); None once it left the queue."""
+        queued = {ticket.request.id: ticket.enqueued_at for q in self.queues.values() for ticket in q}
         mine = queued.get(request_id)
         return None if mine is None else sum(1 for at in queued.values() if at < mine)
 
@@ -132,84 +123,84 @@ class Scheduler:
         on_dispatch: Callable[[], None] | None = None,
         deadline: bool = True,
     ) -> RenderResult:
-        """Queue, wait for a worker and the result. Cancelling the awaiting task drops or stops the job."""
+        """Queue, wait for a worker and the result. Cancelling the awaiting task drops or stops it."""
         return await self.wait(self.admit(request, on_progress), on_dispatch=on_dispatch, deadline=deadline)
 
     def admit(
         self, request: RenderRequest, on_progress: ProgressListener | None = None, *, bounded: bool = True
-    ) -> Job:
+    ) -> Ticket:
         """Put the request at the end of its model's queue, with no await between the room check and the
-        append. `bounded=False` admits a job that holds its place already (reserved, or accepted before a
+        append. `bounded=False` admits a request that holds its place already (reserved, or accepted before a
         restart or a worker crash): it is never refused, never left outside the queue."""
         if bounded:
             self.check_room(request.model)
         queue = self.queues.setdefault(request.model, deque())
-        job = Job(
+        ticket = Ticket(
             request,
             self.specs[request.model].weights_id,
             batch_key(request),
             asyncio.get_running_loop().create_future(),
             on_progress=on_progress,
         )
-        queue.append(job)
+        queue.append(ticket)
         self._update_depth(request.model)
         self._wakeup.set()
-        return job
+        return ticket
 
     async def wait(
-        self, job: Job, *, on_dispatch: Callable[[], None] | None = None, deadline: bool = True
+        self, ticket: Ticket, *, on_dispatch: Callable[[], None] | None = None, deadline: bool = True
     ) -> RenderResult:
-        """The admitted job's result. Cancelling the awaiting task drops or stops the job.
+        """The admitted request's result. Cancelling the awaiting task drops or stops the request.
 
         `deadline=False` waits in the queue past --queue-timeout: the deadline bounds a held connection, and
-        an async job has none. `on_dispatch` runs when a worker takes the job."""
-        queue = self.queues[job.request.model]
+        an async job has none. `on_dispatch` runs when a worker takes the request."""
+        queue = self.queues[ticket.request.model]
         try:
             try:
-                await asyncio.wait_for(job.started.wait(), self.queue_timeout_s if deadline else None)
+                await asyncio.wait_for(ticket.started.wait(), self.queue_timeout_s if deadline else None)
             except TimeoutError:
-                if job in queue:
-                    queue.remove(job)
-                    self._update_depth(job.request.model)
+                if ticket in queue:
+                    queue.remove(ticket)
+                    self._update_depth(ticket.request.model)
                     raise APIError(
                         "queue_timeout",
                         f"The request waited more than {self.queue_timeout_s:g} s in the queue.",
                     ) from None
             if on_dispatch is not None:
                 on_dispatch()
-            return await job.future
+            return await ticket.future
         except asyncio.CancelledError:
-            self._cancel(job, queue)
+            self._cancel(ticket, queue)
             raise
 
-    def withdraw(self, job: Job) -> None:
-        """Drop an admitted job that nobody waits for any more, if it is still queued."""
-        queue = self.queues.get(job.request.model, deque())
-        if job in queue:
-            self._cancel(job, queue)
+    def withdraw(self, ticket: Ticket) -> None:
+        """Drop an admitted request that nobody waits for any more, if it is still queued."""
+        queue = self.queues.get(ticket.request.model, deque())
+        if ticket in queue:
+            self._cancel(ticket, queue)
 
     def _update_depth(self, model: str) -> None:
         self.metrics.queue_depth.labels(model).set(self.depth(model))
 
-    def _cancel(self, job: Job, queue: deque[Job]) -> None:
-        if job in queue:
-            queue.remove(job)
-            self._update_depth(job.request.model)
-            self.metrics.cancelled.labels(job.request.model, "queued").inc()
-            logger.info("request %s dropped from the queue: cancelled", job.request.id)
-        elif job.worker is not None:
-            # Cancelling the awaiting task cancelled job.future too: the worker knows if the job still runs.
-            self.metrics.cancelled.labels(job.request.model, "running").inc()
-            job.worker.cancel(job.request.id)
+    def _cancel(self, ticket: Ticket, queue: deque[Ticket]) -> None:
+        if ticket in queue:
+            queue.remove(ticket)
+            self._update_depth(ticket.request.model)
+            self.metrics.cancelled.labels(ticket.request.model, "queued").inc()
+            logger.info("request %s dropped from the queue: cancelled", ticket.request.id)
+        elif ticket.worker is not None:
+            # Cancelling the awaiting task cancelled ticket.future too: the worker knows if the request runs.
+            self.metrics.cancelled.labels(ticket.request.model, "running").inc()
+            ticket.worker.cancel(ticket.request.id)
 
-    def _listener(self, job: Job) -> ProgressListener:
-        """The job's own progress listener, counting every denoising step a worker reports."""
-        steps = self.metrics.steps.labels(job.request.model)
+    def _listener(self, ticket: Ticket) -> ProgressListener:
+        """The request's own progress listener, counting every denoising step a worker reports."""
+        steps = self.metrics.steps.labels(ticket.request.model)
 
         def listen(progress: Progress) -> None:
             steps.inc()
-            if job.on_progress is not None:
-                job.on_progress(progress)
+            if ticket.on_progress is not None:
+                ticket.on_progress(progress)
 
         return listen
 
@@ -224,7 +215,7 @@ class Scheduler:
         waiting = [q[0] for q in self.queues.values() if q]
         if not waiting:
             return False
-        head = min(waiting, key=lambda job: job.enqueued_at)
+        head = min(waiting, key=lambda ticket: ticket.enqueued_at)
         worker = self._pick_worker(head.weights)
         if worker is None:
             return False
@@ -233,55 +224,56 @@ class Scheduler:
         self._update_depth(model)
         try:
             futures = worker.submit(
-                [job.request for job in batch], {job.request.id: self._listener(job) for job in batch}
+                [ticket.request for ticket in batch],
+                {ticket.request.id: self._listener(ticket) for ticket in batch},
             )
         except Exception as exc:
             # The dispatcher must outlive any one batch: dying here would leave every later request queued.
             logger.exception("submitting a batch to worker %s failed", worker.name)
-            for job in batch:
-                job.future.set_exception(exc)
-                job.started.set()
+            for ticket in batch:
+                ticket.future.set_exception(exc)
+                ticket.started.set()
             return True
         started = time.monotonic()
-        self.metrics.batch_images.labels(model).observe(sum(job.request.n for job in batch))
-        for job, future in zip(batch, futures, strict=True):
-            self.metrics.queue_wait.labels(model).observe(started - job.enqueued_at)
-            job.worker = worker
-            job.started.set()
-            future.add_done_callback(functools.partial(self._settle, job, started=started))
+        self.metrics.batch_images.labels(model).observe(sum(ticket.request.n for ticket in batch))
+        for ticket, future in zip(batch, futures, strict=True):
+            self.metrics.queue_wait.labels(model).observe(started - ticket.enqueued_at)
+            ticket.worker = worker
+            ticket.started.set()
+            future.add_done_callback(functools.partial(self._settle, ticket, started=started))
         return True
 
-    def _pick_worker(self, weights: str) -> WorkerHandle | None:
+    def _pick_worker(self, weights: str) -> Worker | None:
         idle = [w for w in self.pool.workers if w.ready.is_set() and w.busy_images == 0]
         if not idle:
             return None
         return min(idle, key=lambda w: (not w.holds(weights), w.restarts))
 
-    def _take_batch(self, head: Job) -> list[Job]:
+    def _take_batch(self, head: Ticket) -> list[Ticket]:
         queue = self.queues[head.request.model]
-        batch: list[Job] = []
+        batch: list[Ticket] = []
         images = 0
-        for job in list(queue):
-            if job.key != head.key or (batch and images + job.request.n > self.max_batch_images):
+        for ticket in list(queue):
+            if ticket.key != head.key or (batch and images + ticket.request.n > self.max_batch_images):
                 continue
-            queue.remove(job)
-            batch.append(job)
-            images += job.request.n
+            queue.remove(ticket)
+            batch.append(ticket)
+            images += ticket.request.n
         return batch
 
-    def _settle(self, job: Job, outcome: asyncio.Future[RenderResult], started: float) -> None:
-        # Read even when nobody waits any more (a cancelled job), or asyncio logs "never retrieved".
+    def _settle(self, ticket: Ticket, outcome: asyncio.Future[RenderResult], started: float) -> None:
+        # Read even when nobody waits any more (a cancelled request), or asyncio logs "never retrieved".
         failure = outcome.exception()
-        if not job.future.done():
+        if not ticket.future.done():
             if failure is not None:
-                job.future.set_exception(failure)
+                ticket.future.set_exception(failure)
             else:
                 rendered = outcome.result()
                 elapsed = time.monotonic() - started
                 images = max(1, int(rendered.timings_ms.get("batch_images", 1)))
                 self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / images
-                model = job.request.model
-                rendered.timings_ms["queue"] = (started - job.enqueued_at) * 1000
+                model = ticket.request.model
+                rendered.timings_ms["queue"] = (started - ticket.enqueued_at) * 1000
                 self.metrics.run_time.labels(model).observe(elapsed)
                 self.metrics.images.labels(model).inc(len(rendered.images))
                 for kind, key in (("hit", "prompt_cache_hits"), ("miss", "prompt_cache_misses")):
@@ -291,7 +283,7 @@ class Scheduler:
                 self.metrics.lora_load_seconds.labels(model).inc(
                     rendered.timings_ms.get("lora_load", 0) / 1000
                 )
-                if job.worker is not None:
-                    self.metrics.device_memory.labels(job.worker.name).set(rendered.device_memory_bytes)
-                job.future.set_result(rendered)
+                if ticket.worker is not None:
+                    self.metrics.device_memory.labels(ticket.worker.name).set(rendered.device_memory_bytes)
+                ticket.future.set_result(rendered)
         self._wakeup.set()

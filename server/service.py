@@ -25,10 +25,10 @@ from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
 from server.errors import APIError, envelope, to_api_error
 from server.normalize import Reply, build_request
+from server.pool import WorkerCrashed, WorkerFailure
 from server.protocol import ImageData, ImagesResponse, InputTokensDetails, Usage, _ImageFields
 from server.scheduler import Scheduler
 from server.store import ImageStore, StoreUnavailable
-from server.workers import WorkerCrashed, WorkerFailure
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,13 @@ _ECHO_FORMATS: dict[str, Literal["png", "webp", "jpeg", "gif"]] = {
     "jpeg": "jpeg",
     "gif": "gif",
 }
+
+
+async def disconnected(http: Request) -> None:
+    """Returns when the client goes away: the server's `http.disconnect` message, listened for as vLLM's
+    `with_cancellation` does. The body has been read by then, so no other message is lost here."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 class ClientGone(Exception):
@@ -111,19 +118,19 @@ class ImageService:
         return Prepared(render, reply, spec)
 
     async def run(self, http: Request, prepared: Prepared, listener=None) -> RenderResult:
-        """Run the job, cancelling it if the client goes away while it waits or runs."""
+        """Render the request, cancelling it if the client goes away while it waits or runs."""
         task = asyncio.ensure_future(self.scheduler.run(prepared.render, listener))
+        gone = asyncio.ensure_future(disconnected(http))
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=0.25)
-                if done:
-                    break
-                if await http.is_disconnected():
-                    task.cancel()
-                    raise ClientGone()
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             task.cancel()
             raise
+        finally:
+            gone.cancel()
+        if not task.done():
+            task.cancel()
+            raise ClientGone()
         try:
             result = task.result()
         except (WorkerFailure, WorkerCrashed) as exc:
@@ -195,7 +202,7 @@ class ImageService:
     async def stream(self, http: Request, prepared: Prepared, kind: str) -> AsyncIterator[bytes]:
         """Server-sent events: partial images as previews arrive, then exactly one completed event."""
         events: asyncio.Queue[Progress] = asyncio.Queue()
-        job = asyncio.ensure_future(self.run(http, prepared, events.put_nowait))
+        rendering = asyncio.ensure_future(self.run(http, prepared, events.put_nowait))
         reply, render = prepared.reply, prepared.render
         common = {
             "size": f"{render.width}x{render.height}",
@@ -204,12 +211,18 @@ class ImageService:
             "output_format": reply.output_format,  # normalize allows only STREAM_FORMATS here
         }
         sent = 0
+        getter: asyncio.Future[Progress] | None = None
         try:
-            while not job.done() or not events.empty():
-                try:
-                    progress = await asyncio.wait_for(events.get(), 0.25)
-                except TimeoutError:
-                    continue
+            while not rendering.done() or not events.empty():
+                if events.empty():  # wait for the next step report or the render's end, which comes first
+                    getter = asyncio.ensure_future(events.get())
+                    await asyncio.wait({getter, rendering}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        continue
+                    progress = getter.result()
+                else:
+                    progress = events.get_nowait()
                 if progress.preview is None or sent >= render.partial_images:
                     continue
                 event = f"{kind}.partial_image"
@@ -222,7 +235,7 @@ class ImageService:
                 }
                 sent += 1
                 yield _sse(event, payload)
-            result = job.result()
+            result = rendering.result()
             [image] = result.images
             event = f"{kind}.completed"
             payload = {
@@ -249,7 +262,9 @@ class ImageService:
             http.app.state.metrics.errors.labels(str(error.status), error.code).inc()
             yield _sse("error", {"type": "error", **envelope(error)})
         finally:
-            job.cancel()
+            rendering.cancel()
+            if getter is not None:
+                getter.cancel()
 
 
 def _sse(event: str, payload: dict) -> bytes:

@@ -1,9 +1,9 @@
-"""Spawned worker processes, one per device: start, watch, restart, and the futures of their jobs.
+"""Spawned worker processes, one per device: start, watch, restart, and the futures of their requests.
 
 The HTTP process never imports torch; it talks to each worker through multiprocessing queues and a pipe. A
 reader thread per worker turns the worker's answers into asyncio results. A worker that dies, goes silent
 (stopped or frozen: no heartbeat) or holds a batch past its deadline (hung) is killed if need be and
-replaced; every job it held fails with WorkerCrashed.
+replaced; every request it held fails with WorkerCrashed.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from pipelines import worker as worker_main
+from pipelines.errors import SERVER_ERROR
 from pipelines.messages import (
     Failure,
     Heartbeat,
@@ -30,25 +31,12 @@ from pipelines.messages import (
     RenderResult,
     WorkerConfig,
 )
+from pipelines.wire import Message, decode_message, encode_batch
+from server.pool import ProgressListener, WorkerCrashed, WorkerFailure, all_ready, wait_all_ready
 
 logger = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.5
-
-
-class WorkerCrashed(Exception):
-    """The worker process died (or was killed as hung) while it held the job."""
-
-
-class WorkerFailure(Exception):
-    """The worker answered a job with a Failure."""
-
-    def __init__(self, failure: Failure) -> None:
-        super().__init__(failure.message)
-        self.failure = failure
-
-
-ProgressListener = Callable[[Progress], None]
 
 
 @dataclass(frozen=True)
@@ -96,7 +84,8 @@ class _Batch:
 
 @dataclass
 class WorkerHandle:
-    """One worker process and the jobs it holds. Methods are called on the event loop."""
+    """One worker process and the requests it holds, a Worker (server/pool.py). Methods are called on the
+    event loop."""
 
     name: str
     config: WorkerConfig
@@ -139,7 +128,7 @@ class WorkerHandle:
 
     def submit(
         self, batch: list[RenderRequest], listeners: dict[str, ProgressListener | None]
-    ) -> list[asyncio.Future]:
+    ) -> list[asyncio.Future[RenderResult]]:
         self._sent += 1
         self._batches[self._sent] = _Batch([r.id for r in batch], batch[0].steps, time.monotonic())
         futures = []
@@ -165,7 +154,7 @@ class WorkerHandle:
     # Transport: a worker process's queues here; a Ray Serve call in server/ray_pool.py.
 
     def _send(self, batch: list[RenderRequest]) -> None:
-        self._inbox.put(batch)
+        self._inbox.put(encode_batch(batch))
 
     def _send_cancel(self, request_id: str) -> None:
         self._control.put(request_id)
@@ -198,7 +187,7 @@ class WorkerHandle:
                     if process.is_alive():
                         continue
                     break
-                message = messages.recv()
+                message = decode_message(messages.recv_bytes())
             except (EOFError, OSError):
                 break
             self.loop.call_soon_threadsafe(self._dispatch, process, message)
@@ -208,13 +197,13 @@ class WorkerHandle:
 
     # Event loop ----------------------------------------------------------------------------------------
 
-    def _dispatch(self, process: BaseProcess, message: object) -> None:
+    def _dispatch(self, process: BaseProcess, message: Message) -> None:
         if process is not self.process:
             return  # a late word from a process already replaced
         self._heard = time.monotonic()
         self._handle(message)
 
-    def _handle(self, message: object) -> None:
+    def _handle(self, message: Message) -> None:
         """A worker's message, whatever carried it (a process's pipe here, a Ray Serve call in ray_pool)."""
         if isinstance(message, Heartbeat):
             self._settle_finished(message.batches)
@@ -278,7 +267,7 @@ class WorkerHandle:
                     failure = Failure([request_id], "cancelled", "The client went away.")
                 else:
                     logger.error("worker %s finished a batch without answering %s", self.name, request_id)
-                    failure = Failure([request_id], "internal", "The server failed to render the image.")
+                    failure = Failure([request_id], "server_error", SERVER_ERROR)
                 self._fail(request_id, failure)
 
     def _check(self) -> None:
@@ -326,7 +315,7 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    """One worker per device."""
+    """One worker process per device: a Pool (server/pool.py)."""
 
     def __init__(
         self,
@@ -340,7 +329,7 @@ class WorkerPool:
         self.workers: list[WorkerHandle] = []
 
     def start(self, loop: asyncio.AbstractEventLoop, on_ready: Callable[[], None] | None = None) -> None:
-        """`on_ready` runs whenever a worker (a first one or a replacement) becomes ready for jobs."""
+        """`on_ready` runs whenever a worker (a first one or a replacement) becomes ready for batches."""
         for index, config in enumerate(self.configs):
             handle = WorkerHandle(
                 f"{index}:{config.device}",
@@ -354,13 +343,10 @@ class WorkerPool:
             self.workers.append(handle)
 
     async def wait_ready(self, timeout_s: float) -> None:
-        started = time.monotonic()
-        for handle in self.workers:
-            remaining = max(0.1, timeout_s - (time.monotonic() - started))
-            await asyncio.wait_for(handle.ready.wait(), remaining)
+        await wait_all_ready(self.workers, timeout_s)
 
     def all_ready(self) -> bool:
-        return bool(self.workers) and all(handle.ready.is_set() for handle in self.workers)
+        return all_ready(self.workers)
 
     def modes(self, weights_id: str) -> list[dict[str, Any]]:
         """What each ready worker runs the checkpoint as, with the worker's device."""

@@ -84,9 +84,36 @@ class _Late:
 
 
 def late_batches(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
-    """Every batch reaches the loop 0.4 s late: longer than the server takes to notice a client gone
-    (it looks every 0.25 s), so a cancellation can arrive before its batch."""
+    """Every batch reaches the loop 0.4 s late: longer than the server takes to hear that a client went
+    away, so a cancellation can arrive before its batch."""
     worker.main(_Late(inbox, 0.4), outbox, control, config)  # type: ignore[arg-type]
+
+
+_cancelled: list[set[str]] = []  # the worker loop's own set of cancelled request ids, once it started
+
+
+def _hold(batch: list[RenderRequest], progress: Progress) -> None:
+    """Holds a "hold" batch at its first step (its first preview, when it asked for some) until every request
+    of it is cancelled: a request that runs until its client goes away, however fast the device."""
+    if batch[0].prompt != "hold" or (batch[0].partial_images and progress.preview is None):
+        return
+    ids = {request.id for request in batch}
+    deadline = time.monotonic() + 300  # a bound, so that a test that never cancels does not wedge a worker
+    while not ids <= _cancelled[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def hold_on_prompt(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
+    """A batch whose prompt is "hold" stops after its first step until its clients go away; others render."""
+    watch = worker._watch_cancellations
+
+    def keep(control: Queue) -> set[str]:
+        _cancelled.append(watch(control))
+        return _cancelled[0]
+
+    worker._watch_cancellations = keep  # type: ignore[assignment]
+    _after_step(1, _hold)
+    worker.main(inbox, outbox, control, config)
 
 
 def hang_on_prompt(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:

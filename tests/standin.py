@@ -1,8 +1,9 @@
 """A stand-in for the worker pool, for in-process tests of the HTTP front.
 
-It implements the pool's interface (what server/scheduler.py, server/routes and the app's lifespan call) and
-stands in for the process boundary only: the tests that render pixels use the real workers (tests/e2e).
-Each submitted batch is recorded and answered when the test says so, with flat grey images.
+StandInPool is a Pool and StandInHandle a Worker (server/pool.py): what server/scheduler.py, server/routes
+and the app's lifespan call. It stands in for the process boundary only: the tests that render pixels use
+the real workers (tests/e2e). Each submitted batch is recorded and answered when the test says so, with
+flat grey images.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ class StandInHandle:
     _futures: dict[str, asyncio.Future[RenderResult]] = field(default_factory=dict)
     _requests: dict[str, RenderRequest] = field(default_factory=dict)
 
-    def submit(self, batch: list[RenderRequest], listeners: dict[str, Any]) -> list[asyncio.Future]:
+    def submit(
+        self, batch: list[RenderRequest], listeners: dict[str, Any]
+    ) -> list[asyncio.Future[RenderResult]]:
         if self.fail_with is not None:
             raise self.fail_with
         self.batches.append(batch)

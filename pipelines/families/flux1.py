@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.errors import InvalidParameter
 from pipelines.specs import ModelSpec
 
 EMBEDS = ("prompt_embeds", "pooled_prompt_embeds")
@@ -16,7 +17,7 @@ EMBEDS = ("prompt_embeds", "pooled_prompt_embeds")
 
 def call_kwargs(
     spec: ModelSpec, pipe: Any, references: list[Image.Image], width: int, height: int, steps: int
-) -> dict:
+) -> dict[str, Any]:
     if spec.family != "flux1-kontext":
         return {}
     # Kontext rescales its output to `max_area` and, by default, snaps the reference to a ~1 MP preferred
@@ -41,3 +42,8 @@ def preview(pipe: Any, latents: torch.Tensor, width: int, height: int) -> np.nda
     spatial = spatial / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
     image = pipe.vae.decode(spatial.to(pipe.vae.device, pipe.vae.dtype), return_dict=False)[0]
     return pipe.image_processor.postprocess(image, output_type="np")
+
+
+def enhance(pipe: Any, prompt: str, references: list[Image.Image], temperature: float, seed: int) -> str:
+    """FLUX.1 has no language model to rewrite a prompt with; the front refuses such a request before."""
+    raise InvalidParameter("prompt_enhancement", "FLUX.1 models cannot enhance prompts.")

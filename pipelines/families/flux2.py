@@ -21,7 +21,7 @@ _logged_schedules: set[tuple[str, int]] = set()
 
 def call_kwargs(
     spec: ModelSpec, pipe: Any, references: list[Image.Image], width: int, height: int, steps: int
-) -> dict:
+) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if references:
         kwargs["image"] = references

@@ -209,3 +209,33 @@ def test_a_gpu_workers_mode_is_shown_for_the_model(page: Page) -> None:
         "Runs on cuda:0 in fast mode: float8, compiled"
         " · cuda:1: unavailable — mode: 'resident' needs about 115.6 GB"
     )
+
+
+def test_generate_before_the_models_loaded_leaves_the_model_to_the_server(
+    browser: Browser, server: Server
+) -> None:
+    context = browser.new_context()
+    context.add_init_script(f"localStorage.setItem('fluxd.apiKey', {json.dumps(API_KEY)})")
+    opened = context.new_page()
+    held: list[Route] = []
+
+    def hold(route: Route) -> None:
+        held.append(route)  # never answered: the model list has not come yet
+
+    opened.route("**/v1/models", hold)
+    sent: list[dict] = []
+
+    def canned(route: Route) -> None:
+        sent.append(json.loads(route.request.post_data or "{}"))
+        body = "event: image_generation.completed\ndata: " + json.dumps(
+            {"b64_json": b64_png(64, 48, "white"), "size": "64x48"}
+        )
+        route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=body + "\n\n")
+
+    opened.route("**/v1/images/generations", canned)
+    opened.goto(f"{server.url}/")
+    opened.fill("#prompt", "a red fox")
+    opened.click("#generate")
+    expect(opened.locator("#history li")).to_have_count(1)
+    assert held and "model" not in sent[0] and sent[0]["size"] == "auto"
+    context.close()

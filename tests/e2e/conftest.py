@@ -133,9 +133,15 @@ def wait_until(predicate, timeout: float = 60) -> None:
     raise AssertionError("condition never became true")
 
 
+# What a worker started with it does with a HOLD request: tests that cancel a running request hold it with
+# this step hook, so that it runs until its client goes away whatever the hardware's speed.
+HOLDING = {"FLUXD_WORKER_ENTRY": "tests.faults:hold_on_prompt"}
+HOLD = {"prompt": "hold", "size": "64x64", "num_inference_steps": 8, "response_format": "b64_json"}
+
+
 @pytest.fixture(scope="session")
 def server(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tiny_weights, tmp_path_factory.mktemp("server"), "--image-ttl", "3")
+    running = start_server(tiny_weights, tmp_path_factory.mktemp("server"), "--image-ttl", "3", env=HOLDING)
     yield running
     stop_server(running)
 

@@ -28,6 +28,8 @@ from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
 from tests.e2e.conftest import (
+    HOLD,
+    HOLDING,
     HTTP,
     LONG,
     Server,
@@ -129,6 +131,7 @@ def keyed(
         "FLUXD_API_KEYS": f"{KEY_A},{KEY_B}",
         "FLUXD_WEBHOOK_ALLOW": f"{receiver.url}/hooks",
         "FLUXD_WEBHOOK_SECRET": SECRET,
+        **HOLDING,
     }
     server = start_server(tiny_weights, tmp_path_factory.mktemp("jobs"), env=env)
     yield server
@@ -204,24 +207,24 @@ def test_cancel_while_queued_and_while_running(keyed: Server) -> None:
     steps = 'fluxd_denoise_steps_total{model="flux.2-dev"}'
     dropped = 'fluxd_cancelled_total{model="flux.2-dev",stage="queued"}'
     before = {series: metric(keyed, series) for series in (steps, dropped)}
-    long = submit(keyed, KEY_A, **LONG, partial_images=3).json()["id"]
+    long = submit(keyed, KEY_A, **HOLD, partial_images=3).json()["id"]  # held at its first preview
     running = wait_for(keyed, long, lambda body: body["status"] == "running" and "progress" in body, KEY_A)
-    assert running["progress"]["steps"] == 100
+    assert running["progress"]["steps"] == HOLD["num_inference_steps"]
     queued = submit(keyed, KEY_A, seed=5).json()["id"]
     waiting = job(keyed, queued, KEY_A).json()
     assert waiting["status"] == "queued" and waiting["position"] == 0
     cancelled = HTTP.delete(f"{keyed.url}/v1/images/jobs/{queued}", headers=auth(KEY_A))
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
-    # The running job's first preview (step 25 of 100, as partial_images=3 spaces them) can be polled.
+    # The running job's first preview (step 2 of 8, as partial_images=3 spaces them) can be polled.
     previewed = wait_for(keyed, long, lambda body: "preview" in body or ended(body), KEY_A)
     assert previewed["preview"]["partial_image_index"] == 0
-    assert pixels(previewed["preview"]["b64_json"]).shape == (768, 768, 3)
+    assert pixels(previewed["preview"]["b64_json"]).shape == (64, 64, 3)
     assert (
         HTTP.delete(f"{keyed.url}/v1/images/jobs/{long}", headers=auth(KEY_A)).json()["status"] == "cancelled"
     )
     wait_until(lambda: workers_idle(keyed))
-    # The running one stopped denoising before its end: its first preview came at step 25 of 100.
-    assert 25 <= metric(keyed, steps) - before[steps] < 100
+    # The running one stopped denoising before its end: its first preview came at step 2 of 8.
+    assert 2 <= metric(keyed, steps) - before[steps] < HOLD["num_inference_steps"]
     # The queued one left the queue without running; neither ends again, nor gets a result.
     assert metric(keyed, dropped) == before[dropped] + 1
     assert wait_for(keyed, submit(keyed, KEY_A).json()["id"], ended, KEY_A)["status"] == "succeeded"
@@ -395,7 +398,7 @@ def test_a_sigkilled_server_loses_no_job_and_runs_none_twice(tiny_weights: Path,
 
 
 def test_a_cancelled_job_reports_its_end_by_webhook_too(keyed: Server, receiver: Receiver) -> None:
-    job_id = submit(keyed, KEY_A, **LONG, webhook_url=f"{receiver.url}/hooks/ends").json()["id"]
+    job_id = submit(keyed, KEY_A, **HOLD, webhook_url=f"{receiver.url}/hooks/ends").json()["id"]
     HTTP.delete(f"{keyed.url}/v1/images/jobs/{job_id}", headers=auth(KEY_A))
     deadline = time.monotonic() + 60
     while not receiver.posts("/hooks/ends") and time.monotonic() < deadline:

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,8 @@ import pytest
 from PIL import Image
 
 from tests.e2e.conftest import (
+    HOLD,
+    HOLDING,
     HTTP,
     LONG,
     Server,
@@ -69,7 +72,7 @@ def fresh(tiny_weights: Path, tmp_path: Path, request: pytest.FixtureRequest) ->
 @pytest.fixture(scope="module")
 def plain(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server for the tests that leave it as they found it (a replaced worker is as good as new)."""
-    server = start_server(tiny_weights, tmp_path_factory.mktemp("plain"))
+    server = start_server(tiny_weights, tmp_path_factory.mktemp("plain"), env=HOLDING)
     yield server
     stop_server(server)
 
@@ -113,15 +116,16 @@ def test_a_client_that_goes_away_frees_the_worker(plain: Server) -> None:
     queued = 'fluxd_cancelled_total{model="flux.2-dev",stage="queued"}'
     before = {series: metric(plain, series) for series in (running, queued)}
     with pytest.raises(httpx.TimeoutException):
-        generate(plain, timeout=2, **LONG)
+        generate(plain, timeout=2, **HOLD)  # held at its first step until its client goes away
     wait_until(lambda: metric(plain, running) == before[running] + 1)
     # The interrupted job skips its remaining steps, so the next request is served, not stuck behind it.
     assert generate(plain).status_code == 200
-    in_background(lambda: generate(plain, **LONG))
-    wait_until(lambda: batches(plain) >= 3)
-    with pytest.raises(httpx.TimeoutException):
-        generate(plain, timeout=1, size="32x32")
-    wait_until(lambda: metric(plain, queued) == before[queued] + 1)  # dropped before it ever ran
+    with sent(plain, **HOLD):
+        wait_until(lambda: batches(plain) >= 3)
+        with pytest.raises(httpx.TimeoutException):
+            generate(plain, timeout=1, size="32x32")
+        wait_until(lambda: metric(plain, queued) == before[queued] + 1)  # dropped before it ever ran
+    wait_until(lambda: workers_idle(plain))  # the held one went with its connection
 
 
 def test_a_killed_worker_gives_503_then_the_next_request_succeeds(plain: Server) -> None:
@@ -144,8 +148,9 @@ def test_a_killed_worker_gives_503_then_the_next_request_succeeds(plain: Server)
     assert restarts in HTTP.get(f"{fresh.url}/metrics").text
 
 
-def abandon(server: Server, after_s: float, **fields) -> None:
-    """Send a generation and hang up `after_s` later, whether or not it was answered."""
+@contextmanager
+def sent(server: Server, **fields) -> Iterator[None]:
+    """A generation sent on a connection of its own, hung up when the block ends, answered or not."""
     body = json.dumps({"prompt": "x", "size": "32x32", "num_inference_steps": 8, **fields}).encode()
     url = httpx.URL(server.url)
     head = (
@@ -154,6 +159,12 @@ def abandon(server: Server, after_s: float, **fields) -> None:
     )
     with socket.create_connection((url.host, url.port)) as connection:
         connection.sendall(head.encode() + body)
+        yield
+
+
+def abandon(server: Server, after_s: float, **fields) -> None:
+    """Send a generation and hang up `after_s` later, whether or not it was answered."""
+    with sent(server, **fields):
         time.sleep(after_s)
 
 

@@ -10,11 +10,9 @@ another: float kernels differ between CPUs.)
 from __future__ import annotations
 
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipelines.acceleration import counting, full_evaluations
 from pipelines.engine import Engine
@@ -25,12 +23,6 @@ from tests.imagery import png
 STEPS = 28
 MODELS = ("flux.2-dev", "flux.1-kontext-dev", "flux.1-dev")
 TARGETS = {"regular": 1.5, "high": 2.0}
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_weights: Path) -> Engine:
-    torch.set_num_threads(2)
-    return Engine(SPECS, tiny_weights)
 
 
 def request(model: str, level: str, seeds: tuple[int, ...] = (5, 6), **fields) -> RenderRequest:

@@ -19,12 +19,6 @@ STEPS = 3
 LOADED = ("flux.1-dev", "flux.1-kontext-dev", "flux.2-dev")
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_weights: Path) -> Engine:
-    torch.set_num_threads(2)
-    return Engine(SPECS, tiny_weights)
-
-
 def request(model: str, seeds: list[int], width: int = 64, height: int = 48, **fields) -> RenderRequest:
     spec = SPECS[model]
     return RenderRequest(

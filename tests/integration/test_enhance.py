@@ -16,12 +16,6 @@ from pipelines.specs import SPECS
 from tests.imagery import png
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_weights: Path) -> Engine:
-    torch.set_num_threads(2)
-    return Engine(SPECS, tiny_weights)
-
-
 def enhanced(engine: Engine, model: str, seed: int = 1, **fields) -> RenderResult:
     [result] = engine.render(
         [

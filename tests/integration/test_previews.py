@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,12 +17,6 @@ from pipelines.specs import SPECS
 from tests.imagery import png
 
 FAMILY_MODELS = ["flux.2-dev", "flux.1-dev", "flux.1-kontext-dev"]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_weights: Path) -> Engine:
-    torch.set_num_threads(2)
-    return Engine(SPECS, tiny_weights)
 
 
 def request(model: str, seed: int, partial_images: int, steps: int = 6, **fields) -> RenderRequest:

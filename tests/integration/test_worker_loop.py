@@ -5,24 +5,15 @@ from __future__ import annotations
 
 import io
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pipelines.encoding import RAW_RGB
 from pipelines.engine import Engine
 from pipelines.messages import Failure, Progress, Rendered, RenderedImage, RenderRequest, RenderResult
-from pipelines.specs import SPECS
 from pipelines.worker import serve
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_weights: Path) -> Engine:
-    torch.set_num_threads(2)
-    return Engine(SPECS, tiny_weights)
 
 
 def request(request_id: str, model: str = "flux.2-dev", **fields) -> RenderRequest:
@@ -49,7 +40,7 @@ def answered(messages: list[object]) -> Counter[str]:
 def test_a_batch_cancelled_before_the_worker_took_it_is_answered_cancelled(engine: Engine) -> None:
     cancelled = {"a", "b"}
     messages = answers(engine, [[request("a"), request("b")]], cancelled)
-    assert [(m.ids, m.kind) for m in messages if isinstance(m, Failure)] == [(["a", "b"], "cancelled")]
+    assert [(m.ids, m.code) for m in messages if isinstance(m, Failure)] == [(["a", "b"], "cancelled")]
     assert answered(messages) == {"a": 1, "b": 1}
     assert not cancelled  # nothing of a finished batch stays behind
 
@@ -58,7 +49,7 @@ def test_a_cancelled_request_leaves_its_batch_mates_running(engine: Engine) -> N
     messages = answers(engine, [[request("gone"), request("kept")], [request("next")]], {"gone"})
     assert answered(messages) == {"gone": 1, "kept": 1, "next": 1}
     [failure] = [m for m in messages if isinstance(m, Failure)]
-    assert (failure.ids, failure.kind) == (["gone"], "cancelled")
+    assert (failure.ids, failure.code) == (["gone"], "cancelled")
     assert {m.id for m in messages if isinstance(m, RenderResult)} == {"kept", "next"}
 
 
@@ -69,7 +60,7 @@ def test_a_failing_batch_answers_each_request_once(engine: Engine) -> None:
         engine, [[request("x", "flux.1-dev", extra=bad), request("y", "flux.1-dev", extra=bad)]], set()
     )
     assert answered(messages) == {"x": 1, "y": 1}
-    assert [m.kind for m in messages if isinstance(m, Failure)] == ["invalid"]
+    assert [m.code for m in messages if isinstance(m, Failure)] == ["invalid_value"]
 
 
 def decoded(data: bytes, fmt: str) -> np.ndarray:

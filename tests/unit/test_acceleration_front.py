@@ -12,7 +12,7 @@ import pytest
 from pipelines.messages import RenderRequest
 from server.scheduler import batch_key
 from tests.standin import StandInHandle
-from tests.unit.test_front import BODY, run, until
+from tests.unit.test_front import BODY, queued, run, until
 
 GENERATIONS = "/v1/images/generations"
 TURBO = {"model": "flux.2-dev-turbo", "num_inference_steps": 8}
@@ -31,11 +31,11 @@ def test_queued_requests_batch_only_with_their_own_level(tmp_path: Path) -> None
         first = asyncio.ensure_future(client.post(GENERATIONS, json=BODY))
         await until(lambda: len(worker.batches) == 1)
         levels = ["high", "none", "high", "none"]
-        queued = [
+        waiting = [
             asyncio.ensure_future(client.post(GENERATIONS, json={**BODY, "seed": i, "acceleration": level}))
             for i, level in enumerate(levels)
         ]
-        await asyncio.sleep(0.05)
+        await until(lambda: queued(client) == len(levels))
         worker.finish()
         await until(lambda: len(worker.batches) == 2)
         worker.finish()
@@ -44,7 +44,7 @@ def test_queued_requests_batch_only_with_their_own_level(tmp_path: Path) -> None
         batched = [{request.acceleration for request in batch} for batch in worker.batches[1:]]
         assert sorted(map(sorted, batched)) == [["high"], ["none"]]
         assert [len(batch) for batch in worker.batches[1:]] == [2, 2]
-        answers = [await first, *[await q for q in queued]]
+        answers = [await first, *[await w for w in waiting]]
         assert [a.status_code for a in answers] == [200] * 5
         # flux.2-dev's default is fal's 'regular'; each answer says what ran.
         assert [a.json()["acceleration"] for a in answers] == ["regular", *levels]

@@ -42,6 +42,11 @@ def run(tmp: Path, check: Check, **settings: Any) -> None:
     asyncio.run(main())
 
 
+def queued(client: httpx.AsyncClient) -> int:
+    """Requests waiting in the scheduler's queues, not yet taken by a worker."""
+    return client._transport.app.state.scheduler.depth()  # type: ignore[attr-defined]
+
+
 async def until(condition: Callable[[], bool]) -> None:
     for _ in range(400):
         if condition():
@@ -54,12 +59,12 @@ def test_compatible_requests_queued_behind_a_batch_run_together(tmp_path: Path) 
     async def check(client: httpx.AsyncClient, worker: StandInHandle) -> None:
         first = asyncio.ensure_future(client.post("/v1/images/generations", json=BODY))
         await until(lambda: len(worker.batches) == 1)
-        queued = [
+        waiting = [
             asyncio.ensure_future(client.post("/v1/images/generations", json={**BODY, "seed": seed}))
             for seed in (1, 2, 3)
         ]
         other = asyncio.ensure_future(client.post("/v1/images/generations", json={**BODY, "size": "32x32"}))
-        await asyncio.sleep(0.05)
+        await until(lambda: queued(client) == 4)
         worker.finish()
         await until(lambda: len(worker.batches) == 2)
         assert sorted(r.seeds[0] for r in worker.batches[1]) == [1, 2, 3]  # one call for the three
@@ -67,7 +72,7 @@ def test_compatible_requests_queued_behind_a_batch_run_together(tmp_path: Path) 
         await until(lambda: len(worker.batches) == 3)
         assert [r.width for r in worker.batches[2]] == [32]  # another size never joins that batch
         worker.finish()
-        answers = [await first, *[await q for q in queued], await other]
+        answers = [await first, *[await w for w in waiting], await other]
         assert [a.status_code for a in answers] == [200] * 5
         assert [a.json()["data"][0]["seed"] for a in answers[1:4]] == [1, 2, 3]
 
@@ -78,8 +83,8 @@ def test_a_full_queue_is_429_with_retry_after(tmp_path: Path) -> None:
     async def check(client: httpx.AsyncClient, worker: StandInHandle) -> None:
         running = asyncio.ensure_future(client.post("/v1/images/generations", json=BODY))
         await until(lambda: len(worker.batches) == 1)
-        queued = asyncio.ensure_future(client.post("/v1/images/generations", json=BODY))
-        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(client.post("/v1/images/generations", json=BODY))
+        await until(lambda: queued(client) == 1)
         refused = await client.post("/v1/images/generations", json=BODY)
         assert refused.status_code == 429
         assert refused.json()["error"]["code"] == "rate_limit_exceeded"
@@ -87,7 +92,7 @@ def test_a_full_queue_is_429_with_retry_after(tmp_path: Path) -> None:
         worker.finish()
         await until(lambda: len(worker.batches) == 2)
         worker.finish()
-        assert (await running).status_code == (await queued).status_code == 200
+        assert (await running).status_code == (await waiting).status_code == 200
 
     run(tmp_path, check, queue_size=1)
 
@@ -108,18 +113,16 @@ def test_a_request_queued_past_its_deadline_is_504_not_retried(tmp_path: Path) -
 
 def test_cancelling_drops_a_queued_request_and_stops_a_running_one(tmp_path: Path) -> None:
     async def check(client: httpx.AsyncClient, worker: StandInHandle) -> None:
-        scheduler = client._transport.app.state.scheduler  # type: ignore[attr-defined]
         running = asyncio.ensure_future(client.post("/v1/images/generations", json=BODY))
         await until(lambda: len(worker.batches) == 1)
-        queued = asyncio.ensure_future(client.post("/v1/images/generations", json={**BODY, "size": "32x32"}))
-        await until(lambda: scheduler.depth() == 1)
-        queued.cancel()
-        await until(lambda: scheduler.depth() == 0)  # dropped from the queue: it will never run
+        waiting = asyncio.ensure_future(client.post("/v1/images/generations", json={**BODY, "size": "32x32"}))
+        await until(lambda: queued(client) == 1)
+        waiting.cancel()
+        await until(lambda: queued(client) == 0)  # dropped from the queue: it will never run
         running.cancel()
         await until(lambda: worker.cancelled == [worker.batches[0][0].id])  # the worker is told to stop
         worker.finish()
-        await asyncio.sleep(0.05)
-        assert len(worker.batches) == 1
+        assert queued(client) == 0 and len(worker.batches) == 1
 
     run(tmp_path, check)
 

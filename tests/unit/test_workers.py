@@ -16,9 +16,11 @@ from pipelines.messages import (
     RenderedImage,
     RenderRequest,
     RenderResult,
-    WorkerConfig,
 )
-from server.workers import Liveness, WorkerFailure, WorkerHandle
+from server.app import worker_configs
+from server.config import Settings
+from server.pool import WorkerFailure
+from server.workers import Liveness, WorkerHandle
 
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin runs the async tests
 
@@ -37,7 +39,8 @@ def anyio_backend() -> str:
 @pytest.fixture
 async def worker() -> WorkerHandle:
     """A handle as `start` leaves it, on the test's event loop, plain queues standing in for the process's."""
-    worker = WorkerHandle("0:cpu", WorkerConfig("weights"), asyncio.get_running_loop(), LIVENESS)
+    [config] = worker_configs(Settings(weights_dir="weights"), {})
+    worker = WorkerHandle("0:cpu", config, asyncio.get_running_loop(), LIVENESS)
     worker.process = object()  # type: ignore[assignment]  # whose messages `_dispatch` accepts
     worker._inbox = queue.Queue()  # type: ignore[assignment]
     worker._control = queue.Queue()  # type: ignore[assignment]
@@ -53,13 +56,13 @@ async def test_a_cancelled_request_the_worker_never_answered_is_settled_when_its
 ) -> None:
     gone, kept = worker.submit([request("gone", 2), request("kept")], {})
     worker.cancel("gone")
-    dispatch(worker, Failure(["kept"], "internal", "failed"))
+    dispatch(worker, Failure(["kept"], "server_error", "failed"))
     assert worker.busy_images == 2  # still held for "gone"
     dispatch(worker, Heartbeat(batches=1))  # the worker is past that batch
     assert worker.busy_images == 0
     with pytest.raises(WorkerFailure) as info:
         await gone
-    assert info.value.failure.kind == "cancelled"
+    assert info.value.failure.code == "cancelled"
     assert isinstance(kept.exception(), WorkerFailure)
 
 
@@ -69,7 +72,7 @@ async def test_a_heartbeat_settles_only_the_batches_the_worker_finished(worker: 
     dispatch(worker, Heartbeat(batches=1))
     assert first.done() and not second.done()
     assert worker.busy_images == 1
-    assert first.exception().failure.kind == "internal"  # type: ignore[union-attr]  # never cancelled
+    assert first.exception().failure.code == "server_error"  # type: ignore[union-attr]  # never cancelled
 
 
 async def test_a_worker_whose_images_encode_takes_the_next_batch_and_still_answers(
@@ -84,7 +87,7 @@ async def test_a_worker_whose_images_encode_takes_the_next_batch_and_still_answe
     image = RenderedImage(b"png", "image/png", 32, 32, 0)
     dispatch(worker, RenderResult("first", [image, image]))
     assert first.done() and worker.busy_images == 1  # "first" is not counted twice
-    dispatch(worker, Failure(["second"], "internal", "failed"))
+    dispatch(worker, Failure(["second"], "server_error", "failed"))
     assert isinstance(second.exception(), WorkerFailure) and worker.busy_images == 0
 
 

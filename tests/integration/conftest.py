@@ -1,0 +1,18 @@
+"""The integration tests' Engine over the tiny checkpoints: one per test module, as a module's tests share
+its loaded pipelines and caches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.engine import Engine
+from pipelines.specs import SPECS
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_weights: Path) -> Engine:
+    torch.set_num_threads(2)
+    return Engine(SPECS, tiny_weights)
