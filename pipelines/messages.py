@@ -28,6 +28,8 @@ class RenderRequest:
     acceleration: str = "none"  # step caching level (pipelines.acceleration); batches never mix levels
     safety_check: bool = False  # run the safety checker on this request's images (pipelines.safety)
     loras: list[LoraChoice] = field(default_factory=list)  # on top of the model's own adapter (Turbo)
+    mask: bytes | None = None  # as sent (pipelines.masks reads it): the first image is edited inside it
+    strength: float | None = None  # how far the masked area may move from the original; set with a mask
 
     @property
     def n(self) -> int:

@@ -82,6 +82,8 @@ def not_found() -> APIError:
 def _dump(prepared: Prepared, base_url: str) -> str:
     render = dataclasses.asdict(prepared.render)
     render["images"] = [base64.b64encode(image).decode() for image in prepared.render.images]
+    if prepared.render.mask is not None:
+        render["mask"] = base64.b64encode(prepared.render.mask).decode()
     return json.dumps({"render": render, "reply": dataclasses.asdict(prepared.reply), "base_url": base_url})
 
 
@@ -92,6 +94,7 @@ def _load(stored: str, specs: Mapping[str, ModelSpec]) -> tuple[Prepared, str]:
             **data["render"],
             "images": [base64.b64decode(i) for i in data["render"]["images"]],
             "loras": [LoraChoice(**lora) for lora in data["render"].get("loras", [])],
+            "mask": base64.b64decode(data["render"]["mask"]) if data["render"].get("mask") else None,
         }
     )
     return Prepared(render, Reply(**data["reply"]), get_spec(render.model, specs)), data["base_url"]

@@ -215,6 +215,21 @@ def _loras(body: _ImageFields, spec: ModelSpec, weights_dir: Path | None) -> lis
     return resolve_loras(entries, spec.family, spec.id, weights_dir)
 
 
+def _strength(body: _ImageFields, masked: bool, steps: int) -> float | None:
+    """How far a masked area may move: 1 unless given; without a mask there is nothing for it to do."""
+    given: float | None = getattr(body, "strength", None)
+    if not masked:
+        if given is not None:
+            raise InvalidParameter("strength", "strength applies to a masked edit: send a mask with it.")
+        return None
+    strength = 1.0 if given is None else given
+    if int(steps * strength) < 1:  # the denoising runs the last steps x strength steps of the schedule
+        raise InvalidParameter(
+            "strength", f"strength {strength:g} of {steps} steps runs no step: raise one of them."
+        )
+    return strength
+
+
 def build_request(
     body: _ImageFields,
     spec: ModelSpec,
@@ -267,5 +282,7 @@ def build_request(
         acceleration=_acceleration(body, spec),
         safety_check=_safety_check(body, safety_default),
         loras=_loras(body, spec, weights_dir),
+        mask=getattr(body, "mask", None),
+        strength=_strength(body, getattr(body, "mask", None) is not None, steps),
     )
     return request, reply

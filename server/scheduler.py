@@ -40,6 +40,8 @@ def batch_key(request: RenderRequest) -> tuple:
         request.partial_images,
         tuple((lora.key, lora.scale) for lora in request.loras),
         request.acceleration,
+        request.mask is not None,  # each request keeps its own mask; only masked ones share a call
+        request.strength,
     )
 
 
