@@ -147,7 +147,11 @@ def _argument(name: str, value: Any, annotation: str, strict: bool) -> Any:
         raise InvalidParameter(name, f"'{name}' must be a {kind}.") from None
 
 
-def _size(body: _ImageFields, spec: ModelSpec, input_size: tuple[int, int] | None) -> tuple[int, int]:
+def _size(
+    body: _ImageFields, spec: ModelSpec, input_size: tuple[int, int] | None, masked: bool = False
+) -> tuple[int, int]:
+    """The output size. A masked edit keeps its first image's own size unless told otherwise: what the mask
+    keeps comes back as sent only at that size."""
     size = body.size
     if (body.width is None) != (body.height is None):
         missing = "width" if body.width is None else "height"
@@ -162,7 +166,7 @@ def _size(body: _ImageFields, spec: ModelSpec, input_size: tuple[int, int] | Non
         aspect_ratio=body.aspect_ratio,
         resolution=body.resolution,
         input_size=input_size,
-        resolution_mode=body.resolution_mode or "auto",
+        resolution_mode=body.resolution_mode or ("match_input" if masked else "auto"),
     )
 
 
@@ -251,7 +255,8 @@ def build_request(
         if declared is not None and not declared.takes(spec):
             raise InvalidParameter(name, f"'{spec.id}' does not take '{name}'.", "unknown_parameter")
     reply = _reply(body)
-    width, height = _size(body, spec, input_size)
+    mask = getattr(body, "mask", None)
+    width, height = _size(body, spec, input_size, mask is not None)
 
     steps = spec.default_steps if body.num_inference_steps is None else body.num_inference_steps
     if not 1 <= steps <= spec.max_steps:
@@ -282,7 +287,7 @@ def build_request(
         acceleration=_acceleration(body, spec),
         safety_check=_safety_check(body, safety_default),
         loras=_loras(body, spec, weights_dir),
-        mask=getattr(body, "mask", None),
-        strength=_strength(body, getattr(body, "mask", None) is not None, steps),
+        mask=mask,
+        strength=_strength(body, mask is not None, steps),
     )
     return request, reply

@@ -250,6 +250,7 @@ class ImageEditRequest(_ImageFields):
         "with a mask: how far the masked area may move from the original, 1 (the default) repainting it "
         "from noise; a 400 without a mask",
         "fal FLUX inpainting and image-to-image endpoints (strength)",
+        default=1,
         gt=0,
         le=1,
     )
