@@ -1,0 +1,133 @@
+"""Masked edits through a real server, as clients send them: the official SDK's images.edit(image=...,
+mask=...) (streamed too), raw multipart with a mask without alpha, an async job, and the Vercel AI SDK."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+from openai.types import ImageEditCompletedEvent, ImageEditPartialImageEvent
+from PIL import Image
+
+from pipelines.masks import edit_weights
+from tests.e2e.conftest import HTTP, Server
+from tests.e2e.test_clients import NODE, ai_sdk_missing, skip_unless
+from tests.imagery import mask, photo
+
+WIDTH, HEIGHT = 64, 48
+FAST = {"num_inference_steps": 3, "seed": 4}
+MODELS = ["flux.2-dev", "flux.2-dev-turbo", "flux.1-kontext-dev", "flux.1-dev", "flux1.1-pro"]
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+
+def check_kept(image: bytes, mask_png: bytes) -> None:
+    """The answer has the first image's size, every pixel the mask keeps is the input's, the rest changed."""
+    got, sent = pixels(image), pixels(photo(WIDTH, HEIGHT))
+    kept = edit_weights(mask_png) == 0
+    assert got.shape == sent.shape
+    assert np.array_equal(got[kept], sent[kept])
+    assert not np.array_equal(got[~kept], sent[~kept])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_sdk_edit_with_a_mask_keeps_what_the_mask_keeps(client: openai.OpenAI, model: str) -> None:
+    result = client.images.edit(
+        model=model,
+        image=("photo.png", photo(WIDTH, HEIGHT), "image/png"),
+        mask=("mask.png", mask(WIDTH, HEIGHT), "image/png"),
+        prompt="a hat",
+        response_format="b64_json",
+        extra_body=FAST,
+    )
+    assert result.size == f"{WIDTH}x{HEIGHT}"
+    check_kept(base64.b64decode(result.data[0].b64_json or ""), mask(WIDTH, HEIGHT))
+
+
+def test_sdk_streamed_masked_edit_previews_and_ends_with_the_composite(client: openai.OpenAI) -> None:
+    stream = client.images.edit(
+        model="flux.2-dev",
+        image=("photo.png", photo(WIDTH, HEIGHT), "image/png"),
+        mask=("mask.png", mask(WIDTH, HEIGHT), "image/png"),
+        prompt="a hat",
+        stream=True,
+        partial_images=1,
+        extra_body={**FAST, "num_inference_steps": 4},
+    )
+    *partials, last = list(stream)
+    assert [type(event) for event in partials] == [ImageEditPartialImageEvent]
+    assert type(last) is ImageEditCompletedEvent
+    for event in (*partials, last):
+        check_kept(base64.b64decode(event.b64_json), mask(WIDTH, HEIGHT))
+
+
+def test_raw_multipart_mask_without_alpha_is_white_for_edit(server: Server) -> None:
+    white_is_edit = mask(WIDTH, HEIGHT, box=(0, 0, 32, 48), alpha=False)
+    response = HTTP.post(
+        f"{server.url}/v1/images/edits",
+        data={"model": "flux.1-dev", "prompt": "a hat", "response_format": "b64_json", "strength": "0.8", **FAST},
+        files={"image": ("photo.png", photo(WIDTH, HEIGHT), "image/png"), "mask": ("m.png", white_is_edit, "image/png")},
+    )
+    assert response.status_code == 200, response.text
+    check_kept(base64.b64decode(response.json()["data"][0]["b64_json"]), white_is_edit)
+
+
+def test_an_async_masked_job_keeps_its_mask(server: Server) -> None:
+    submitted = HTTP.post(
+        f"{server.url}/v1/images/edits",
+        headers={"Prefer": "respond-async"},
+        data={"model": "flux.1-kontext-dev", "prompt": "a hat", "response_format": "b64_json", **FAST},
+        files={"image": ("photo.png", photo(WIDTH, HEIGHT), "image/png"), "mask": ("m.png", mask(), "image/png")},
+    )
+    assert submitted.status_code == 202, submitted.text
+    deadline = time.monotonic() + 240
+    while (body := HTTP.get(f"{server.url}/v1/images/jobs/{submitted.json()['id']}").json())["status"] not in (
+        "succeeded",
+        "failed",
+    ):
+        assert time.monotonic() < deadline, body
+        time.sleep(0.1)
+    assert body["status"] == "succeeded", body
+    check_kept(base64.b64decode(body["result"]["data"][0]["b64_json"]), mask())
+
+
+def test_models_say_which_inpaint(server: Server) -> None:
+    models = {m["id"]: m for m in HTTP.get(f"{server.url}/v1/models").json()["data"]}
+    assert "inpaint" in models["flux.1-dev"]["modes"] and "edit" not in models["flux.1-dev"]["modes"]
+    assert {"edit", "inpaint"} <= set(models["flux.2-dev"]["modes"])
+
+
+@skip_unless(ai_sdk_missing())
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("provider", ["openai", "compatible"])
+def test_ai_sdk_sends_the_mask(server: Server, tmp_path: Path, provider: str) -> None:
+    (tmp_path / "photo.png").write_bytes(photo(WIDTH, HEIGHT))
+    (tmp_path / "mask.png").write_bytes(mask(WIDTH, HEIGHT))
+    call = {
+        "provider": provider,
+        "model": "flux.2-dev",
+        "prompt": "a hat",
+        "images": [str(tmp_path / "photo.png")],
+        "mask": str(tmp_path / "mask.png"),
+    }
+    if provider == "compatible":
+        call["providerOptions"] = {"fluxd": FAST}
+    done = subprocess.run(
+        ["node", str(NODE / "ai_sdk.mjs"), f"{server.url}/v1", json.dumps(call)],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    assert done.returncode == 0, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    [image] = json.loads(done.stdout)["images"]
+    check_kept(base64.b64decode(image["base64"]), mask(WIDTH, HEIGHT))
