@@ -53,9 +53,10 @@ def test_sdk_edit_with_a_mask_keeps_what_the_mask_keeps(client: openai.OpenAI, m
     check_kept(base64.b64decode(result.data[0].b64_json or ""), mask(WIDTH, HEIGHT))
 
 
-def test_sdk_streamed_masked_edit_previews_and_ends_with_the_composite(client: openai.OpenAI) -> None:
+@pytest.mark.parametrize("model", ["flux.2-dev", "flux.1-kontext-dev", "flux.1-dev"])
+def test_sdk_streamed_masked_edit_previews_and_ends_with_the_composite(client: openai.OpenAI, model: str) -> None:
     stream = client.images.edit(
-        model="flux.2-dev",
+        model=model,
         image=("photo.png", photo(WIDTH, HEIGHT), "image/png"),
         mask=("mask.png", mask(WIDTH, HEIGHT), "image/png"),
         prompt="a hat",

@@ -16,7 +16,7 @@ from pipelines.engine import Engine
 from pipelines.masks import edit_weights
 from pipelines.messages import RenderRequest
 from pipelines.specs import SPECS
-from tests.imagery import mask, photo
+from tests.imagery import mask, photo, png
 
 MASKED_MODELS = sorted(m for m, s in SPECS.items() if "inpaint" in s.modes)
 WIDTH, HEIGHT = 64, 48
@@ -93,3 +93,12 @@ def test_strength_starts_part_way_and_keeps_the_kept_pixels(engine: Engine, mode
     assert np.array_equal(light, again)
     assert not np.array_equal(light, full)
     assert np.array_equal(light[kept], original()[kept])
+
+
+def test_flux2_edits_the_first_image_while_the_others_condition_it(engine: Engine) -> None:
+    kept = edit_weights(mask(WIDTH, HEIGHT)) == 0
+    alone = rendered(engine, [masked("flux.2-dev", 8)])[0]
+    images = [photo(WIDTH, HEIGHT), png(96, 64, (200, 30, 30))]
+    [conditioned] = rendered(engine, [masked("flux.2-dev", 8, images=images)])
+    assert np.array_equal(conditioned[kept], original()[kept])
+    assert not np.array_equal(conditioned, alone)  # the second image took part
