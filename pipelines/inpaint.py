@@ -55,7 +55,7 @@ class Masked:
         return cls(originals, masks, batch[0].strength or 1.0)
 
     def composite(self, images: np.ndarray, rows: list[int] | None = None) -> np.ndarray:
-        """Rendered pixels (images x H x W x 3 uint8) put back onto the originals of `rows` (all by default)."""
+        """Rendered pixels (images x H x W x 3 uint8) put onto the originals of `rows` (by default all)."""
         rows = list(range(len(images))) if rows is None else rows
         return np.stack(
             [
@@ -108,7 +108,9 @@ def _flux2(pipe: Any, kwargs: dict[str, Any], masked: Masked) -> dict[str, Any]:
     first = 1.0
     if start:
         scheduler = copy.deepcopy(pipe.scheduler)
-        scheduler.set_timesteps(sigmas=tail, mu=compute_empirical_mu(shape[2] * shape[3], steps), device="cpu")
+        scheduler.set_timesteps(
+            sigmas=tail, mu=compute_empirical_mu(shape[2] * shape[3], steps), device="cpu"
+        )
         first = float(scheduler.sigmas[0])
     edit = torch.stack([torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0) for m in masked.masks])
     # A latent cell is repainted when any pixel of its patch is: the composite then has generated pixels

@@ -125,7 +125,9 @@ class ModelSpec:
         if "edit" in self.modes or (masked and "inpaint" in self.modes):
             return
         instead = "; send a mask to inpaint" if "inpaint" in self.modes else ""
-        raise InvalidParameter(param, f"'{self.id}' does not edit images; use /v1/images/generations{instead}.")
+        raise InvalidParameter(
+            param, f"'{self.id}' does not edit images; use /v1/images/generations{instead}."
+        )
 
     def check_references(self, count: int, masked: bool = False) -> None:
         """Refuse a number of reference images this model cannot take, naming `image`, before any is read.
@@ -137,7 +139,9 @@ class ModelSpec:
             raise InvalidParameter("image", "At least one image is required.", "missing_required_parameter")
         allowed = max(self.max_references, 1) if masked else self.max_references
         if count > allowed:
-            raise InvalidParameter("image", f"'{self.id}' takes at most {allowed} image(s); {count} were sent.")
+            raise InvalidParameter(
+                "image", f"'{self.id}' takes at most {allowed} image(s); {count} were sent."
+            )
 
     def with_overrides(self, **changes: object) -> ModelSpec:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

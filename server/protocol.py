@@ -240,9 +240,9 @@ class ImageEditRequest(_ImageFields):
     )
     mask: bytes | None = declare(
         "native",
-        "multipart file: a PNG (or JPEG, WebP) of the first image's size; the first image is edited where the "
-        "mask is transparent, or, in a mask without alpha, white; everything else comes back as sent. Other "
-        "images still condition the edit as references (FLUX.2)",
+        "multipart file: a PNG (or JPEG, WebP) of the first image's size; the first image is edited where "
+        "the mask is transparent, or, in a mask without alpha, white; everything else comes back as sent. "
+        "Other images still condition the edit as references (FLUX.2)",
         OPENAI,
     )
     strength: float | None = declare(

@@ -17,7 +17,6 @@ from fastapi import Request
 from starlette.datastructures import MutableHeaders
 
 from pipelines.arguments import PASSTHROUGH
-from pipelines.errors import InvalidParameter
 from pipelines.images import reference_sizes
 from pipelines.masks import check_mask
 from pipelines.messages import Progress, RenderRequest, RenderResult

@@ -26,7 +26,9 @@ def photo(width: int = 64, height: int = 48) -> bytes:
     return buffer.getvalue()
 
 
-def mask(width: int = 64, height: int = 48, box: tuple[int, int, int, int] = (16, 16, 48, 32), alpha: bool = True) -> bytes:
+def mask(
+    width: int = 64, height: int = 48, box: tuple[int, int, int, int] = (16, 16, 48, 32), alpha: bool = True
+) -> bytes:
     """OpenAI's mask: opaque, transparent inside `box` (left, top, right, bottom); without alpha, an L image
     white inside it."""
     buffer = io.BytesIO()

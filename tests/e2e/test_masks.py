@@ -54,7 +54,9 @@ def test_sdk_edit_with_a_mask_keeps_what_the_mask_keeps(client: openai.OpenAI, m
 
 
 @pytest.mark.parametrize("model", ["flux.2-dev", "flux.1-kontext-dev", "flux.1-dev"])
-def test_sdk_streamed_masked_edit_previews_and_ends_with_the_composite(client: openai.OpenAI, model: str) -> None:
+def test_sdk_streamed_masked_edit_previews_and_ends_with_the_composite(
+    client: openai.OpenAI, model: str
+) -> None:
     stream = client.images.edit(
         model=model,
         image=("photo.png", photo(WIDTH, HEIGHT), "image/png"),
@@ -75,8 +77,17 @@ def test_raw_multipart_mask_without_alpha_is_white_for_edit(server: Server) -> N
     white_is_edit = mask(WIDTH, HEIGHT, box=(0, 0, 32, 48), alpha=False)
     response = HTTP.post(
         f"{server.url}/v1/images/edits",
-        data={"model": "flux.1-dev", "prompt": "a hat", "response_format": "b64_json", "strength": "0.8", **FAST},
-        files={"image": ("photo.png", photo(WIDTH, HEIGHT), "image/png"), "mask": ("m.png", white_is_edit, "image/png")},
+        data={
+            "model": "flux.1-dev",
+            "prompt": "a hat",
+            "response_format": "b64_json",
+            "strength": "0.8",
+            **FAST,
+        },
+        files={
+            "image": ("photo.png", photo(WIDTH, HEIGHT), "image/png"),
+            "mask": ("m.png", white_is_edit, "image/png"),
+        },
     )
     assert response.status_code == 200, response.text
     check_kept(base64.b64decode(response.json()["data"][0]["b64_json"]), white_is_edit)
@@ -87,11 +98,16 @@ def test_an_async_masked_job_keeps_its_mask(server: Server) -> None:
         f"{server.url}/v1/images/edits",
         headers={"Prefer": "respond-async"},
         data={"model": "flux.1-kontext-dev", "prompt": "a hat", "response_format": "b64_json", **FAST},
-        files={"image": ("photo.png", photo(WIDTH, HEIGHT), "image/png"), "mask": ("m.png", mask(), "image/png")},
+        files={
+            "image": ("photo.png", photo(WIDTH, HEIGHT), "image/png"),
+            "mask": ("m.png", mask(), "image/png"),
+        },
     )
     assert submitted.status_code == 202, submitted.text
     deadline = time.monotonic() + 240
-    while (body := HTTP.get(f"{server.url}/v1/images/jobs/{submitted.json()['id']}").json())["status"] not in (
+    while (body := HTTP.get(f"{server.url}/v1/images/jobs/{submitted.json()['id']}").json())[
+        "status"
+    ] not in (
         "succeeded",
         "failed",
     ):

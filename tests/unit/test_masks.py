@@ -92,7 +92,9 @@ def test_a_mask_gives_the_first_images_own_size_and_strength_1() -> None:
 def test_strength_without_a_mask_is_a_400() -> None:
     spec = SPECS["flux.2-dev"]
     with pytest.raises(InvalidParameter) as info:
-        build_request(edit_request(spec.id, strength="0.5"), spec, PASSTHROUGH[spec.pipeline_class], [photo()], (64, 48))
+        build_request(
+            edit_request(spec.id, strength="0.5"), spec, PASSTHROUGH[spec.pipeline_class], [photo()], (64, 48)
+        )
     assert info.value.param == "strength"
 
 
@@ -118,7 +120,9 @@ def test_masked_requests_batch_apart_from_plain_ones_and_by_strength() -> None:
     passthrough = PASSTHROUGH[spec.pipeline_class]
 
     def key(**fields: object) -> tuple:
-        render, _ = build_request(edit_request(spec.id, seed="1", **fields), spec, passthrough, [photo()], (64, 48))
+        render, _ = build_request(
+            edit_request(spec.id, seed="1", **fields), spec, passthrough, [photo()], (64, 48)
+        )
         return batch_key(render)
 
     assert key(mask=mask()) == key(mask=mask(box=(0, 0, 8, 8)))  # each keeps its own mask
