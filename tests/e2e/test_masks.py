@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from PIL import Image
 
 from pipelines.masks import edit_weights
 from tests.e2e.conftest import HTTP, Server
-from tests.e2e.test_clients import NODE, ai_sdk_missing, skip_unless
+from tests.e2e.test_clients import ai_sdk, ai_sdk_missing, skip_unless
 from tests.imagery import mask, photo
 
 WIDTH, HEIGHT = 64, 48
@@ -138,13 +136,5 @@ def test_ai_sdk_sends_the_mask(server: Server, tmp_path: Path, provider: str) ->
     }
     if provider == "compatible":
         call["providerOptions"] = {"fluxd": FAST}
-    done = subprocess.run(
-        ["node", str(NODE / "ai_sdk.mjs"), f"{server.url}/v1", json.dumps(call)],
-        capture_output=True,
-        text=True,
-        timeout=540,
-        check=False,
-    )
-    assert done.returncode == 0, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-    [image] = json.loads(done.stdout)["images"]
+    [image] = ai_sdk(server, call)["images"]
     check_kept(base64.b64decode(image["base64"]), mask(WIDTH, HEIGHT))

@@ -17,6 +17,7 @@ from pipelines.masks import edit_weights
 from pipelines.messages import RenderRequest
 from pipelines.specs import SPECS
 from tests.imagery import mask, photo, png
+from tests.integration.test_engine import request
 
 MASKED_MODELS = sorted(m for m, s in SPECS.items() if "inpaint" in s.modes)
 WIDTH, HEIGHT = 64, 48
@@ -29,15 +30,9 @@ def engine(tiny_weights: Path) -> Engine:
 
 
 def masked(model: str, seed: int, **fields) -> RenderRequest:
-    return RenderRequest(
-        id=f"m{seed}-{fields.get('strength', 1.0)}",
-        model=model,
-        prompt=fields.pop("prompt", "a red fox"),
-        width=WIDTH,
-        height=HEIGHT,
-        steps=fields.pop("steps", 3),
-        guidance=SPECS[model].default_guidance,
-        seeds=[seed],
+    return request(
+        model,
+        [seed],
         images=fields.pop("images", [photo(WIDTH, HEIGHT)]),
         mask=fields.pop("mask", mask(WIDTH, HEIGHT)),
         strength=fields.pop("strength", 1.0),
