@@ -9,9 +9,10 @@ much), so the wall-time ratio understates what the same evaluation ratio saves o
 the transformer is nearly all of it. It prints one markdown table and exits 1 when a level misses its
 target (regular at least 1.5x, high at least 2x fewer evaluations).
 
-It also times the safety checker: Falconsai/nsfw_image_detection's architecture (ViT-base at 224 px, from
-transformers' ViTConfig defaults, the checkpoint's own) with random weights, whose cost does not depend on
-the weights' values, on batches of the rendered size.
+It also times a masked edit against a plain one (pipelines/bench_mask.py), and the safety checker:
+Falconsai/nsfw_image_detection's architecture (ViT-base at 224 px, from transformers' ViTConfig defaults,
+the checkpoint's own) with random weights, whose cost does not depend on the weights' values, on batches of
+the rendered size.
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
+    from pipelines import bench_mask
     from pipelines.tiny import write_tiny
     from server.bench_report import cpu_model
 
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows = measure(weights, args.models, (width, height), args.steps, args.repeats)
             safety = measure_safety(Path(scratch), (width, height), max(3, args.repeats))
+            masks = bench_mask.measure(weights, args.models, (width, height), args.steps, args.repeats)
         except Exception as exc:  # the run itself failed: say so and exit 2
             print(f"fluxd bench accel: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 2
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.date.today().isoformat()
     print(format_table(rows, args.steps, f"{width}x{height}", machine, date))
     print(format_safety(safety, f"{width}x{height}"))
+    print(bench_mask.format_table(masks, f"{width}x{height}"))
     failures = missed(rows)
     for failure in failures:
         print(f"missed its target: {failure}", file=sys.stderr)
