@@ -97,3 +97,10 @@ def test_flux2_edits_the_first_image_while_the_others_condition_it(engine: Engin
     [conditioned] = rendered(engine, [masked("flux.2-dev", 8, images=images)])
     assert np.array_equal(conditioned[kept], original()[kept])
     assert not np.array_equal(conditioned, alone)  # the second image took part
+
+
+def test_masked_edits_share_the_prompt_cache_of_their_model(tiny_weights: Path) -> None:
+    cached = Engine(SPECS, tiny_weights, prompt_cache_bytes=64 * 2**20)
+    cached.render([request("flux.1-dev", [1], prompt="a hat")])
+    [result] = cached.render([masked("flux.1-dev", 2, prompt="a hat")])
+    assert result.timings_ms["prompt_cache_hits"] == 1
