@@ -2,8 +2,9 @@
 
 Per model, one edit of the same image with the same seed, plain and with a mask (half the image), each
 through Engine.render as a worker runs it, on the tiny checkpoints; the wall time of the whole render
-(median of --repeats, plain and masked alternating so that both see the same background load). FLUX.1 [dev]
-edits only with a mask, so its plain row is a text-to-image render of the same size. The masked render adds
+(median of --repeats, plain and masked alternating, each going first in every other round, so that
+both see the same background load). FLUX.1 [dev] edits only with a mask, so its plain row is a text-to-image
+render of the same size. The masked render adds
 the original's VAE encode, the per-step blend (FLUX.2) or the inpaint pipeline's own work (FLUX.1, Kontext),
 and the composite; on the tiny checkpoints, whose transformer is nearly free, those weigh far more against a
 step than on a full-size model. The table's ratio is masked over plain.
@@ -73,7 +74,7 @@ def measure(
         plain_images = [picture] if "edit" in spec.modes else []
         times: dict[bool, list[float]] = {False: [], True: []}
         for repeat in range(repeats + 1):  # the first round warms up (loads, from_pipe) and is dropped
-            for masked in (False, True):
+            for masked in (False, True) if repeat % 2 else (True, False):  # neither always goes first
                 request = RenderRequest(
                     id=f"{model}-{masked}-{repeat}",
                     model=model,
