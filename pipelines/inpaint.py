@@ -83,6 +83,7 @@ def _derived(pipe: Any, class_name: str) -> Any:
     derived: dict[str, Any] = pipe.__dict__.setdefault("_fluxd_derived", {})
     if class_name not in derived:
         derived[class_name] = getattr(diffusers, class_name).from_pipe(pipe)
+        derived[class_name].set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
         if "encode_prompt" in vars(pipe):  # the prompt cache's wrapper: both encode with the same encoders
             derived[class_name].encode_prompt = pipe.encode_prompt
     return derived[class_name]
