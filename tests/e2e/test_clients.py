@@ -68,6 +68,7 @@ def ai_sdk(server: Server, call: dict[str, Any]) -> dict[str, Any]:
     assert done.returncode == 0, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     return json.loads(done.stdout)
 
+
 # (call, images it reads as (width, height) PNGs, images expected, their size, requests the SDK makes).
 # @ai-sdk/openai sends only OpenAI's own options, so its calls run Turbo (8 steps by default); for ids it
 # does not know it asks for one image per request. openai-compatible passes providerOptions.fluxd through.
