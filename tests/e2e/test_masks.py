@@ -138,3 +138,23 @@ def test_ai_sdk_sends_the_mask(server: Server, tmp_path: Path, provider: str) ->
         call["providerOptions"] = {"fluxd": FAST}
     [image] = ai_sdk(server, call)["images"]
     check_kept(base64.b64decode(image["base64"]), mask(WIDTH, HEIGHT))
+
+
+@pytest.mark.parametrize(
+    ("model", "lora"), [("flux.1-dev", "tiny-flux1-style"), ("flux.2-dev", "tiny-flux2-style")]
+)
+def test_a_lora_styles_the_masked_area_only(client: openai.OpenAI, model: str, lora: str) -> None:
+    def edit(**extra: object) -> bytes:
+        result = client.images.edit(
+            model=model,
+            image=("photo.png", photo(WIDTH, HEIGHT), "image/png"),
+            mask=("mask.png", mask(WIDTH, HEIGHT), "image/png"),
+            prompt="a hat",
+            response_format="b64_json",
+            extra_body={**FAST, **extra},
+        )
+        return base64.b64decode(result.data[0].b64_json or "")
+
+    styled = edit(loras=[{"path": lora, "scale": 1.0}])
+    check_kept(styled, mask(WIDTH, HEIGHT))
+    assert not np.array_equal(pixels(styled), pixels(edit()))
