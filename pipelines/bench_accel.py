@@ -26,6 +26,10 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.messages import RenderRequest
 
 LEVELS = ("none", "regular", "high")
 TARGETS = {"regular": 1.5, "high": 2.0}
@@ -126,12 +130,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def bench_request(
+    request_id: str, model: str, size: tuple[int, int], steps: int, seed: int, **fields: Any
+) -> RenderRequest:
+    """One image of `model` at `size` with its default guidance, as the benches render it."""
+    from pipelines.messages import RenderRequest
+    from pipelines.specs import SPECS
+
+    return RenderRequest(
+        id=request_id,
+        model=model,
+        prompt="a red fox in the snow",
+        width=size[0],
+        height=size[1],
+        steps=steps,
+        guidance=SPECS[model].default_guidance,
+        seeds=[seed],
+        **fields,
+    )
+
+
 def measure(
     weights: Path, models: Sequence[str], size: tuple[int, int], steps: int, repeats: int
 ) -> list[Row]:
     from pipelines.acceleration import counting
     from pipelines.engine import Engine
-    from pipelines.messages import RenderRequest
     from pipelines.specs import SPECS
 
     engine = Engine(SPECS, weights)
@@ -143,16 +166,8 @@ def measure(
         run_ms: dict[str, list[float]] = {level: [] for level in LEVELS}
         for repeat in range(repeats + 1):  # the first round warms up (allocator, lazy imports) and is dropped
             for level in LEVELS:
-                request = RenderRequest(
-                    id=f"{model}-{level}-{repeat}",
-                    model=model,
-                    prompt="a red fox in the snow",
-                    width=size[0],
-                    height=size[1],
-                    steps=steps,
-                    guidance=spec.default_guidance,
-                    seeds=[repeat],
-                    acceleration=level,
+                request = bench_request(
+                    f"{model}-{level}-{repeat}", model, size, steps, repeat, acceleration=level
                 )
                 with counting(transformer) as counter:
                     [result] = engine.render([request])

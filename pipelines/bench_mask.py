@@ -62,8 +62,8 @@ def _inputs(size: tuple[int, int]) -> tuple[bytes, bytes]:
 def measure(
     weights: Path, models: Sequence[str], size: tuple[int, int], steps: int, repeats: int
 ) -> list[Row]:
+    from pipelines.bench_accel import bench_request
     from pipelines.engine import Engine
-    from pipelines.messages import RenderRequest
     from pipelines.specs import SPECS
 
     engine = Engine(SPECS, weights)
@@ -75,15 +75,12 @@ def measure(
         times: dict[bool, list[float]] = {False: [], True: []}
         for repeat in range(repeats + 1):  # the first round warms up (loads, from_pipe) and is dropped
             for masked in (False, True) if repeat % 2 else (True, False):  # neither always goes first
-                request = RenderRequest(
-                    id=f"{model}-{masked}-{repeat}",
-                    model=model,
-                    prompt="a red fox in the snow",
-                    width=size[0],
-                    height=size[1],
-                    steps=steps,
-                    guidance=spec.default_guidance,
-                    seeds=[repeat],
+                request = bench_request(
+                    f"{model}-{masked}-{repeat}",
+                    model,
+                    size,
+                    steps,
+                    repeat,
                     images=[picture] if masked else plain_images,
                     mask=mask if masked else None,
                     strength=1.0 if masked else None,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import openai
 import pytest
-from openai.types import ImageEditCompletedEvent, ImageEditPartialImageEvent
+from openai.types import ImageEditCompletedEvent, ImageEditPartialImageEvent, ImagesResponse
 from PIL import Image
 
 from pipelines.masks import edit_weights
@@ -37,16 +37,20 @@ def check_kept(image: bytes, mask_png: bytes) -> None:
     assert not np.array_equal(got[~kept], sent[~kept])
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_sdk_edit_with_a_mask_keeps_what_the_mask_keeps(client: openai.OpenAI, model: str) -> None:
-    result = client.images.edit(
+def sdk_edit(client: openai.OpenAI, model: str, **extra: object) -> ImagesResponse:
+    return client.images.edit(
         model=model,
         image=("photo.png", photo(WIDTH, HEIGHT), "image/png"),
         mask=("mask.png", mask(WIDTH, HEIGHT), "image/png"),
         prompt="a hat",
         response_format="b64_json",
-        extra_body=FAST,
+        extra_body={**FAST, **extra},
     )
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_sdk_edit_with_a_mask_keeps_what_the_mask_keeps(client: openai.OpenAI, model: str) -> None:
+    result = sdk_edit(client, model)
     assert result.size == f"{WIDTH}x{HEIGHT}"
     check_kept(base64.b64decode(result.data[0].b64_json or ""), mask(WIDTH, HEIGHT))
 
@@ -145,15 +149,7 @@ def test_ai_sdk_sends_the_mask(server: Server, tmp_path: Path, provider: str) ->
 )
 def test_a_lora_styles_the_masked_area_only(client: openai.OpenAI, model: str, lora: str) -> None:
     def edit(**extra: object) -> bytes:
-        result = client.images.edit(
-            model=model,
-            image=("photo.png", photo(WIDTH, HEIGHT), "image/png"),
-            mask=("mask.png", mask(WIDTH, HEIGHT), "image/png"),
-            prompt="a hat",
-            response_format="b64_json",
-            extra_body={**FAST, **extra},
-        )
-        return base64.b64decode(result.data[0].b64_json or "")
+        return base64.b64decode(sdk_edit(client, model, **extra).data[0].b64_json or "")
 
     styled = edit(loras=[{"path": lora, "scale": 1.0}])
     check_kept(styled, mask(WIDTH, HEIGHT))
