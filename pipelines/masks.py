@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from pipelines.errors import InvalidParameter
-from pipelines.images import _decode_errors, _open
+from pipelines.images import _decode_errors, _open, _upright_size
 
 PARAM = "mask"
 FEATHER_PX = 3  # the blur radius, in output pixels, with which an edit fades in at the mask's border
@@ -36,13 +36,14 @@ def edit_weights(data: bytes) -> np.ndarray:
 def check_mask(data: bytes, size: tuple[int, int]) -> None:
     """Refuse, naming `mask`, a mask that cannot be read, is not `size` (width, height: the first image's
     upright size) or marks nothing to edit."""
-    weights = edit_weights(data)
-    height, width = weights.shape
+    header = _open(data, PARAM)  # the size is checked before any pixel is decoded
+    with header, _decode_errors(PARAM, header.format or "image"):
+        width, height = _upright_size(header)
     if (width, height) != size:
         raise InvalidParameter(
             PARAM, f"'mask' is {width}x{height}; it must have the first image's size, {size[0]}x{size[1]}."
         )
-    if not weights.any():
+    if not edit_weights(data).any():
         raise InvalidParameter(
             PARAM,
             "'mask' marks nothing to edit: transparent pixels (or, in a mask without alpha, white ones) "

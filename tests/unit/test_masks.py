@@ -128,3 +128,9 @@ def test_masked_requests_batch_apart_from_plain_ones_and_by_strength() -> None:
     assert key(mask=mask()) == key(mask=mask(box=(0, 0, 8, 8)))  # each keeps its own mask
     assert key(mask=mask()) != key()
     assert key(mask=mask()) != key(mask=mask(), strength="0.5")
+
+
+def test_a_mask_of_another_size_is_refused_from_its_header_before_decoding() -> None:
+    truncated = encoded(Image.new("L", (4000, 3000), 255))[:200]  # the header holds, the pixels do not
+    with pytest.raises(InvalidParameter, match="is 4000x3000; it must have the first image's size"):
+        check_mask(truncated, (64, 48))
