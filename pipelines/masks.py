@@ -10,11 +10,13 @@ indicate where image should be edited" (OpenAI Images API reference, `mask`). A 
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from pipelines.errors import InvalidParameter
-from pipelines.images import _decode_errors, _open, _upright_size
+from pipelines.images import _decode_errors, _open
 
 PARAM = "mask"
 FEATHER_PX = 3  # the blur radius, in output pixels, with which an edit fades in at the mask's border
@@ -35,20 +37,27 @@ def edit_weights(data: bytes) -> np.ndarray:
 
 def check_mask(data: bytes, size: tuple[int, int]) -> None:
     """Refuse, naming `mask`, a mask that cannot be read, is not `size` (width, height: the first image's
-    upright size) or marks nothing to edit."""
-    header = _open(data, PARAM)  # the size is checked before any pixel is decoded
-    with header, _decode_errors(PARAM, header.format or "image"):
-        width, height = _upright_size(header)
-    if (width, height) != size:
-        raise InvalidParameter(
-            PARAM, f"'mask' is {width}x{height}; it must have the first image's size, {size[0]}x{size[1]}."
-        )
-    if not edit_weights(data).any():
+    upright size) or marks nothing to edit. The header's size is compared before any pixel is decoded (either
+    way round: EXIF may turn the mask a quarter), since the mask is outside the request's pixel budget."""
+    with _open(data, PARAM) as header:
+        stored = header.size
+    if stored not in (size, size[::-1]):
+        _wrong_size(stored, size)
+    weights = edit_weights(data)
+    if weights.shape[::-1] != size:
+        _wrong_size(weights.shape[::-1], size)
+    if not weights.any():
         raise InvalidParameter(
             PARAM,
             "'mask' marks nothing to edit: transparent pixels (or, in a mask without alpha, white ones) "
             "are edited.",
         )
+
+
+def _wrong_size(found: tuple[int, ...], size: tuple[int, int]) -> NoReturn:
+    raise InvalidParameter(
+        PARAM, f"'mask' is {found[0]}x{found[1]}; it must have the first image's size, {size[0]}x{size[1]}."
+    )
 
 
 def mask_image(data: bytes, size: tuple[int, int]) -> Image.Image:
