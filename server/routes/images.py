@@ -134,7 +134,8 @@ async def _read_edit_form(request: Request) -> tuple[ImageEditRequest, list[byte
     "/edits", response_model=ImagesResponse, response_model_exclude_none=True, responses=ASYNC_ANSWER
 )
 async def edit_image(request: Request, response: Response) -> Response | ImagesResponse:
-    """Edit or compose from 1-4 reference images (multipart: `image`, `image[]`), OpenAI `images.edit`."""
+    """Edit or compose from 1-4 reference images (multipart: `image`, `image[]`), OpenAI `images.edit`; with
+    a `mask` file, repaint the first image inside it and keep the rest as sent."""
     body, images = await _read_edit_form(request)
     return await _handle(request, response, body, "image_edit", images)
 
