@@ -8,6 +8,7 @@ import io
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -15,8 +16,9 @@ from openai.types import ImageEditCompletedEvent, ImageEditPartialImageEvent, Im
 from PIL import Image
 
 from pipelines.masks import edit_weights
-from tests.e2e.conftest import HTTP, Server
+from tests.e2e.conftest import HTTP, LONG, Server, metric, wait_until
 from tests.e2e.test_clients import ai_sdk, ai_sdk_missing, skip_unless
+from tests.e2e.test_serving import in_background
 from tests.imagery import mask, photo
 
 WIDTH, HEIGHT = 64, 48
@@ -154,3 +156,34 @@ def test_a_lora_styles_the_masked_area_only(client: openai.OpenAI, model: str, l
     styled = edit(loras=[{"path": lora, "scale": 1.0}])
     check_kept(styled, mask(WIDTH, HEIGHT))
     assert not np.array_equal(pixels(styled), pixels(edit()))
+
+
+def test_masked_requests_queued_together_share_one_call_each_with_its_own_mask(server: Server) -> None:
+    series = 'fluxd_batch_images_{}{{model="flux.1-dev"}}'
+    before = {kind: metric(server, series.format(kind)) for kind in ("count", "sum")}
+    # An async job holds the one worker while both masked edits queue behind it; cancelling it frees it.
+    blocker = HTTP.post(
+        f"{server.url}/v1/images/generations", json=LONG, headers={"Prefer": "respond-async"}
+    ).json()["id"]
+    wait_until(lambda: HTTP.get(f"{server.url}/v1/images/jobs/{blocker}").json()["status"] == "running")
+    masks = [mask(WIDTH, HEIGHT), mask(WIDTH, HEIGHT, box=(0, 0, 32, 48), alpha=False)]
+
+    def edit(mask_png: bytes) -> httpx.Response:
+        return HTTP.post(
+            f"{server.url}/v1/images/edits",
+            data={"model": "flux.1-dev", "prompt": "a hat", "response_format": "b64_json", **FAST},
+            files={
+                "image": ("p.png", photo(WIDTH, HEIGHT), "image/png"),
+                "mask": ("m.png", mask_png, "image/png"),
+            },
+        )
+
+    calls = [in_background(lambda m=m: edit(m)) for m in masks]
+    wait_until(lambda: metric(server, 'fluxd_queue_depth{model="flux.1-dev"}') == 2)
+    HTTP.delete(f"{server.url}/v1/images/jobs/{blocker}")
+    for (thread, out), mask_png in zip(calls, masks, strict=True):
+        thread.join(120)
+        assert out[0].status_code == 200, out[0].text
+        check_kept(base64.b64decode(out[0].json()["data"][0]["b64_json"]), mask_png)
+    assert metric(server, series.format("count")) == before["count"] + 1
+    assert metric(server, series.format("sum")) == before["sum"] + 2
