@@ -9,9 +9,10 @@ much), so the wall-time ratio understates what the same evaluation ratio saves o
 the transformer is nearly all of it. It prints one markdown table and exits 1 when a level misses its
 target (regular at least 1.5x, high at least 2x fewer evaluations).
 
-It also times the safety checker: Falconsai/nsfw_image_detection's architecture (ViT-base at 224 px, from
-transformers' ViTConfig defaults, the checkpoint's own) with random weights, whose cost does not depend on
-the weights' values, on batches of the rendered size.
+It also times a masked edit against a plain one (pipelines/bench_mask.py), and the safety checker:
+Falconsai/nsfw_image_detection's architecture (ViT-base at 224 px, from transformers' ViTConfig defaults,
+the checkpoint's own) with random weights, whose cost does not depend on the weights' values, on batches of
+the rendered size.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.messages import RenderRequest
 
 LEVELS = ("none", "regular", "high")
 TARGETS = {"regular": 1.5, "high": 2.0}
@@ -125,12 +130,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def bench_request(
+    request_id: str, model: str, size: tuple[int, int], steps: int, seed: int, **fields: Any
+) -> RenderRequest:
+    """One image of `model` at `size` with its default guidance, as the benches render it."""
+    from pipelines.messages import RenderRequest
+    from pipelines.specs import SPECS
+
+    return RenderRequest(
+        id=request_id,
+        model=model,
+        prompt="a red fox in the snow",
+        width=size[0],
+        height=size[1],
+        steps=steps,
+        guidance=SPECS[model].default_guidance,
+        seeds=[seed],
+        **fields,
+    )
+
+
 def measure(
     weights: Path, models: Sequence[str], size: tuple[int, int], steps: int, repeats: int
 ) -> list[Row]:
     from pipelines.acceleration import counting
     from pipelines.engine import Engine
-    from pipelines.messages import RenderRequest
     from pipelines.specs import SPECS
 
     engine = Engine(SPECS, weights)
@@ -142,16 +166,8 @@ def measure(
         run_ms: dict[str, list[float]] = {level: [] for level in LEVELS}
         for repeat in range(repeats + 1):  # the first round warms up (allocator, lazy imports) and is dropped
             for level in LEVELS:
-                request = RenderRequest(
-                    id=f"{model}-{level}-{repeat}",
-                    model=model,
-                    prompt="a red fox in the snow",
-                    width=size[0],
-                    height=size[1],
-                    steps=steps,
-                    guidance=spec.default_guidance,
-                    seeds=[repeat],
-                    acceleration=level,
+                request = bench_request(
+                    f"{model}-{level}-{repeat}", model, size, steps, repeat, acceleration=level
                 )
                 with counting(transformer) as counter:
                     [result] = engine.render([request])
@@ -166,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
+    from pipelines import bench_mask
     from pipelines.tiny import write_tiny
     from server.bench_report import cpu_model
 
@@ -179,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows = measure(weights, args.models, (width, height), args.steps, args.repeats)
             safety = measure_safety(Path(scratch), (width, height), max(3, args.repeats))
+            masks = bench_mask.measure(weights, args.models, (width, height), args.steps, args.repeats)
         except Exception as exc:  # the run itself failed: say so and exit 2
             print(f"fluxd bench accel: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 2
@@ -189,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.date.today().isoformat()
     print(format_table(rows, args.steps, f"{width}x{height}", machine, date))
     print(format_safety(safety, f"{width}x{height}"))
+    print(bench_mask.format_table(masks, f"{width}x{height}"))
     failures = missed(rows)
     for failure in failures:
         print(f"missed its target: {failure}", file=sys.stderr)

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipelines import loading
+from pipelines import inpaint, loading
 from pipelines.acceleration import accelerated
 from pipelines.adapters import Adapter, AdapterCache, user_adapters
 from pipelines.encoding import RAW_RGB
 from pipelines.errors import Cancelled, InvalidParameter, ModeUnfit
 from pipelines.families import Family, flux1, flux2
 from pipelines.images import decode_image, fit_reference
+from pipelines.inpaint import Masked
 from pipelines.loras import DEFAULT_CACHE_MB, LoraChoice
 from pipelines.messages import Progress, RenderedImage, RenderRequest, RenderResult
 from pipelines.modes import HEADROOM_BYTES, ResolvedMode, choose_mode
@@ -314,23 +315,25 @@ class Engine:
             for request in batch
         ]
         prompts = [new or request.prompt for request, new in zip(batch, revised, strict=True)]
-        steps = StepReports(batch, family, on_step)
+        masked = None if first.mask is None else Masked.of(batch, first.width, first.height)
+        steps = StepReports(batch, family, on_step, masked)
         started = time.perf_counter()
+        kwargs = {
+            **_inputs(batch, prompts),
+            "width": first.width,
+            "height": first.height,
+            "num_inference_steps": first.steps,
+            "guidance_scale": first.guidance,
+            "output_type": "np",
+            "callback_on_step_end": steps,
+            **family.call_kwargs(spec, pipe, references, first.width, first.height, first.steps),
+        }
+        if masked is not None:
+            pipe, kwargs = inpaint.prepare(spec.family, pipe, kwargs, masked)
         with accelerated(pipe, first.acceleration, first.steps):
-            images = _call(
-                pipe,
-                {
-                    **_inputs(batch, prompts),
-                    "width": first.width,
-                    "height": first.height,
-                    "num_inference_steps": first.steps,
-                    "guidance_scale": first.guidance,
-                    "output_type": "np",
-                    "callback_on_step_end": steps,
-                    **family.call_kwargs(spec, pipe, references, first.width, first.height, first.steps),
-                },
-                first.extra,
-            )
+            images = _call(pipe, kwargs, first.extra)
+        if masked is not None:
+            images = masked.composite(images)
         timings.update(run=(time.perf_counter() - started) * 1000, previews=steps.preview_ms)
         timings["batch_images"] = len(images)
         logger.info(
@@ -365,8 +368,11 @@ class StepReports:
     """The pipeline's step-end callback: after each step a Progress per request, carrying a preview where
     one is due. Raises Cancelled when no request of the batch is wanted any more."""
 
-    def __init__(self, batch: list[RenderRequest], family: Family, on_step: StepHook | None) -> None:
+    def __init__(
+        self, batch: list[RenderRequest], family: Family, on_step: StepHook | None, masked: Masked | None
+    ) -> None:
         self.batch = batch
+        self.masked = masked  # a masked batch's previews show the composite, as its images will
         self.family = family
         self.on_step = on_step
         self.total = batch[0].steps
@@ -399,6 +405,7 @@ class StepReports:
         width, height = self.batch[0].width, self.batch[0].height
         rows = [self.rows[request.id] for request in wanted]
         pixels = to_uint8(self.family.preview(pipeline, latents[rows], width, height))
+        pixels = pixels if self.masked is None else self.masked.composite(pixels, rows)
         self.preview_ms += (time.perf_counter() - started) * 1000
         return {
             request.id: RenderedImage(image.tobytes(), RAW_RGB, width, height, request.seeds[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -13,7 +14,25 @@ from pipelines.loras import LoraChoice
 
 class BatchKey:
     """Marks a RenderRequest field whose value is one for a whole pipeline call: requests that differ in it
-    never share a batch (`Annotated[int, BatchKey]`). The scheduler's batch key is made of these fields."""
+    never share a batch (`Annotated[int, BatchKey]`). The scheduler's batch key is made of these fields.
+    `BatchKey(by=f)` keys on `f(value)` instead, for a field each request keeps its own of but whose kind
+    decides the call (a mask: masked and plain edits run different pipelines)."""
+
+    def __init__(self, by: Callable[[Any], object] | None = None) -> None:
+        self.by = by
+
+    @staticmethod
+    def of(metadata: tuple[object, ...]) -> BatchKey | None:
+        for mark in metadata:
+            if mark is BatchKey:
+                return BatchKey()
+            if isinstance(mark, BatchKey):
+                return mark
+        return None
+
+
+def present(value: object) -> bool:
+    return value is not None
 
 
 @dataclass
@@ -44,6 +63,11 @@ class RenderRequest:
     # How the worker encodes the images (pipelines.encoding); not a batch key: each image is encoded alone.
     output_format: str = "png"
     output_compression: int | None = None
+    # As sent (pipelines.masks reads it): the first image is edited inside it. Each request keeps its own;
+    # only masked requests share a call.
+    mask: Annotated[bytes | None, BatchKey(by=present)] = None
+    # How far the masked area may move from the original (it sets the schedule's start); set with a mask.
+    strength: Annotated[float | None, BatchKey] = None
 
     @property
     def n(self) -> int:
@@ -52,18 +76,26 @@ class RenderRequest:
 
 def batch_fields(request_type: type[RenderRequest]) -> tuple[str, ...]:
     """The fields of `request_type` (RenderRequest or a subclass) marked BatchKey, in declaration order."""
+    return tuple(_batch_keys(request_type))
+
+
+def batch_values(request: RenderRequest) -> list[object]:
+    """What `request` must agree on with another to share its pipeline call: its BatchKey fields' values."""
+    values = [(getattr(request, name), key.by) for name, key in _batch_keys(type(request)).items()]
+    return [value if by is None else by(value) for value, by in values]
+
+
+def _batch_keys(request_type: type[RenderRequest]) -> dict[str, BatchKey]:
     known = _BATCH_FIELDS.get(request_type)
     if known is None:
         hints = typing.get_type_hints(request_type, include_extras=True)
-        known = _BATCH_FIELDS[request_type] = tuple(
-            f.name
-            for f in dataclasses.fields(request_type)
-            if BatchKey in getattr(hints[f.name], "__metadata__", ())
-        )
+        fields = dataclasses.fields(request_type)
+        marks = {f.name: BatchKey.of(getattr(hints[f.name], "__metadata__", ())) for f in fields}
+        known = _BATCH_FIELDS[request_type] = {name: mark for name, mark in marks.items() if mark is not None}
     return known
 
 
-_BATCH_FIELDS: dict[type[RenderRequest], tuple[str, ...]] = {}
+_BATCH_FIELDS: dict[type[RenderRequest], dict[str, BatchKey]] = {}
 
 
 @dataclass

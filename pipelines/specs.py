@@ -18,7 +18,7 @@ Family = Literal["flux2", "flux1", "flux1-kontext"]
 # A loaded diffusers pipeline. DiffusionPipeline's subclasses set their components (transformer, vae, ...) as
 # attributes at run time, which no static type of diffusers declares.
 Pipeline = Any
-Mode = Literal["generate", "edit"]
+Mode = Literal["generate", "edit", "inpaint"]  # inpaint: an edit of the first image inside a mask
 Acceleration = Literal["none", "regular", "high"]  # step caching per request (pipelines.acceleration)
 
 SIZE_MULTIPLE = 16  # VAE downsampling (8) x latent patch size (2), the same for FLUX.1 and FLUX.2.
@@ -120,17 +120,27 @@ class ModelSpec:
             if 1024 * scale <= self.limits.max_side and (1024 * scale) ** 2 <= self.limits.max_pixels
         }
 
-    def check_references(self, count: int) -> None:
+    def check_edits(self, masked: bool, param: str) -> None:
+        """Refuse an edit this model does not make, naming `param`: one that only inpaints needs a mask."""
+        if "edit" in self.modes or (masked and "inpaint" in self.modes):
+            return
+        instead = "; send a mask to inpaint" if "inpaint" in self.modes else ""
+        raise InvalidParameter(
+            param, f"'{self.id}' does not edit images; use /v1/images/generations{instead}."
+        )
+
+    def check_references(self, count: int, masked: bool = False) -> None:
         """Refuse a number of reference images this model cannot take, naming `image`, before any is read.
         Their sizes are never refused: the worker fits each into `min_reference_side` and
-        `max_reference_aspect` (pipelines.images.fit_reference)."""
-        if "edit" not in self.modes:
-            raise InvalidParameter("image", f"'{self.id}' does not edit images; use /v1/images/generations.")
+        `max_reference_aspect` (pipelines.images.fit_reference). With a mask the first image is the one
+        edited, which a model that only inpaints takes too."""
+        self.check_edits(masked, "image")
         if not count:
             raise InvalidParameter("image", "At least one image is required.", "missing_required_parameter")
-        if count > self.max_references:
+        allowed = max(self.max_references, 1) if masked else self.max_references
+        if count > allowed:
             raise InvalidParameter(
-                "image", f"'{self.id}' takes at most {self.max_references} image(s); {count} were sent."
+                "image", f"'{self.id}' takes at most {allowed} image(s); {count} were sent."
             )
 
     def with_overrides(self, **changes: object) -> ModelSpec:
@@ -167,7 +177,7 @@ SPECS: dict[str, ModelSpec] = {
             title="FLUX.2 [dev]",
             repo_id="black-forest-labs/FLUX.2-dev",
             pipeline_class="Flux2Pipeline",
-            modes=frozenset({"generate", "edit"}),
+            modes=frozenset({"generate", "edit", "inpaint"}),
             default_steps=28,
             default_guidance=4.0,
             defaults_source="28 steps and acceleration 'regular': fal's FLUX.2 [dev] endpoint (the provider "
@@ -185,7 +195,7 @@ SPECS: dict[str, ModelSpec] = {
             title="FLUX.2 [dev] Turbo",
             repo_id="black-forest-labs/FLUX.2-dev",
             pipeline_class="Flux2Pipeline",
-            modes=frozenset({"generate", "edit"}),
+            modes=frozenset({"generate", "edit", "inpaint"}),
             default_steps=8,
             default_guidance=2.5,
             defaults_source="fal/FLUX.2-dev-Turbo model card: 8 steps, guidance 2.5, its 8 custom sigmas",
@@ -209,7 +219,7 @@ SPECS: dict[str, ModelSpec] = {
             title="FLUX.1 Kontext [dev]",
             repo_id="black-forest-labs/FLUX.1-Kontext-dev",
             pipeline_class="FluxKontextPipeline",
-            modes=frozenset({"generate", "edit"}),
+            modes=frozenset({"generate", "edit", "inpaint"}),
             default_steps=28,
             default_guidance=2.5,
             defaults_source="28 steps: diffusers FluxKontextPipeline default; "
@@ -224,7 +234,7 @@ SPECS: dict[str, ModelSpec] = {
             title="FLUX.1 [dev]",
             repo_id="black-forest-labs/FLUX.1-dev",
             pipeline_class="FluxPipeline",
-            modes=frozenset({"generate"}),
+            modes=frozenset({"generate", "inpaint"}),
             default_steps=28,
             default_guidance=3.5,
             defaults_source="diffusers FluxPipeline defaults (28 steps, guidance 3.5)",
@@ -237,7 +247,7 @@ SPECS: dict[str, ModelSpec] = {
             title="FLUX1.1 [pro] (served by FLUX.1 [dev]: the pro weights are closed)",
             repo_id=None,
             pipeline_class="FluxPipeline",
-            modes=frozenset({"generate"}),
+            modes=frozenset({"generate", "inpaint"}),
             default_steps=28,
             default_guidance=3.5,
             defaults_source="alias of flux.1-dev: its defaults",

@@ -147,7 +147,11 @@ def _argument(name: str, value: Any, annotation: str, strict: bool) -> Any:
         raise InvalidParameter(name, f"'{name}' must be a {kind}.") from None
 
 
-def _size(body: _ImageFields, spec: ModelSpec, input_size: tuple[int, int] | None) -> tuple[int, int]:
+def _size(
+    body: _ImageFields, spec: ModelSpec, input_size: tuple[int, int] | None, masked: bool = False
+) -> tuple[int, int]:
+    """The output size. A masked edit keeps its first image's own size unless told otherwise: what the mask
+    keeps comes back as sent only at that size."""
     size = body.size
     if (body.width is None) != (body.height is None):
         missing = "width" if body.width is None else "height"
@@ -162,7 +166,7 @@ def _size(body: _ImageFields, spec: ModelSpec, input_size: tuple[int, int] | Non
         aspect_ratio=body.aspect_ratio,
         resolution=body.resolution,
         input_size=input_size,
-        resolution_mode=body.resolution_mode or "auto",
+        resolution_mode=body.resolution_mode or ("match_input" if masked else "auto"),
     )
 
 
@@ -215,6 +219,21 @@ def _loras(body: _ImageFields, spec: ModelSpec, weights_dir: Path | None) -> lis
     return resolve_loras(entries, spec.family, spec.id, weights_dir)
 
 
+def _strength(body: _ImageFields, masked: bool, steps: int) -> float | None:
+    """How far a masked area may move: 1 unless given; without a mask there is nothing for it to do."""
+    given: float | None = getattr(body, "strength", None)
+    if not masked:
+        if given is not None:
+            raise InvalidParameter("strength", "strength applies to a masked edit: send a mask with it.")
+        return None
+    strength = 1.0 if given is None else given
+    if int(steps * strength) < 1:  # the denoising runs the last steps x strength steps of the schedule
+        raise InvalidParameter(
+            "strength", f"strength {strength:g} of {steps} steps runs no step: raise one of them."
+        )
+    return strength
+
+
 def build_request(
     body: _ImageFields,
     spec: ModelSpec,
@@ -236,7 +255,8 @@ def build_request(
         if declared is not None and not declared.takes(spec):
             raise InvalidParameter(name, f"'{spec.id}' does not take '{name}'.", "unknown_parameter")
     reply = _reply(body)
-    width, height = _size(body, spec, input_size)
+    mask = getattr(body, "mask", None)
+    width, height = _size(body, spec, input_size, mask is not None)
 
     steps = spec.default_steps if body.num_inference_steps is None else body.num_inference_steps
     if not 1 <= steps <= spec.max_steps:
@@ -269,5 +289,7 @@ def build_request(
         loras=_loras(body, spec, weights_dir),
         output_format=reply.output_format,
         output_compression=reply.compression,
+        mask=mask,
+        strength=_strength(body, mask is not None, steps),
     )
     return request, reply

@@ -63,7 +63,7 @@ class Parameter:
     model_default: str | None = None
 
     def takes(self, spec: ModelSpec) -> bool:
-        if self.routes == ("edits",) and "edit" not in spec.modes:
+        if self.routes == ("edits",) and not spec.modes & {"edit", "inpaint"}:
             return False
         return self.families is None or spec.family in self.families
 

@@ -255,7 +255,22 @@ class ImageEditRequest(_ImageFields):
         "reference image(s), multipart `image` or `image[]`: PNG, JPEG or WebP, detected from the bytes",
         OPENAI,
     )
-    mask: bytes | None = declare("accepted", "a 400 naming mask: no served model inpaints", OPENAI)
+    mask: bytes | None = declare(
+        "native",
+        "multipart file: a PNG (or JPEG, WebP) of the first image's size; the first image is edited where "
+        "the mask is transparent, or, in a mask without alpha, white; everything else comes back as sent. "
+        "Other images still condition the edit as references (FLUX.2)",
+        OPENAI,
+    )
+    strength: float | None = declare(
+        "native",
+        "with a mask: how far the masked area may move from the original, 1 (the default) repainting it "
+        "from noise; a 400 without a mask",
+        "fal FLUX inpainting and image-to-image endpoints (strength)",
+        default=1,
+        gt=0,
+        le=1,
+    )
 
     @field_validator("loras", mode="before")
     @classmethod

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from pipelines.messages import Progress, RenderRequest, RenderResult, batch_fields
+from pipelines.messages import Progress, RenderRequest, RenderResult, batch_values
 from pipelines.specs import ModelSpec
 from pipelines.wire import canonical
 from server.errors import APIError
@@ -28,8 +28,7 @@ logger = logging.getLogger(__name__)
 def batch_key(request: RenderRequest) -> bytes:
     """Requests with equal keys can share one pipeline call: they agree on every field their declaration
     marks BatchKey (pipelines/messages.py)."""
-    values = [getattr(request, name) for name in batch_fields(type(request))]
-    return hashlib.sha256(canonical(values)).digest()
+    return hashlib.sha256(canonical(batch_values(request))).digest()
 
 
 @dataclass

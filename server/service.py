@@ -18,8 +18,8 @@ from fastapi import Request
 from starlette.datastructures import MutableHeaders
 
 from pipelines.arguments import PASSTHROUGH
-from pipelines.errors import InvalidParameter
 from pipelines.images import reference_sizes
+from pipelines.masks import check_mask
 from pipelines.messages import Progress, RenderedImage, RenderRequest, RenderResult
 from pipelines.specs import ModelSpec, get_spec
 from server.config import Settings
@@ -101,10 +101,12 @@ class ImageService:
                 weights_dir=self.settings.weights_dir,
             )
             return Prepared(render, reply, spec)
-        if "edit" not in spec.modes:
-            raise InvalidParameter("model", f"'{spec.id}' does not edit images; use /v1/images/generations.")
-        spec.check_references(len(images))
+        mask = getattr(body, "mask", None)
+        spec.check_edits(mask is not None, "model")
+        spec.check_references(len(images), masked=mask is not None)
         sizes = await asyncio.to_thread(reference_sizes, images)
+        if mask is not None:
+            await asyncio.to_thread(check_mask, mask, sizes[0])
         render, reply = build_request(
             body,
             spec,

@@ -118,15 +118,13 @@ async def _read_edit_form(request: Request) -> tuple[ImageEditRequest, list[byte
             if key in ("image", "image[]"):
                 images.append(await value.read())
             elif key == "mask":
-                raise InvalidParameter(
-                    "mask", "No served model inpaints: send the image and a prompt without a mask."
-                )
+                if "mask" in fields:
+                    raise InvalidParameter("mask", "Send one mask: it applies to the first image.")
+                fields["mask"] = await value.read()
             else:
                 raise InvalidParameter(key, f"Unexpected file field '{key}'.", "unknown_parameter")
         elif key == "mask":
-            raise InvalidParameter(
-                "mask", "No served model inpaints: send the image and a prompt without a mask."
-            )
+            raise InvalidParameter("mask", "'mask' must be sent as a file (a PNG of the first image's size).")
         elif key in LORA_FORM_FIELDS:
             # The SDK flattens extra_body={"loras": [...]} to loras[][path], loras[][scale] per entry, in
             # order: a name the last entry already has opens the next one.
@@ -154,7 +152,8 @@ async def _read_edit_form(request: Request) -> tuple[ImageEditRequest, list[byte
     "/edits", response_model=ImagesResponse, response_model_exclude_none=True, responses=ASYNC_ANSWER
 )
 async def edit_image(request: Request, response: Response) -> Response | ImagesResponse:
-    """Edit or compose from 1-4 reference images (multipart: `image`, `image[]`), OpenAI `images.edit`."""
+    """Edit or compose from 1-4 reference images (multipart: `image`, `image[]`), OpenAI `images.edit`; with
+    a `mask` file, repaint the first image inside it and keep the rest as sent."""
     body, images = await _read_edit_form(request)
     return await _handle(request, response, body, "image_edit", images)
 
@@ -171,4 +170,6 @@ async def create_variation(request: Request, response: Response) -> Response | I
         )
     if len(images) > 1:
         raise InvalidParameter("image", "Variations take one image; use /v1/images/edits for several.")
+    if body.mask is not None:
+        raise InvalidParameter("mask", "Variations take no mask; use /v1/images/edits to inpaint.")
     return await _handle(request, response, body, "image_edit", images, prompt_required=False)

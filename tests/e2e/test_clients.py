@@ -55,6 +55,20 @@ def size_of(data: bytes) -> tuple[int, int]:
 
 # ---- Vercel AI SDK (Node) ------------------------------------------------------------------------------
 
+
+def ai_sdk(server: Server, call: dict[str, Any]) -> dict[str, Any]:
+    """One generateImage call through tests/e2e/node/ai_sdk.mjs, and what it printed."""
+    done = subprocess.run(
+        ["node", str(NODE / "ai_sdk.mjs"), f"{server.url}/v1", json.dumps(call)],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    assert done.returncode == 0, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    return json.loads(done.stdout)
+
+
 # (call, images it reads as (width, height) PNGs, images expected, their size, requests the SDK makes).
 # @ai-sdk/openai sends only OpenAI's own options, so its calls run Turbo (8 steps by default); for ids it
 # does not know it asks for one image per request. openai-compatible passes providerOptions.fluxd through.
@@ -125,15 +139,7 @@ def test_ai_sdk_generate_image(server: Server, tmp_path: Path, case: str) -> Non
     call = {"prompt": "a red fox in the snow", "images": paths, **call}
     if call["provider"] == "compatible":
         call["providerOptions"] = {"fluxd": {**FAST, "seed": 3}}
-    done = subprocess.run(
-        ["node", str(NODE / "ai_sdk.mjs"), f"{server.url}/v1", json.dumps(call)],
-        capture_output=True,
-        text=True,
-        timeout=540,
-        check=False,
-    )
-    assert done.returncode == 0, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-    result = json.loads(done.stdout)
+    result = ai_sdk(server, call)
     images = [base64.b64decode(image["base64"]) for image in result["images"]]
     assert len(images) == count and len(set(images)) == count
     assert all(size_of(image) == size for image in images)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.e2e.conftest import HTTP, Server, metric
-from tests.imagery import png
+from tests.imagery import mask, png
 
 FAST = {"num_inference_steps": 2}
 
@@ -125,7 +125,24 @@ EDIT_CASES = [
     ({"image": ("a.png", png()[:50], "image/png")}, {}, "image"),
     ({"image": ("a.png", bomb(), "image/png")}, {}, "image"),
     ({"image": ("a.gif", b"GIF89a" + b"\0" * 20, "image/gif")}, {}, "image"),
-    ({"image": ("a.png", png(), "image/png"), "mask": ("m.png", png(mode="RGBA"), "image/png")}, {}, "mask"),
+    ({"image": ("a.png", png(), "image/png"), "mask": ("m.png", mask(32, 32), "image/png")}, {}, "mask"),
+    (
+        {"image": ("a.png", png(), "image/png"), "mask": ("m.png", mask(box=(0, 0, 0, 0)), "image/png")},
+        {},
+        "mask",
+    ),
+    (
+        {"image": ("a.png", png(), "image/png"), "mask": ("m.png", b"\x89PNG\r\n\x1a\n", "image/png")},
+        {},
+        "mask",
+    ),
+    ({"image": ("a.png", png(), "image/png")}, {"mask": "transparent"}, "mask"),
+    ({"image": ("a.png", png(), "image/png")}, {"strength": "0.5"}, "strength"),
+    (
+        {"image": ("a.png", png(), "image/png"), "mask": ("m.png", mask(64, 64), "image/png")},
+        {"strength": "1.5"},
+        "strength",
+    ),
     ({"image": ("a.png", png(), "image/png")}, {"model": "flux.1-dev"}, "model"),
     ({"image": ("a.png", png(), "image/png")}, {"n": "eleven"}, "n"),
     ({"image": ("a.png", png(), "image/png")}, {"input_fidelity": "max"}, "input_fidelity"),

@@ -29,3 +29,11 @@ def test_the_table_has_a_row_per_level_against_none() -> None:
     assert "| flux.2-dev | regular | 16 | 1.75x | 300 | 1.33x |" in table
     assert "| flux.2-dev | high | 13 | 2.15x | 250 | 1.60x |" in table
     assert table.startswith("`fluxd bench accel`, 2026-12-02, a CPU")
+
+
+def test_the_mask_table_gives_masked_over_plain() -> None:
+    from pipelines.bench_mask import Row as MaskRow
+    from pipelines.bench_mask import format_table as mask_table
+
+    table = mask_table([MaskRow("flux.1-dev", 400.0, 500.0)], "256x256")
+    assert "| flux.1-dev | 400 | 500 | 1.25x |" in table

@@ -34,10 +34,10 @@ from server.service import Prepared
 BASE = RenderRequest("r", "flux.2-dev", "a lighthouse", 64, 64, 4, 4.0, [7])
 
 
-def other(value: Any) -> Any:
-    """A value of `value`'s type that differs from it."""
-    if value is None:  # an optional number (output_compression)
-        return 50
+def other(value: Any, declared: str = "") -> Any:
+    """A value of `value`'s type (`declared`, the field's annotation, where `value` is None) that differs."""
+    if value is None:
+        return b"\x01mask" if "bytes" in declared else 0.5 if "float" in declared else 50
     if isinstance(value, bool):
         return not value
     if isinstance(value, int | float):
@@ -54,7 +54,7 @@ def other(value: Any) -> Any:
 def every_field_set(request_type: type[RenderRequest] = RenderRequest) -> RenderRequest:
     """A request whose every field, enumerated from the declaration, differs from its default."""
     base = request_type(**dataclasses.asdict(BASE))
-    values = {f.name: other(getattr(base, f.name)) for f in dataclasses.fields(request_type)}
+    values = {f.name: other(getattr(base, f.name), str(f.type)) for f in dataclasses.fields(request_type)}
     values["model"] = "flux.2-dev-turbo"  # another model the job table can resolve
     values["images"] = [b"\x89PNG\x00\xff", b"\x00"]
     values["seeds"] = [1, 2**32 - 1]
@@ -70,7 +70,7 @@ def test_every_field_flagged_batch_key_separates_batches_and_no_other_does() -> 
         if f.name == "loras":
             changed = dataclasses.replace(BASE, loras=[LoraChoice("s", "/s.safetensors", 1.0, "k")])
         else:
-            changed = dataclasses.replace(BASE, **{f.name: other(getattr(BASE, f.name))})
+            changed = dataclasses.replace(BASE, **{f.name: other(getattr(BASE, f.name), str(f.type))})
         separates = batch_key(changed) != batch_key(BASE)
         assert separates == (f.name in flagged), f.name
 
@@ -84,21 +84,27 @@ def test_a_lora_at_another_scale_and_dict_order_are_told_apart_rightly() -> None
     assert batch_key(one) != batch_key(dataclasses.replace(one, loras=[dataclasses.replace(lora, scale=0.5)]))
 
 
+def test_masked_requests_share_a_call_each_with_its_own_mask() -> None:
+    masked = dataclasses.replace(BASE, mask=b"one mask", strength=0.8)
+    assert batch_key(dataclasses.replace(masked, mask=b"another mask")) == batch_key(masked)
+    assert batch_key(masked) != batch_key(dataclasses.replace(masked, mask=None, strength=None))
+
+
 @dataclass
-class WithStrength(RenderRequest):
+class WithPromptStrength(RenderRequest):
     """A render field added as the next issues add theirs: declared once, nowhere else."""
 
-    strength: Annotated[float, BatchKey] = 1.0
+    image_prompt_strength: Annotated[float, BatchKey] = 1.0
     caption: str = ""
 
 
 def test_a_new_batch_separating_field_needs_no_edit_elsewhere() -> None:
-    assert batch_fields(WithStrength)[-1] == "strength"
-    base = WithStrength(**dataclasses.asdict(BASE))
-    assert batch_key(dataclasses.replace(base, strength=0.5)) != batch_key(base)
+    assert batch_fields(WithPromptStrength)[-1] == "image_prompt_strength"
+    base = WithPromptStrength(**dataclasses.asdict(BASE))
+    assert batch_key(dataclasses.replace(base, image_prompt_strength=0.5)) != batch_key(base)
     assert batch_key(dataclasses.replace(base, caption="x")) == batch_key(base)
-    full = every_field_set(WithStrength)
-    assert from_json(to_json(full), WithStrength) == full
+    full = every_field_set(WithPromptStrength)
+    assert from_json(to_json(full), WithPromptStrength) == full
 
 
 def test_the_serialiser_keeps_every_field_over_the_pipe_and_in_the_job_table() -> None:
@@ -114,7 +120,10 @@ def test_the_serialiser_keeps_every_field_over_the_pipe_and_in_the_job_table() -
     "message",
     [
         RenderResult(
-            "r", [RenderedImage(bytes(range(256)) * 3, "image/png", 16, 16, 1, False, None)], "rev", {"run": 1.5}
+            "r",
+            [RenderedImage(bytes(range(256)) * 3, "image/png", 16, 16, 1, False, None)],
+            "rev",
+            {"run": 1.5},
         ),
         Progress("r", 2, 4, RenderedImage(b"\x00" * 12, "image/png", 2, 2, 5)),
         Failure(["a", "b"], "invalid_value", "bad", "size"),
@@ -149,6 +158,7 @@ def test_a_job_row_stored_before_the_serialiser_loads() -> None:
     reply = Reply("webp", 80, None, True, "high", "opaque", False)
     render = dataclasses.asdict(request)
     render["images"] = [base64.b64encode(image).decode() for image in request.images]
+    render["mask"] = base64.b64encode(request.mask or b"").decode()
     stored = json.dumps({"render": render, "reply": dataclasses.asdict(reply), "base_url": "http://x"})
     loaded, base_url = _load(stored, SPECS)
     assert (loaded.render, loaded.reply, base_url) == (request, reply, "http://x")

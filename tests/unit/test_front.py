@@ -193,7 +193,9 @@ def test_models_publish_the_declared_parameters(tmp_path: Path) -> None:
         assert kontext["normalisation"]["num_inference_steps"]["default"] == 28
         assert kontext["normalisation"]["cfg_scale"]["behaviour"] == "renamed"
         dev = (await client.get("/v1/models/flux.1-dev")).json()
-        assert "image" not in dev["parameters"] and "image" not in dev["normalisation"]
+        # FLUX.1 [dev] edits only with a mask: it takes the edit fields, and says so in its modes.
+        assert {"image", "mask", "strength"} <= set(dev["parameters"]) and "inpaint" in dev["modes"]
+        assert "input_fidelity" in dev["normalisation"]
         json.dumps(kontext)
 
     run(tmp_path, check)

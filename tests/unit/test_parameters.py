@@ -47,6 +47,11 @@ def test_a_new_parameter_is_one_declaration() -> None:
 
 def test_models_take_what_their_modes_allow() -> None:
     assert "image" in DECLARATIONS.taken_by(SPECS["flux.2-dev"])
-    assert "image" not in DECLARATIONS.taken_by(SPECS["flux.1-dev"])
+    # FLUX.1 [dev] edits only inside a mask: it takes the edit fields, and the 400 without a mask is the
+    # edit route's (tests/unit/test_masks.py).
+    assert {"image", "mask", "strength"} <= set(DECLARATIONS.taken_by(SPECS["flux.1-dev"]))
+    assert "mask" not in DECLARATIONS.taken_by(
+        SPECS["flux.1-dev"].with_overrides(modes=frozenset({"generate"}))
+    )
     steps = DECLARATIONS.normalisation(SPECS["flux.2-dev-turbo"])["num_inference_steps"]
     assert steps["default"] == 8 and steps["behaviour"] == "native"

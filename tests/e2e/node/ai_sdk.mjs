@@ -1,5 +1,5 @@
 // The Vercel AI SDK's generateImage as its users call it, for tests/e2e/test_clients.py.
-// node ai_sdk.mjs BASE_URL '{"provider": "openai" | "compatible", "model", "prompt", "images": [paths], ...}'
+// node ai_sdk.mjs BASE_URL '{"provider": "openai" | "compatible", "model", "prompt", "images": [paths], "mask": path, ...}'
 // prints {"images": [{"base64", "mediaType"}], "calls": <requests made>, "warnings": [...]} on one line.
 import { readFileSync } from "node:fs";
 
@@ -16,10 +16,11 @@ const model =
     ? createOpenAI({ baseURL, apiKey }).image(call.model)
     : createOpenAICompatible({ name: "fluxd", baseURL, apiKey }).imageModel(call.model);
 const images = (call.images ?? []).map((path) => readFileSync(path));
+const mask = call.mask ? { mask: readFileSync(call.mask) } : {};
 
 const result = await generateImage({
   model,
-  prompt: images.length ? { images, text: call.prompt } : call.prompt,
+  prompt: images.length ? { images, text: call.prompt, ...mask } : call.prompt,
   n: call.n,
   size: call.size,
   providerOptions: call.providerOptions,
