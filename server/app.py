@@ -22,11 +22,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipelines.encoding import CONTENT_TYPES
-from pipelines.messages import WorkerConfig
-from pipelines.specs import ModelSpec
-from server.config import Settings
-from server.errors import (
+from pipelines.contract.encoding import CONTENT_TYPES
+from pipelines.contract.messages import WorkerConfig
+from pipelines.contract.specs import ModelSpec
+from server.declarations.errors import (
     APIError,
     BodyTooLarge,
     answer_unexpected,
@@ -34,17 +33,18 @@ from server.errors import (
     error_response,
     install_error_handlers,
 )
-from server.job_service import JobService
-from server.metrics import Metrics
-from server.openapi import install_openapi
-from server.pool import MakePool
-from server.registry import requested_modes, served_specs
-from server.routes import files, health, images, jobs, loras, models
-from server.scheduler import Scheduler
-from server.service import ImageService
-from server.store import ImageStore
-from server.webhooks import Webhooks
-from server.workers import Liveness, WorkerPool
+from server.declarations.settings import Settings
+from server.dispatch.local_pool import Liveness, WorkerPool
+from server.dispatch.pool import MakePool
+from server.dispatch.scheduler import Scheduler
+from server.front.metrics import Metrics
+from server.front.openapi import install_openapi
+from server.front.registry import requested_modes, served_specs
+from server.front.routes import files, health, images, jobs, loras, models
+from server.front.service import ImageService
+from server.front.store import ImageStore
+from server.jobs.service import JobService
+from server.jobs.webhooks import Webhooks
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -156,8 +156,8 @@ def create_app(
     specs: dict[str, ModelSpec] | None = None,
 ) -> FastAPI:
     """The app; `make_pool(configs, liveness, on_restart)` builds what runs the renders (the spawned workers,
-    the Ray Serve replicas of server/ray_app.py, or a test's stand-in for the process boundary); `specs`, the
-    models served (default: those whose weights are in --weights-dir here)."""
+    the Ray Serve replicas of server/dispatch/ray_app.py, or a test's stand-in for the process boundary);
+    `specs`, the models served (default: those whose weights are in --weights-dir here)."""
     app = FastAPI(
         title="fluxd",
         summary="FLUX image generation behind the OpenAI Images API",

@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipelines.tiny import write_tiny
+    from pipelines.tools.tiny import write_tiny
 
     root = tmp_path_factory.mktemp("weights")
     write_tiny(root)

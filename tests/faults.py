@@ -1,4 +1,4 @@
-"""Worker entry points for tests: the real worker loop (`pipelines.worker.main`) with one fault added.
+"""Worker entry points for tests: the real worker loop (`pipelines.engine.worker.main`) with one fault added.
 
 A test server names one with FLUXD_WORKER_ENTRY, e.g. `tests.faults:error_after_step_2`. Each runs in the
 spawned worker process, so what it patches there stays there; production code carries no fault switch.
@@ -11,15 +11,15 @@ from collections.abc import Callable
 from multiprocessing.queues import Queue
 from typing import Any
 
-from pipelines import worker
-from pipelines.messages import Progress, RenderRequest, WorkerConfig
+from pipelines.contract.messages import Progress, RenderRequest, WorkerConfig
+from pipelines.engine import worker
 
 Fault = Callable[[list[RenderRequest], Progress], None]
 
 
 def _after_step(step: int, fault: Fault) -> None:
     """Every render calls `fault` once a request reported `step`, after the report went out."""
-    from pipelines.engine import Engine, StepHook
+    from pipelines.engine.engine import Engine, StepHook
 
     render = Engine.render
 

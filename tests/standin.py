@@ -1,10 +1,9 @@
 """A stand-in for the worker pool, for in-process tests of the HTTP front.
 
-StandInPool is a Pool and StandInHandle a Worker (server/pool.py): what server/scheduler.py, server/routes
-and the app's lifespan call. It stands in for the process boundary only: the tests that render pixels use
-the real workers (tests/e2e). Each submitted batch is recorded and answered when the test says so, with
-flat grey images.
-"""
+StandInPool is a Pool and StandInHandle a Worker (server/dispatch/pool.py): what server/dispatch/scheduler.py,
+server/front/routes and the app's lifespan call. It stands in for the process boundary only: the tests that
+render pixels use the real workers (tests/e2e). Each submitted batch is recorded and answered when the test
+says so, with flat grey images. """
 
 from __future__ import annotations
 
@@ -14,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.encoding import RAW_RGB, encoded
-from pipelines.messages import RenderedImage, RenderRequest, RenderResult, WorkerConfig
+from pipelines.contract.encoding import RAW_RGB, encoded
+from pipelines.contract.messages import RenderedImage, RenderRequest, RenderResult, WorkerConfig
 
 
 @dataclass

@@ -95,7 +95,7 @@ def serve_command(weights: Path, tmp: Path, port: int, *extra: str) -> list[str]
     return [
         sys.executable,
         "-m",
-        "server.cli",
+        "server.tools.cli",
         "serve",
         "--demo",
         "--weights-dir",

@@ -6,13 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.bench_front import CONCURRENCY, FORMATS, PNG_LEVELS, RESPONSES
+from server.tools.bench_front import CONCURRENCY, FORMATS, PNG_LEVELS, RESPONSES
 
 
 def test_bench_front_quick_measures_every_format_response_and_concurrency(tmp_path: Path) -> None:
     out = tmp_path / "front.md"
     done = subprocess.run(
-        [sys.executable, "-m", "server.cli", "bench", "front", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "server.tools.cli", "bench", "front", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,

@@ -1,6 +1,6 @@
 """`fluxd serve --demo` as the README has a user run it: the console script, its banner, an SDK image.
 
-These tests start the installed `fluxd` entry point rather than `python -m server.cli`, so a broken
+These tests start the installed `fluxd` entry point rather than `python -m server.tools.cli`, so a broken
 `[project.scripts]` line fails here first.
 """
 
@@ -21,7 +21,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from server.store import SUBFOLDER
+from server.front.store import SUBFOLDER
 from tests.e2e.conftest import Server, free_port, launch, stop_server
 
 DEMO_SIZE = (256, 256)  # README: "Demo models default to 256x256"

@@ -16,7 +16,7 @@ import httpx
 import jsonschema
 import pytest
 
-from pipelines.loras import FOLDER
+from pipelines.contract.lora_catalog import FOLDER
 from tests.damaged_loras import DAMAGES, write_damaged
 from tests.e2e import test_async_jobs, test_loras_served
 from tests.e2e.conftest import HTTP, Server, start_server, stop_server, wait_until
@@ -113,7 +113,7 @@ def test_damaged_files_are_listed_unusable_and_the_rest_served(served: Server, d
     assert all(f"{damage}.safetensors" in reasons[damage] for damage in DAMAGES)
     assert generate(served, loras=[{"path": LORA}]).status_code == 200
 
-    command = [sys.executable, "-m", "server.cli", "weights", "list", "--dir", str(damaged)]
+    command = [sys.executable, "-m", "server.tools.cli", "weights", "list", "--dir", str(damaged)]
     listed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
@@ -127,7 +127,7 @@ def test_damaged_files_are_listed_unusable_and_the_rest_served(served: Server, d
 
 
 def start_up_error(*flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "server.cli", "serve", *flags]
+    command = [sys.executable, "-m", "server.tools.cli", "serve", *flags]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FLUXD_")}
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env={**clean, **(env or {})})
 

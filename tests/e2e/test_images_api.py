@@ -11,7 +11,7 @@ import openai
 import pytest
 from PIL import Image
 
-from pipelines.specs import SPECS
+from pipelines.contract.specs import SPECS
 from tests.e2e.conftest import HTTP, Server
 from tests.imagery import png as png_bytes
 
@@ -274,5 +274,5 @@ def test_passthrough_in_an_edit_arrives_as_text_and_is_parsed(client: openai.Ope
 def test_torch_stays_out_of_the_http_process() -> None:
     import subprocess
 
-    code = "import sys, server.app, server.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, server.app, server.tools.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from server.jobs import DATABASE
+from server.jobs.table import DATABASE
 from tests.e2e.conftest import HTTP, LONG, start_server, stop_server, wait_until
 from tests.e2e.test_async_jobs import ended, job, submit, wait_for
 from tests.e2e.test_store import tmpfs

@@ -16,12 +16,12 @@ import openai
 import pytest
 from PIL import Image
 
-from pipelines.loras import FOLDER
+from pipelines.contract.lora_catalog import FOLDER
 from tests.e2e.conftest import HTTP, Server, start_server, stop_server, wait_until
 from tests.e2e.test_serving import LONG, batches, generate, idle, in_background, pixels
 from tests.imagery import png
 
-FLUX2_LORA = "tiny-flux2-style"  # written by `fluxd weights tiny` (pipelines/tiny.py)
+FLUX2_LORA = "tiny-flux2-style"  # written by `fluxd weights tiny` (pipelines/tools/tiny.py)
 FLUX1_LORA = "tiny-flux1-style"
 FAST = {"size": "64x64", "response_format": "b64_json"}
 

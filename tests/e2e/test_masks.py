@@ -15,7 +15,7 @@ import pytest
 from openai.types import ImageEditCompletedEvent, ImageEditPartialImageEvent, ImagesResponse
 from PIL import Image
 
-from pipelines.masks import edit_weights
+from pipelines.contract.masks import edit_weights
 from tests.e2e.conftest import HTTP, LONG, Server, metric, wait_until
 from tests.e2e.test_clients import ai_sdk, ai_sdk_missing, skip_unless
 from tests.e2e.test_serving import in_background

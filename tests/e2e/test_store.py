@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from server.store import SUBFOLDER
+from server.front.store import SUBFOLDER
 from tests.e2e.conftest import HTTP, Server, start_server, stop_server, wait_until
 from tests.imagery import png
 

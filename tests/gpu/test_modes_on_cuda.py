@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.engine import Engine
-from pipelines.modes import ResolvedMode
-from pipelines.specs import SPECS
+from pipelines.contract.modes import ResolvedMode
+from pipelines.contract.specs import SPECS
+from pipelines.engine.engine import Engine
 from tests.integration.test_engine import pixels, request
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

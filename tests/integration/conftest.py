@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.engine import Engine
-from pipelines.specs import SPECS
+from pipelines.contract.specs import SPECS
+from pipelines.engine.engine import Engine
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ from contextlib import nullcontext
 import numpy as np
 import pytest
 
-from pipelines.acceleration import counting, full_evaluations
-from pipelines.engine import Engine
-from pipelines.messages import RenderRequest
-from pipelines.specs import SPECS
+from pipelines.contract.messages import RenderRequest
+from pipelines.contract.specs import SPECS
+from pipelines.engine.acceleration import counting, full_evaluations
+from pipelines.engine.engine import Engine
 from tests.imagery import png
 
 STEPS = 28
@@ -51,7 +51,7 @@ def render(engine: Engine, req: RenderRequest) -> tuple[np.ndarray, float, str]:
 def without_step_caching(engine: Engine, req: RenderRequest, monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
     """The render before step caching existed: no cache config, no hook, not even the context manager."""
     with monkeypatch.context() as patched:
-        patched.setattr("pipelines.engine.accelerated", lambda *_: nullcontext())
+        patched.setattr("pipelines.engine.engine.accelerated", lambda *_: nullcontext())
         pixels, evaluations, _ = render(engine, req)
     assert evaluations == STEPS
     return pixels

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.arguments import PASSTHROUGH, passthrough_signatures, served_pipeline_classes
-from pipelines.engine import Engine, pipeline_bytes
-from pipelines.errors import InvalidParameter, WeightsMissing
-from pipelines.messages import Progress, RenderRequest
-from pipelines.specs import SPECS, TURBO_SIGMAS
+from pipelines.contract.arguments import PASSTHROUGH, served_pipeline_classes
+from pipelines.contract.errors import InvalidParameter, WeightsMissing
+from pipelines.contract.messages import Progress, RenderRequest
+from pipelines.contract.specs import SPECS, TURBO_SIGMAS
+from pipelines.engine.engine import Engine, pipeline_bytes
+from pipelines.tools.signatures import passthrough_signatures
 from tests.imagery import png
 
 STEPS = 3
@@ -183,7 +184,7 @@ def test_bad_passthrough_value_names_the_parameter(engine: Engine) -> None:
 def test_the_declared_passthrough_arguments_are_those_of_the_installed_diffusers() -> None:
     installed = passthrough_signatures(served_pipeline_classes())
     assert installed == PASSTHROUGH, (
-        "diffusers changed: rewrite the declaration with python -m pipelines.arguments"
+        "diffusers changed: rewrite the declaration with python -m pipelines.tools.signatures"
     )
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.engine import Engine
-from pipelines.errors import InvalidParameter
-from pipelines.families import flux2
-from pipelines.messages import RenderRequest, RenderResult
-from pipelines.specs import SPECS
+from pipelines.contract.errors import InvalidParameter
+from pipelines.contract.messages import RenderRequest, RenderResult
+from pipelines.contract.specs import SPECS
+from pipelines.engine.engine import Engine
+from pipelines.engine.families import flux2
 from tests.imagery import png
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.engine import Engine
-from pipelines.masks import edit_weights
-from pipelines.messages import RenderRequest
-from pipelines.specs import SPECS
+from pipelines.contract.masks import edit_weights
+from pipelines.contract.messages import RenderRequest
+from pipelines.contract.specs import SPECS
+from pipelines.engine.engine import Engine
 from tests.imagery import mask, photo, png
 from tests.integration.test_engine import request
 
@@ -42,7 +42,7 @@ def masked(model: str, seed: int, **fields) -> RenderRequest:
 
 def rendered(engine: Engine, batch: list[RenderRequest]) -> list[np.ndarray]:
     return [
-        np.frombuffer(image.pixels, np.uint8).reshape(image.height, image.width, 3).astype(int)
+        np.frombuffer(image.data, np.uint8).reshape(image.height, image.width, 3).astype(int)
         for result in engine.render(batch)
         for image in result.images
     ]

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipelines.engine import Engine
-from pipelines.errors import InvalidParameter
-from pipelines.loras import FOLDER, LoraChoice, inspect, resolve
-from pipelines.messages import RenderRequest
-from pipelines.specs import SPECS
-from pipelines.tiny import LORA_LAYOUTS, build_flux1, build_flux2, lora_state_dict
+from pipelines.contract.errors import InvalidParameter
+from pipelines.contract.lora_catalog import FOLDER, LoraChoice, inspect, resolve
+from pipelines.contract.messages import RenderRequest
+from pipelines.contract.specs import SPECS
+from pipelines.engine.engine import Engine
+from pipelines.tools.tiny import LORA_LAYOUTS, build_flux1, build_flux2, lora_state_dict
 from tests.imagery import png
 from tests.integration.test_engine import base_storage, pixels, request
 from tests.integration.test_run_modes import CPU

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.engine import FAMILIES, Engine, preview_steps, to_uint8
-from pipelines.messages import Progress, RenderRequest
-from pipelines.specs import SPECS
+from pipelines.contract.messages import Progress, RenderRequest
+from pipelines.contract.specs import SPECS
+from pipelines.engine.engine import FAMILIES, Engine, preview_steps, to_uint8
 from tests.imagery import png
 
 FAMILY_MODELS = ["flux.2-dev", "flux.1-dev", "flux.1-kontext-dev"]
@@ -153,7 +153,7 @@ def test_at_full_size_a_preview_costs_a_fraction_of_a_step(family: str, steps: i
     relative to a default run."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipelines.synthetic import build_components
+    from pipelines.tools.synthetic import build_components
 
     models = build_components(family, None, torch.float32)
     transformer, vae = models["transformer"], models["vae"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.engine import Engine
-from pipelines.specs import SPECS
+from pipelines.contract.specs import SPECS
+from pipelines.engine.engine import Engine
 from tests.integration.test_engine import pixels, request
 
 MB = 2**20

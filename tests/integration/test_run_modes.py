@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import loading
-from pipelines.engine import Engine, tensor_bytes
-from pipelines.errors import InvalidParameter, ModeUnfit
-from pipelines.modes import ResolvedMode
-from pipelines.specs import SPECS
-from pipelines.synthetic import build_meta
+from pipelines.contract.errors import InvalidParameter, ModeUnfit
+from pipelines.contract.modes import ResolvedMode
+from pipelines.contract.specs import SPECS
+from pipelines.engine import loading
+from pipelines.engine.engine import Engine, tensor_bytes
+from pipelines.tools.synthetic import build_meta
 from tests.imagery import png
 from tests.integration.test_engine import pixels, request
 

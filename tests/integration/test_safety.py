@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.engine import Engine
-from pipelines.messages import RenderRequest, RenderResult
-from pipelines.safety import NOT_CHECKED, SafetyChecker
-from pipelines.specs import SPECS
-from pipelines.tiny import write_safety_checker
+from pipelines.contract.messages import RenderRequest, RenderResult
+from pipelines.contract.specs import SPECS
+from pipelines.engine.engine import Engine
+from pipelines.engine.safety import NOT_CHECKED, SafetyChecker
+from pipelines.tools.tiny import write_safety_checker
 
 
 @pytest.fixture(scope="module")

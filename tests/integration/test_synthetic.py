@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import synthetic
-from pipelines.modes import FOOTPRINTS
-from pipelines.synthetic import FAMILY_COMPONENTS, RECIPES, build_meta, materialise
+from pipelines.contract.modes import FOOTPRINTS
+from pipelines.tools import synthetic
+from pipelines.tools.synthetic import FAMILY_COMPONENTS, RECIPES, build_meta, materialise
 
 parameter_count = functools.cache(synthetic.parameter_count)
 
@@ -236,7 +236,9 @@ def test_the_bench_quantises_the_repeated_blocks() -> None:
 
 
 def test_importing_synthetic_and_bench_leaves_torch_out() -> None:
-    code = "import sys, pipelines.synthetic, pipelines.bench_gpu; assert 'torch' not in sys.modules"
+    code = (
+        "import sys, pipelines.tools.synthetic, pipelines.tools.bench_gpu; assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
@@ -250,7 +252,7 @@ def test_the_bench_prepares_a_mode_as_serve_places_it(
 ) -> None:
     from torchao.quantization import Float8Tensor
 
-    from pipelines.modes import ResolvedMode
+    from pipelines.contract.modes import ResolvedMode
 
     mode = ResolvedMode("resident", transformer, "bfloat16", offload, False, 0, "test")  # type: ignore[arg-type]
     pipe = synthetic.synthetic_pipeline(
@@ -267,9 +269,9 @@ def test_the_bench_prepares_a_mode_as_serve_places_it(
 
 
 def test_the_engine_serves_synthetic_weights_turbo_included(tiny_weights: Path) -> None:
-    from pipelines.engine import Engine, SyntheticWeights
-    from pipelines.messages import RenderRequest
-    from pipelines.specs import SPECS
+    from pipelines.contract.messages import RenderRequest
+    from pipelines.contract.specs import SPECS
+    from pipelines.engine.engine import Engine, SyntheticWeights
 
     engine = Engine(
         SPECS, tiny_weights / "absent", synthetic=SyntheticWeights(tiny_weights, SMALL, lora_rank=2)
@@ -288,9 +290,9 @@ def test_the_engine_serves_synthetic_weights_turbo_included(tiny_weights: Path) 
 def test_the_bench_times_turbo_unfused_then_without_its_lora(tiny_weights: Path, precision: str) -> None:
     import argparse
 
-    from pipelines.bench_gpu import measure
-    from pipelines.modes import ResolvedMode
-    from pipelines.specs import SPECS
+    from pipelines.contract.modes import ResolvedMode
+    from pipelines.contract.specs import SPECS
+    from pipelines.tools.bench_gpu import measure
 
     # float8: peft could not merge into the quantised base, so the fused row used to fail there.
     mode = ResolvedMode("resident", precision, "bfloat16", "none", False, 0, "test")

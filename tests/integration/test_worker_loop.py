@@ -10,10 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.encoding import RAW_RGB
-from pipelines.engine import Engine
-from pipelines.messages import Failure, Progress, Rendered, RenderedImage, RenderRequest, RenderResult
-from pipelines.worker import serve
+from pipelines.contract.encoding import RAW_RGB
+from pipelines.contract.messages import (
+    Failure,
+    Progress,
+    Rendered,
+    RenderedImage,
+    RenderRequest,
+    RenderResult,
+)
+from pipelines.engine.engine import Engine
+from pipelines.engine.worker import serve
 
 
 def request(request_id: str, model: str = "flux.2-dev", **fields) -> RenderRequest:

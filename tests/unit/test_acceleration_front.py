@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipelines.messages import RenderRequest
-from server.scheduler import batch_key
+from pipelines.contract.messages import RenderRequest
+from server.dispatch.scheduler import batch_key
 from tests.standin import StandInHandle
 from tests.unit.test_front import BODY, queued, run, until
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines.arguments import PASSTHROUGH, SET_BY_FLUXD, served_pipeline_classes
+from pipelines.contract.arguments import PASSTHROUGH, SET_BY_FLUXD, served_pipeline_classes
 
 
 def test_every_served_pipeline_class_is_declared() -> None:

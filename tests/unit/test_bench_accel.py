@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipelines.acceleration import full_evaluations
-from pipelines.bench_accel import Row, format_table, missed
+from pipelines.engine.acceleration import full_evaluations
+from pipelines.tools.bench_accel import Row, format_table, missed
 
 
 def rows(regular: float, high: float) -> list[Row]:
@@ -32,8 +32,8 @@ def test_the_table_has_a_row_per_level_against_none() -> None:
 
 
 def test_the_mask_table_gives_masked_over_plain() -> None:
-    from pipelines.bench_mask import Row as MaskRow
-    from pipelines.bench_mask import format_table as mask_table
+    from pipelines.tools.bench_mask import Row as MaskRow
+    from pipelines.tools.bench_mask import format_table as mask_table
 
     table = mask_table([MaskRow("flux.1-dev", 400.0, 500.0)], "256x256")
     assert "| flux.1-dev | 400 | 500 | 1.25x |" in table

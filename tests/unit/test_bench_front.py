@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from server.bench_front import Cell, ceiling_gpus, format_report, process_cpu_s
+from server.tools.bench_front import Cell, ceiling_gpus, format_report, process_cpu_s
 
 
 def test_the_ceiling_counts_turbo_gpus_one_core_keeps_up_with() -> None:

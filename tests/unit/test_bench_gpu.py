@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines import bench_gpu
-from pipelines.bench_gpu import Row, StepFlops, floor_seconds, flops_for, format_table, parse_size
-from pipelines.synthetic import load_config
+from pipelines.tools import bench_gpu
+from pipelines.tools.bench_gpu import Row, StepFlops, floor_seconds, flops_for, format_table, parse_size
+from pipelines.tools.synthetic import load_config
 
 TFLOP = 1e12
 

@@ -16,11 +16,11 @@ from typing import Any, cast
 import httpx
 import pytest
 
-from pipelines.specs import SPECS
-from server import bench, bench_report, cli
-from server.bench_report import Measured, Outcome, Row, Soak, Tally, Throughput
-from server.normalize import build_request
-from server.protocol import ImageGenerationRequest
+from pipelines.contract.specs import SPECS
+from server.declarations.protocol import ImageGenerationRequest
+from server.front.normalize import build_request
+from server.tools import bench, bench_report, cli
+from server.tools.bench_report import Measured, Outcome, Row, Soak, Tally, Throughput
 
 STATUS = """Name:\tpython
 State:\tS (sleeping)
@@ -293,7 +293,7 @@ def test_cli_routes_bench_serve_with_its_arguments(monkeypatch: pytest.MonkeyPat
 
 
 def test_importing_the_bench_leaves_torch_out() -> None:
-    code = "import sys, server.bench; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, server.tools.bench; sys.exit(1 if 'torch' in sys.modules else 0)"
 
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

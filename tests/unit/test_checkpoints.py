@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.checkpoints import verify
-from pipelines.specs import SPECS
+from pipelines.contract.specs import SPECS
+from pipelines.tools.checkpoints import verify
 
 
 def fluxd(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """`fluxd ARGS` in a child process: huggingface_hub reads HF_HUB_OFFLINE only when it is imported."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("FLUXD_", "HF_"))} | (env or {})
-    command = [sys.executable, "-m", "server.cli", *args]
+    command = [sys.executable, "-m", "server.tools.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, env=environ, timeout=timeout)
 
 

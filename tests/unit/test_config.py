@@ -11,9 +11,9 @@ import pytest
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import SettingsError
 
-from pipelines.specs import SPECS
-from server import cli, registry
-from server.config import (
+from pipelines.contract import presence
+from pipelines.contract.specs import SPECS
+from server.declarations.settings import (
     DEFAULT_CACHE,
     Settings,
     cli_flags,
@@ -22,7 +22,9 @@ from server.config import (
     problems,
     readme_with_settings_table,
 )
-from server.registry import configured_specs, served_specs
+from server.front import registry
+from server.front.registry import configured_specs, served_specs
+from server.tools import cli
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -43,7 +45,7 @@ def checkpoint(folder: Path) -> Path:
 @pytest.fixture(autouse=True)
 def no_hub_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     # Presence also counts the Hugging Face cache; this machine's cache must not decide what is served here.
-    monkeypatch.setattr(registry, "_in_hub_cache", lambda repo_id, filename: False)
+    monkeypatch.setattr(presence, "_in_hub_cache", lambda repo_id, filename: False)
 
 
 @pytest.fixture(autouse=True)
@@ -265,8 +267,8 @@ def test_every_setting_has_a_row_in_readme() -> None:
 def test_readme_settings_table_is_the_generated_one() -> None:
     text = README.read_text()
     assert readme_with_settings_table(text) == text, (
-        "README's Settings table differs from the settings in server/config.py: "
-        "run `python -m server.config README.md`"
+        "README's Settings table differs from the settings in server/declarations/settings.py: "
+        "run `python -m server.declarations.settings README.md`"
     )
 
 

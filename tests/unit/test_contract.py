@@ -10,9 +10,9 @@ from typing import Annotated, Any
 
 import pytest
 
-from pipelines.errors import ErrorCode
-from pipelines.loras import LoraChoice
-from pipelines.messages import (
+from pipelines.contract.errors import ErrorCode
+from pipelines.contract.lora_catalog import LoraChoice
+from pipelines.contract.messages import (
     BatchKey,
     Failure,
     Progress,
@@ -22,14 +22,21 @@ from pipelines.messages import (
     RenderResult,
     batch_fields,
 )
-from pipelines.specs import SPECS
-from pipelines.wire import decode_batch, decode_message, encode_batch, encode_message, from_json, to_json
-from server.errors import KINDS, APIError, to_api_error
-from server.job_service import _dump, _load
-from server.normalize import Reply
-from server.pool import WorkerFailure
-from server.scheduler import batch_key
-from server.service import Prepared
+from pipelines.contract.specs import SPECS
+from pipelines.contract.wire import (
+    decode_batch,
+    decode_message,
+    encode_batch,
+    encode_message,
+    from_json,
+    to_json,
+)
+from server.declarations.errors import KINDS, APIError, to_api_error
+from server.dispatch.pool import WorkerFailure
+from server.dispatch.scheduler import batch_key
+from server.front.normalize import Reply
+from server.front.service import Prepared
+from server.jobs.service import _dump, _load
 
 BASE = RenderRequest("r", "flux.2-dev", "a lighthouse", 64, 64, 4, 4.0, [7])
 
@@ -142,10 +149,10 @@ def test_every_error_code_has_one_kind_and_a_worker_failure_keeps_its_code() -> 
 
 
 def test_a_worker_setting_has_its_default_only_in_the_settings() -> None:
-    from pipelines.messages import WorkerConfig
+    from pipelines.contract.messages import WorkerConfig
 
     defaulted = [f.name for f in dataclasses.fields(WorkerConfig) if f.default is not dataclasses.MISSING]
-    assert defaulted == [], "declare the default on the setting in server.config.Settings"
+    assert defaulted == [], "declare the default on the setting in server.declarations.settings.Settings"
     assert not [f for f in dataclasses.fields(WorkerConfig) if f.default_factory is not dataclasses.MISSING]
 
 

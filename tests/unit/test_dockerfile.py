@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import Settings
+from server.declarations.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile.cuda"

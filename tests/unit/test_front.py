@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import httpx
 
 from server.app import create_app
-from server.config import Settings
+from server.declarations.settings import Settings
 from tests.standin import StandInHandle, StandInPool
 
 Check = Callable[[httpx.AsyncClient, StandInHandle], Awaitable[None]]

@@ -7,8 +7,8 @@ import io
 import pytest
 from PIL import Image
 
-from pipelines.errors import InvalidParameter
-from pipelines.images import decode_image, fit_reference, sniff_format
+from pipelines.contract.errors import InvalidParameter
+from pipelines.contract.images import decode_image, fit_reference, sniff_format
 
 
 def encode(fmt: str, size: tuple[int, int] = (40, 30), mode: str = "RGB") -> bytes:

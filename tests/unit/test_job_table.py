@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.jobs import JobTable, NewJob, StoreLocked
+from server.jobs.table import JobTable, NewJob, StoreLocked
 
 
 def new(job_id: str, owner: str = "a") -> NewJob:

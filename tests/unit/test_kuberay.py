@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from server.config import Settings
+from server.declarations.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "deploy" / "kuberay" / "rayservice.yaml"

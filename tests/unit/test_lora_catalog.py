@@ -1,4 +1,5 @@
-"""The front's LoRA checks (pipelines/loras.py), torch-free: names stay in the LoRA folder, headers are read
+"""The front's LoRA checks (pipelines/contract/lora_catalog.py), torch-free: names stay in the LoRA folder,
+headers are read
 without tensors, families are told apart from metadata, key names and fused-layer shapes."""
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from pipelines.errors import InvalidParameter
-from pipelines.loras import FOLDER, catalog, inspect, locate, resolve
+from pipelines.contract.errors import InvalidParameter
+from pipelines.contract.lora_catalog import FOLDER, catalog, inspect, locate, resolve
 from tests.damaged_loras import DAMAGES, write_damaged
 
 
@@ -138,11 +139,11 @@ def test_a_repo_in_the_hugging_face_cache_is_found_and_listed(
 
 def test_an_async_job_keeps_its_loras_through_the_job_table(tmp_path: Path) -> None:
     """Async jobs store their resolved request as JSON: the LoRAs come back as what the worker loads."""
-    from pipelines.specs import SPECS
-    from server.job_service import _dump, _load
-    from server.normalize import build_request
-    from server.protocol import ImageGenerationRequest
-    from server.service import Prepared
+    from pipelines.contract.specs import SPECS
+    from server.declarations.protocol import ImageGenerationRequest
+    from server.front.normalize import build_request
+    from server.front.service import Prepared
+    from server.jobs.service import _dump, _load
 
     lora(tmp_path / FOLDER / "one.safetensors", FLUX2_BFL)
     body = ImageGenerationRequest(prompt="x", loras=[{"path": "one", "scale": 0.5}])

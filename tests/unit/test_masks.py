@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.arguments import PASSTHROUGH
-from pipelines.errors import InvalidParameter
-from pipelines.masks import FEATHER_PX, check_mask, composite, edit_weights, mask_image
-from pipelines.specs import SPECS
-from server.normalize import build_request
-from server.protocol import ImageEditRequest
-from server.scheduler import batch_key
+from pipelines.contract.arguments import PASSTHROUGH
+from pipelines.contract.errors import InvalidParameter
+from pipelines.contract.masks import FEATHER_PX, check_mask, composite, edit_weights, mask_image
+from pipelines.contract.specs import SPECS
+from server.declarations.protocol import ImageEditRequest
+from server.dispatch.scheduler import batch_key
+from server.front.normalize import build_request
 from tests.imagery import mask, photo, png
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from pipelines.specs import SPECS
-from server.parameters import Declarations, declare
-from server.protocol import DECLARATIONS, ImageEditRequest, ImageGenerationRequest
+from pipelines.contract.specs import SPECS
+from server.declarations.parameters import Declarations, declare
+from server.declarations.protocol import DECLARATIONS, ImageEditRequest, ImageGenerationRequest
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

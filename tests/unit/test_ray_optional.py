@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from server.config import Settings, load_settings
+from server.declarations.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_http_side_imports_neither_ray_nor_torch() -> None:
     code = (
-        "import sys, server.cli, server.bench; from server.app import create_app; "
-        "from server.config import Settings; create_app(Settings()); "
+        "import sys, server.tools.cli, server.tools.bench; from server.app import create_app; "
+        "from server.declarations.settings import Settings; create_app(Settings()); "
         "bad = [m for m in ('ray', 'torch') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from pipelines.schedules import resample_sigmas
-from pipelines.specs import TURBO_SIGMAS
+from pipelines.contract.schedules import resample_sigmas
+from pipelines.contract.specs import TURBO_SIGMAS
 
 
 def test_the_published_count_gives_the_published_sigmas_exactly() -> None:

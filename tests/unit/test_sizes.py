@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.errors import InvalidParameter
-from pipelines.sizes import fit, resolve_size, snap
-from pipelines.specs import SIZES_1K_KONTEXT, SPECS
+from pipelines.contract.errors import InvalidParameter
+from pipelines.contract.sizes import fit, resolve_size, snap
+from pipelines.contract.specs import SIZES_1K_KONTEXT, SPECS
 
 FLUX2 = SPECS["flux.2-dev"]
 KONTEXT = SPECS["flux.1-kontext-dev"]

@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from server.app import create_app
-from server.config import Settings
-from server.store import SUBFOLDER, ImageStore
+from server.declarations.settings import Settings
+from server.front.store import SUBFOLDER, ImageStore
 
 
 def counting(calls: Counter, name: str, function: Callable, folder: Path) -> Callable:

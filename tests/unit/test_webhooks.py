@@ -9,10 +9,11 @@ from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook
 from starlette.requests import Request
 
-from pipelines.errors import InvalidParameter
-from server.config import load_settings
-from server.job_headers import wants_async
-from server.webhooks import Webhooks, secret_key, sign
+from pipelines.contract.errors import InvalidParameter
+from server.declarations.settings import load_settings
+from server.declarations.webhook_targets import secret_key
+from server.jobs.headers import wants_async
+from server.jobs.webhooks import Webhooks, sign
 
 SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
 ALLOW = ["https://hooks.lan:9000/fluxd", "http://127.0.0.1:8765/"]

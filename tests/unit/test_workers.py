@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pipelines.messages import (
+from pipelines.contract.messages import (
     Failure,
     Heartbeat,
     Progress,
@@ -18,9 +18,9 @@ from pipelines.messages import (
     RenderResult,
 )
 from server.app import worker_configs
-from server.config import Settings
-from server.pool import WorkerFailure
-from server.workers import Liveness, WorkerHandle
+from server.declarations.settings import Settings
+from server.dispatch.local_pool import Liveness, WorkerHandle
+from server.dispatch.pool import WorkerFailure
 
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin runs the async tests
 
