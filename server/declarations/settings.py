@@ -4,28 +4,22 @@ pydantic-settings derives the rest from each field: the `fluxd serve` flag (keba
 from `json_schema_extra={"flag": ...}`), the `FLUXD_*` environment variable and the TOML key; `--help` and
 README's Settings table are generated from the descriptions. Flags override the environment, which overrides
 the TOML file (`--config`), which overrides the defaults. Adding a setting is adding a field (with its
-description), then `python -m server.declarations.settings README.md` to regenerate README's table.
+description), then `python -m server.declarations.settings_readme README.md` to regenerate README's table.
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
-import json
 import os
-import re
-import sys
 import tomllib
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Self, get_args, get_origin
+from typing import Any, Literal, Self, get_origin
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -33,7 +27,6 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
-    CliSettingsSource,
     EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -44,7 +37,7 @@ from pydantic_settings import (
 from pipelines.contract.lora_catalog import DEFAULT_CACHE_MB
 from pipelines.contract.messages import WORKER_ENTRY
 from pipelines.contract.modes import Mode
-from server.declarations.webhook_targets import allow_list, masked, secret_key
+from server.declarations.webhook_targets import allow_list, secret_key
 
 ENV_PREFIX = "FLUXD_"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluxd"
@@ -385,125 +378,3 @@ class _TomlFile(PydanticBaseSettingsSource):
             return TomlConfigSettingsSource(self.settings_cls, toml_file=path)()
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"config file {path}: {exc}") from exc
-
-
-def cli_flags(name: str) -> list[str]:
-    """The flags of field `name`: its own kebab-case one, then the older spelling, if it has one."""
-    field = Settings.model_fields[name]
-    extra = field.json_schema_extra
-    # A switch turns its default around: one that defaults to on is `--no-<name>`.
-    spellings = [("no-" if field.default is True else "") + name.replace("_", "-")]
-    if isinstance(extra, dict) and isinstance(extra.get("flag"), str):
-        spellings.append(str(extra["flag"]))
-    return [f"--{spelling}" for spelling in spellings]
-
-
-def env_name(name: str) -> str:
-    return ENV_PREFIX + name.upper()
-
-
-def settings_cli(parser: argparse.ArgumentParser | None = None) -> CliSettingsSource[Any]:
-    """Adds one flag per field to `parser` (`fluxd serve`'s), or to a parser of its own when None."""
-    shortcuts = {
-        flags[0].removeprefix("--"): flags[1].removeprefix("--")
-        for flags in map(cli_flags, Settings.model_fields)
-        if len(flags) > 1
-    }
-    # No abbreviations: a new setting must not change what an existing shortened flag means.
-    parser = parser or argparse.ArgumentParser(prog="fluxd serve", allow_abbrev=False)
-    return CliSettingsSource(Settings, root_parser=parser, cli_shortcuts=shortcuts)
-
-
-def load_settings(
-    args: Sequence[str] | argparse.Namespace = (), cli: CliSettingsSource[Any] | None = None
-) -> Settings:
-    """`fluxd serve`'s settings from its flags (a list, or what `cli`'s parser parsed), the environment, the
-    TOML file and the defaults. Raises ValidationError or SettingsError (see `problems`)."""
-    cli = cli or settings_cli()
-    loaded = cli(parsed_args=args) if isinstance(args, argparse.Namespace) else cli(args=list(args))
-    # mypy sees only the fields in the synthesised __init__, not BaseSettings' source arguments.
-    return Settings(_cli_settings_source=loaded)  # type: ignore[call-arg]
-
-
-def _secret(annotation: Any) -> bool:
-    return annotation is SecretStr or any(_secret(arg) for arg in get_args(annotation))
-
-
-SECRETS = frozenset(name for name, field in Settings.model_fields.items() if _secret(field.annotation))
-
-
-def _shown_input(name: str, value: Any) -> str:
-    """What a start-up error shows of the value it refused: never a secret, never a URL's credentials."""
-    if name in SECRETS:
-        return "(hidden)"
-    return masked(json.dumps(value, default=str))
-
-
-def problems(exc: ValidationError | SettingsError) -> str:
-    """A start-up error as a user reads it: each bad setting with the places it can come from. The value of
-    a secret setting is never shown, nor are all the settings at once (an error of the whole configuration
-    names the settings it is about instead)."""
-    if isinstance(exc, SettingsError):
-        return masked(str(exc))
-    lines = []
-    for error in exc.errors():
-        name = str(error["loc"][0]) if error["loc"] else ""
-        where = (
-            f"{' / '.join(cli_flags(name))}, {env_name(name)} or `{name}` in the TOML file"
-            if name in Settings.model_fields
-            else "the TOML file"
-        )
-        path = ".".join(map(str, error["loc"]))
-        message = masked(error["msg"])
-        if error["type"] == "extra_forbidden":
-            lines.append(f"unknown setting `{path}` (in {where})")
-        elif not error["loc"]:  # a check across settings: its input is every setting, secrets included
-            lines.append(message)
-        else:
-            lines.append(f"{path}: {message}, got {_shown_input(name, error['input'])} (from {where})")
-    return "\n".join(lines)
-
-
-# README's Settings table, generated from the fields.
-
-_TABLE = re.compile(r"(<!-- settings table.*?-->\n)(.*?)(<!-- end of settings table -->)", re.DOTALL)
-
-
-def _shown(value: Any) -> str:
-    if value is None or value == [] or value == {}:
-        return ""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, Path):
-        return f"`{str(value).replace(str(DEFAULT_CACHE), '~/.cache/fluxd')}`"
-    return str(value)
-
-
-def settings_table() -> str:
-    rows = ["| flag | env | default | meaning |", "|---|---|---|---|"]
-    for name, field in Settings.model_fields.items():
-        flag = f"`{cli_flags(name)[-1]}`"
-        meaning = (field.description or "").replace("|", "\\|")
-        if get_origin(field.annotation) is Literal:
-            meaning += f" ({', '.join(f'`{choice}`' for choice in get_args(field.annotation))})"
-        default = _shown(field.get_default(call_default_factory=True))
-        rows.append(f"| {flag} | `{env_name(name)}` | {default} | {meaning} |")
-    return "\n".join(rows) + "\n"
-
-
-def readme_with_settings_table(readme: str) -> str:
-    """README's text with its Settings table replaced by the one the fields give."""
-    if not _TABLE.search(readme):
-        raise ValueError("README has no <!-- settings table --> ... <!-- end of settings table --> markers")
-    return _TABLE.sub(lambda match: f"{match[1]}\n{settings_table()}\n{match[3]}", readme)
-
-
-if __name__ == "__main__":
-    # `python -m server.declarations.settings README.md` rewrites README's Settings table after a field
-    # changed.
-    readme = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
-    readme.write_text(readme_with_settings_table(readme.read_text()))

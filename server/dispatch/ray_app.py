@@ -37,7 +37,8 @@ from ray.serve.schema import ApplicationStatus
 from pipelines.contract.specs import ModelSpec
 from pipelines.engine.replica import FluxdEngine
 from server.app import create_app, worker_configs
-from server.declarations.settings import Settings, problems
+from server.declarations.settings import Settings
+from server.declarations.settings_loading import problems
 from server.dispatch.ray_pool import RayPool, lane_count
 from server.front.registry import served_specs
 

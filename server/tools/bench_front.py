@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from server.tools.bench import BenchError, _exit_on_sigterm, run_load, running_server
+from server.tools.bench_harness import BenchError, exit_on_sigterm, run_load, running_server
 from server.tools.bench_report import cpu_model
 
 if TYPE_CHECKING:
@@ -205,7 +205,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)  # the server it started is stopped on the way out
+        signal.signal(signal.SIGTERM, exit_on_sigterm)  # the server it started is stopped on the way out
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         import httpx

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.declarations.settings import ENV_PREFIX, Settings
-from server.tools.bench import (
+from server.tools.bench_harness import (
     HOST,
     READY_TIMEOUT_S,
     BenchError,

@@ -237,3 +237,17 @@ def format_report(rows: Sequence[Row], machine: str, date: str) -> str:
         *(f"| {r.metric} | {r.value} | {r.target} | {r.verdict} |" for r in rows),
     ]
     return "\n".join(lines)
+
+
+# The overhead request, and the batching mix's shape: fixed, small, and a real step count.
+PROMPTS = (
+    "a red fox in the snow, golden hour, 35mm",
+    "a lighthouse on a cliff at night with a starry sky",
+    "a photo of a cat wearing a hat",
+    "turn the sky purple and add a moon",
+)
+
+
+def batching_bodies(count: int) -> list[dict[str, Any]]:
+    """The batching mix: the overhead request's shape with varied prompts and seeds."""
+    return [{**OVERHEAD_BODY, "prompt": PROMPTS[i % len(PROMPTS)], "seed": i} for i in range(count)]

@@ -17,7 +17,8 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource, SettingsError
 
-from server.declarations.settings import ENV_PREFIX, Settings, load_settings, problems, settings_cli
+from server.declarations.settings import ENV_PREFIX, Settings
+from server.declarations.settings_loading import load_settings, problems, settings_cli
 
 logger = logging.getLogger("fluxd")
 

@@ -19,7 +19,7 @@ import pytest
 from pipelines.contract.specs import SPECS
 from server.declarations.protocol import ImageGenerationRequest
 from server.front.normalize import build_request
-from server.tools import bench, bench_report, cli
+from server.tools import bench, bench_harness, bench_report, cli
 from server.tools.bench_report import Measured, Outcome, Row, Soak, Tally, Throughput
 
 STATUS = """Name:\tpython
@@ -67,7 +67,7 @@ def test_a_status_without_vm_rss_is_an_error() -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_this_process_has_a_resident_size() -> None:
-    assert bench.read_rss(os.getpid()) > MB
+    assert bench_harness.read_rss(os.getpid()) > MB
 
 
 def test_cpu_model_comes_from_cpuinfo_with_a_fallback() -> None:
@@ -201,7 +201,7 @@ def test_the_soak_mix_covers_every_model_and_the_server_accepts_each_request() -
 
 
 def test_the_batching_mix_shares_one_batch_shape() -> None:
-    bodies = bench.batching_bodies(8)
+    bodies = bench_report.batching_bodies(8)
 
     assert len({body["seed"] for body in bodies}) == 8
     shapes = {(b["model"], b["size"], b["num_inference_steps"]) for b in bodies}
@@ -239,7 +239,7 @@ def test_run_load_keeps_order_counts_answers_and_maps_failures() -> None:
     bodies = [{"seed": i, "n": 2 if i == 3 else 1} for i in range(6)]
     answers: list[int] = []
 
-    outcomes, _ = bench.run_load(
+    outcomes, _ = bench_harness.run_load(
         FAKE_CLIENT,
         "http://127.0.0.1:9",
         bodies,
@@ -255,7 +255,7 @@ def test_run_load_keeps_order_counts_answers_and_maps_failures() -> None:
 
 
 def test_run_load_sends_nothing_past_its_deadline() -> None:
-    outcomes, _ = bench.run_load(
+    outcomes, _ = bench_harness.run_load(
         FAKE_CLIENT,
         "http://127.0.0.1:9",
         [{"seed": 5}] * 4,

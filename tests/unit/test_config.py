@@ -13,15 +13,9 @@ from pydantic_settings import SettingsError
 
 from pipelines.contract import presence
 from pipelines.contract.specs import SPECS
-from server.declarations.settings import (
-    DEFAULT_CACHE,
-    Settings,
-    cli_flags,
-    env_name,
-    load_settings,
-    problems,
-    readme_with_settings_table,
-)
+from server.declarations.settings import DEFAULT_CACHE, Settings
+from server.declarations.settings_loading import cli_flags, env_name, load_settings, problems
+from server.declarations.settings_readme import readme_with_settings_table
 from server.front import registry
 from server.front.registry import configured_specs, served_specs
 from server.tools import cli
@@ -268,7 +262,7 @@ def test_readme_settings_table_is_the_generated_one() -> None:
     text = README.read_text()
     assert readme_with_settings_table(text) == text, (
         "README's Settings table differs from the settings in server/declarations/settings.py: "
-        "run `python -m server.declarations.settings README.md`"
+        "run `python -m server.declarations.settings_readme README.md`"
     )
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from server.declarations.settings import Settings, load_settings
+from server.declarations.settings import Settings
+from server.declarations.settings_loading import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ from standardwebhooks.webhooks import Webhook
 from starlette.requests import Request
 
 from pipelines.contract.errors import InvalidParameter
-from server.declarations.settings import load_settings
+from server.declarations.settings_loading import load_settings
 from server.declarations.webhook_targets import secret_key
 from server.jobs.headers import wants_async
 from server.jobs.webhooks import Webhooks, sign
