@@ -19,7 +19,8 @@ Fault = Callable[[list[RenderRequest], Progress], None]
 
 def _after_step(step: int, fault: Fault) -> None:
     """Every render calls `fault` once a request reported `step`, after the report went out."""
-    from pipelines.engine.engine import Engine, StepHook
+    from pipelines.engine.engine import Engine
+    from pipelines.engine.step_reports import StepHook
 
     render = Engine.render
 

@@ -18,7 +18,7 @@ from pipelines.contract.encoding import RAW_RGB
 from pipelines.contract.errors import Cancelled, InvalidParameter, ModeUnfit
 from pipelines.contract.images import decode_image, fit_reference
 from pipelines.contract.lora_catalog import DEFAULT_CACHE_MB, LoraChoice
-from pipelines.contract.messages import Progress, RenderedImage, RenderRequest, RenderResult
+from pipelines.contract.messages import RenderedImage, RenderRequest, RenderResult
 from pipelines.contract.modes import HEADROOM_BYTES, ResolvedMode, choose_mode
 from pipelines.contract.specs import SIZE_MULTIPLE, LoraAdapter, ModelSpec
 from pipelines.engine import inpaint, loading
@@ -32,6 +32,8 @@ from pipelines.engine.safety import SafetyChecker
 
 if TYPE_CHECKING:
     from pipelines.tools.synthetic import Overrides
+from pipelines.engine.memory import pipeline_bytes
+from pipelines.engine.step_reports import StepHook, StepReports, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -48,42 +50,12 @@ class SyntheticWeights:
     lora_rank: int | None = None  # the synthetic Turbo LoRA's rank; None: pipelines.tools.synthetic.LORA_RANK
 
 
-StepHook = Callable[[Progress, Any], bool]
-"""Called after every denoising step per request; True means that request no longer wants its images."""
 
 
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes a tensor really stores: a quantised tensor subclass (torchao's Float8Tensor reports the bf16
-    dtype it stands for) is counted by the inner tensors it is made of."""
-    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
-        inner, _ = tensor.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(tensor, name)) for name in inner)
-    return tensor.numel() * tensor.element_size()
 
 
-def pipeline_bytes(pipe: Any, device: str = "cpu") -> int:
-    """Bytes of the parameters and buffers of a pipeline's torch modules that are on `device`'s kind (weights
-    an offloading mode keeps in CPU memory do not count against a GPU's budget)."""
-    kind = torch.device(device).type
-    total = 0
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            tensors = [*component.parameters(), *component.buffers()]
-            total += sum(tensor_bytes(t) for t in tensors if t.device.type == kind)
-    return total
 
 
-def preview_steps(total: int, count: int) -> set[int]:
-    """The (1-based) steps after which a request asking for `count` partial images gets one: evenly spaced,
-    never the last step, whose image is the final one; fewer than `count` when the steps are too few.
-
-    A preview is the pipeline's own VAE decode of the step's latents; tests/integration/test_previews.py
-    prints both measures. At 1024x1024, counted on the published architectures, one decode is 10.5 TFLOP:
-    0.14 of a 74 TFLOP FLUX.1 step (3 previews add ~1.5% to 28 steps) and 0.04 of a 283 TFLOP FLUX.2 step
-    (~0.4% to 28 steps, ~1.4% to Turbo's 8). On the tiny checkpoints, whose transformer is nearly free, a
-    256x256 preview takes ~40 ms of CPU against ~10 ms per step: 3-4.5 steps.
-    """
-    return {round(total * (j + 1) / (count + 1)) for j in range(count)} - {0, total}
 
 
 def warm_up_shapes(default_size: tuple[int, int]) -> list[tuple[int, int, int]]:
@@ -96,9 +68,6 @@ def warm_up_shapes(default_size: tuple[int, int]) -> list[tuple[int, int, int]]:
     return [(width, height, 1), (narrow, height, 1), (narrow, height, 2)]
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """diffusers' own float->uint8 rounding, so pixels equal what its PIL output would hold."""
-    return (images * 255).round().clip(0, 255).astype(np.uint8)
 
 
 class Engine:
@@ -364,53 +333,6 @@ class Engine:
             )
 
 
-class StepReports:
-    """The pipeline's step-end callback: after each step a Progress per request, carrying a preview where
-    one is due. Raises Cancelled when no request of the batch is wanted any more."""
-
-    def __init__(
-        self, batch: list[RenderRequest], family: Family, on_step: StepHook | None, masked: Masked | None
-    ) -> None:
-        self.batch = batch
-        self.masked = masked  # a masked batch's previews show the composite, as its images will
-        self.family = family
-        self.on_step = on_step
-        self.total = batch[0].steps
-        # The batch row of each request's first image: the one a preview shows (streaming asks for n=1).
-        firsts = np.cumsum([0] + [request.n for request in batch])[:-1]
-        self.rows = {request.id: int(row) for request, row in zip(batch, firsts, strict=True)}
-        self.preview_at = {request.id: preview_steps(self.total, request.partial_images) for request in batch}
-        self.preview_ms = 0.0
-
-    def __call__(self, pipeline: Any, step: int, _timestep: Any, tensors: dict) -> dict:
-        if self.on_step is None:
-            return {}
-        done = step + 1
-        previews = self._previews(pipeline, done, tensors["latents"])
-        stops = [
-            self.on_step(Progress(rid, done, self.total, previews.get(rid)), pipeline) for rid in self.rows
-        ]
-        # A batch stops early only when every request in it was cancelled; mates keep running. Raising
-        # (rather than diffusers' `_interrupt`, which still decodes the latents) frees the worker now.
-        if all(stops):
-            logger.info("stopping %s after step %d of %d: cancelled", list(self.rows), done, self.total)
-            raise Cancelled(list(self.rows))
-        return {}
-
-    def _previews(self, pipeline: Any, done: int, latents: torch.Tensor) -> dict[str, RenderedImage]:
-        wanted = [request for request in self.batch if done in self.preview_at[request.id]]
-        if not wanted:
-            return {}
-        started = time.perf_counter()
-        width, height = self.batch[0].width, self.batch[0].height
-        rows = [self.rows[request.id] for request in wanted]
-        pixels = to_uint8(self.family.preview(pipeline, latents[rows], width, height))
-        pixels = pixels if self.masked is None else self.masked.composite(pixels, rows)
-        self.preview_ms += (time.perf_counter() - started) * 1000
-        return {
-            request.id: RenderedImage(image.tobytes(), RAW_RGB, width, height, request.seeds[0])
-            for request, image in zip(wanted, pixels, strict=True)
-        }
 
 
 def _inputs(batch: list[RenderRequest], prompts: list[str]) -> dict[str, list]:

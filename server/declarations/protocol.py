@@ -335,21 +335,10 @@ class ModelList(BaseModel):
     data: list[Model]
 
 
-# Async jobs (`Prefer: respond-async`): fluxd's own objects, shaped after BFL's and fal's queue answers.
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
 
 
-class JobProgress(BaseModel):
-    step: int
-    steps: int
 
 
-class JobPreview(BaseModel):
-    """The latest partial image of a running job that asked for `partial_images`."""
-
-    b64_json: str
-    partial_image_index: int
-    output_format: str
 
 
 class ErrorBody(BaseModel):
@@ -407,45 +396,9 @@ class StreamError(BaseModel):
     error: ErrorBody
 
 
-class JobWebhook(BaseModel):
-    """One event's webhook delivery: its tries so far, the last HTTP status (null: no answer), the next
-    try."""
-
-    type: str
-    state: Literal["pending", "delivered", "failed"]
-    tries: int
-    last_status: int | None = None
-    next_try_at: int | None = None
 
 
-class ImageJob(BaseModel):
-    """An async image request; `result` is the usual ImagesResponse once it succeeded, `error` the usual
-    error envelope's body once it failed."""
-
-    id: str
-    object: Literal["image.job"] = "image.job"
-    status: JobStatus
-    created: int
-    model: str
-    endpoint: str
-    position: int | None = None
-    progress: JobProgress | None = None
-    preview: JobPreview | None = None
-    result: ImagesResponse | None = None
-    error: ErrorBody | None = None
-    finished: int | None = None
-    expires_at: int | None = None  # once it ended: when it and its result go (a DELETE takes them sooner)
-    webhooks: list[JobWebhook] | None = None
 
 
-class ImageJobDeleted(BaseModel):
-    """The answer to DELETE of an ended job, as OpenAI's deletions answer."""
-
-    id: str
-    object: Literal["image.job.deleted"] = "image.job.deleted"
-    deleted: Literal[True] = True
 
 
-class ImageJobList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ImageJob]

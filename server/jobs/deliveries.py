@@ -9,7 +9,8 @@ import json
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from server.declarations.protocol import ImageJob, JobWebhook, WebhookEvent
+from server.declarations.job_protocol import ImageJob, JobWebhook
+from server.declarations.protocol import WebhookEvent
 from server.jobs.table import ACTIVE, JobRow, JobTable, TableUnavailable
 from server.jobs.views import LiveJob, webhook_payload
 from server.jobs.webhooks import Webhooks

@@ -13,7 +13,8 @@ from typing import Any
 
 from pipelines.contract.messages import Progress, RenderResult
 from server.declarations.errors import APIError, envelope, to_api_error
-from server.declarations.protocol import ImageJob, ImagesResponse, JobStatus
+from server.declarations.job_protocol import ImageJob, JobStatus
+from server.declarations.protocol import ImagesResponse
 from server.dispatch.pool import WorkerCrashed
 from server.dispatch.scheduler import Scheduler
 from server.front.metrics import Metrics

@@ -26,7 +26,8 @@ from pipelines.contract.messages import RenderRequest
 from pipelines.contract.specs import ModelSpec, get_spec
 from pipelines.contract.wire import from_json, to_json
 from server.declarations.errors import APIError, to_api_error
-from server.declarations.protocol import ImageJob, ImageJobDeleted, _ImageFields
+from server.declarations.job_protocol import ImageJob, ImageJobDeleted
+from server.declarations.protocol import _ImageFields
 from server.declarations.settings import Settings
 from server.dispatch.scheduler import Scheduler
 from server.front.metrics import Metrics

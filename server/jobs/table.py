@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, TypeVar, cast
 
 from server.declarations.errors import APIError
-from server.declarations.protocol import JobStatus
+from server.declarations.job_protocol import JobStatus
 
 logger = logging.getLogger(__name__)
 

@@ -15,14 +15,8 @@ from fastapi import Request
 
 from pipelines.contract.messages import RenderedImage, RenderRequest, RenderResult
 from server.declarations.errors import APIError
-from server.declarations.protocol import (
-    ErrorBody,
-    ImageJob,
-    ImagesResponse,
-    JobPreview,
-    JobProgress,
-    JobStatus,
-)
+from server.declarations.job_protocol import ImageJob, JobPreview, JobProgress, JobStatus
+from server.declarations.protocol import ErrorBody, ImagesResponse
 from server.dispatch.scheduler import Scheduler, Ticket
 from server.front.service import Prepared
 from server.jobs.feed import JobFeed

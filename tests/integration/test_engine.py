@@ -12,7 +12,8 @@ from pipelines.contract.arguments import PASSTHROUGH, served_pipeline_classes
 from pipelines.contract.errors import InvalidParameter, WeightsMissing
 from pipelines.contract.messages import Progress, RenderRequest
 from pipelines.contract.specs import SPECS, TURBO_SIGMAS
-from pipelines.engine.engine import Engine, pipeline_bytes
+from pipelines.engine.engine import Engine
+from pipelines.engine.memory import pipeline_bytes
 from pipelines.tools.signatures import passthrough_signatures
 from tests.imagery import png
 

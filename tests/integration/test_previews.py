@@ -13,7 +13,8 @@ from PIL import Image
 
 from pipelines.contract.messages import Progress, RenderRequest
 from pipelines.contract.specs import SPECS
-from pipelines.engine.engine import FAMILIES, Engine, preview_steps, to_uint8
+from pipelines.engine.engine import FAMILIES, Engine
+from pipelines.engine.step_reports import preview_steps, to_uint8
 from tests.imagery import png
 
 FAMILY_MODELS = ["flux.2-dev", "flux.1-dev", "flux.1-kontext-dev"]

@@ -19,7 +19,8 @@ from pipelines.contract.errors import InvalidParameter, ModeUnfit
 from pipelines.contract.modes import ResolvedMode
 from pipelines.contract.specs import SPECS
 from pipelines.engine import loading
-from pipelines.engine.engine import Engine, tensor_bytes
+from pipelines.engine.engine import Engine
+from pipelines.engine.memory import tensor_bytes
 from pipelines.tools.synthetic import build_meta
 from tests.imagery import png
 from tests.integration.test_engine import pixels, request

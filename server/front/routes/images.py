@@ -12,10 +12,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.contract.errors import InvalidParameter
 from server.declarations.errors import validation_error
+from server.declarations.job_protocol import ImageJob
 from server.declarations.protocol import (
     ImageEditRequest,
     ImageGenerationRequest,
-    ImageJob,
     ImagesResponse,
     _ImageFields,
 )

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from server.declarations.protocol import ImageJob, ImageJobDeleted, ImageJobList
+from server.declarations.job_protocol import ImageJob, ImageJobDeleted, ImageJobList
 from server.jobs.service import JobService, owner_of
 
 router = APIRouter(prefix="/v1/images/jobs", tags=["jobs"])
