@@ -6,6 +6,18 @@ from pathlib import Path
 
 import pytest
 
+# The modules that take minutes on their own start first: with pytest-xdist's --dist loadfile (README's test
+# command) a module runs whole on one worker, and one started last would finish alone while the others idle.
+FIRST = ("tests/ray/", "tests/integration/test_run_modes.py", "tests/e2e/test_serving.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return next((i for i, prefix in enumerate(FIRST) if path.startswith(prefix)), len(FIRST))
+
+    items.sort(key=rank)  # stable: the order within each module is kept
+
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
