@@ -67,3 +67,8 @@ def to_json(value: object) -> str:
 
 def from_json(text: str | bytes, kind: type[T]) -> T:
     return msgspec.json.decode(text, type=kind)
+
+
+def from_builtins(value: object, kind: type[T]) -> T:
+    """`value` (dicts, lists and strings, as JSON gives them) checked and built into `kind`, as from_json."""
+    return msgspec.convert(value, type=kind)

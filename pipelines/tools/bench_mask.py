@@ -19,8 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-MODELS = ("flux.2-dev", "flux.1-kontext-dev", "flux.1-dev")
-
 
 @dataclass(frozen=True)
 class Row:

@@ -24,7 +24,7 @@ from fastapi import Request
 
 from pipelines.contract.messages import RenderRequest
 from pipelines.contract.specs import ModelSpec, get_spec
-from pipelines.contract.wire import from_json, to_json
+from pipelines.contract.wire import from_builtins, to_json
 from server.declarations.errors import APIError, to_api_error
 from server.declarations.job_protocol import ImageJob, ImageJobDeleted
 from server.declarations.protocol import _ImageFields
@@ -71,7 +71,7 @@ def _load(stored: str, specs: Mapping[str, ModelSpec]) -> tuple[Prepared, str]:
     if "output_format" not in data["render"]:  # stored before requests named their format: its reply's
         reply = data["reply"]
         data["render"].update(output_format=reply["output_format"], output_compression=reply["compression"])
-    row = from_json(json.dumps(data), StoredRequest)
+    row = from_builtins(data, StoredRequest)
     return Prepared(row.render, row.reply, get_spec(row.render.model, specs)), row.base_url
 
 
