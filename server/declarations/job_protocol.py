@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SerializationInfo, SerializerFunctionWrapHandler, model_serializer
 
 from server.declarations.protocol import ErrorBody, ImagesResponse
 
@@ -56,6 +56,15 @@ class ImageJob(BaseModel):
     finished: int | None = None
     expires_at: int | None = None  # once it ended: when it and its result go (a DELETE takes them sooner)
     webhooks: list[JobWebhook] | None = None
+
+    @model_serializer(mode="wrap")
+    def _always_expires_at(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> object:
+        """Answers are dumped without their empty fields, but `expires_at` is on every job, null until it
+        ends, as on OpenAI's video jobs: a client can read it without checking that it is there."""
+        data = handler(self)
+        if isinstance(data, dict) and info.include is None and info.exclude is None:
+            data.setdefault("expires_at", self.expires_at)
+        return data
 
 
 class ImageJobDeleted(BaseModel):

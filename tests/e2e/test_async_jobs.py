@@ -210,9 +210,10 @@ def test_cancel_while_queued_and_while_running(keyed: Server) -> None:
     long = submit(keyed, KEY_A, **HOLD, partial_images=3).json()["id"]  # held at its first preview
     running = wait_for(keyed, long, lambda body: body["status"] == "running" and "progress" in body, KEY_A)
     assert running["progress"]["steps"] == HOLD["num_inference_steps"]
+    assert running["expires_at"] is None  # on every job, as on OpenAI's video jobs: set once it ends
     queued = submit(keyed, KEY_A, seed=5).json()["id"]
     waiting = job(keyed, queued, KEY_A).json()
-    assert waiting["status"] == "queued" and waiting["position"] == 0
+    assert waiting["status"] == "queued" and waiting["position"] == 0 and waiting["expires_at"] is None
     cancelled = HTTP.delete(f"{keyed.url}/v1/images/jobs/{queued}", headers=auth(KEY_A))
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     # The running job's first preview (step 2 of 8, as partial_images=3 spaces them) can be polled.
