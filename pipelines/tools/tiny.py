@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -434,7 +435,8 @@ def write_redux(folder: Path, seed: int = 0, text_width: int = 32) -> Path:
     torch.manual_seed(seed)
     image_embedder = ReduxImageEncoder(redux_dim=vision_width, txt_in_features=text_width)
     processor = SiglipImageProcessor(size={"height": 32, "width": 32})
-    redux = FluxPriorReduxPipeline(
+    # DiffusionPipeline's methods are not visible on its subclasses to mypy (diffusers' typing).
+    redux: Any = FluxPriorReduxPipeline(
         image_encoder=image_encoder, feature_extractor=processor, image_embedder=image_embedder
     )
     redux.save_pretrained(folder, safe_serialization=True)
