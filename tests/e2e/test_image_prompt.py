@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipelines.contract.image_prompts import FOLDER
-from tests.e2e.conftest import Server, start_server, stop_server
+from tests.e2e.conftest import start_server, stop_server
 from tests.imagery import photo
 
 FAST = {"num_inference_steps": 2, "seed": 11}
@@ -31,15 +31,11 @@ def weights(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 @pytest.fixture(scope="module")
-def served(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(weights, tmp_path_factory.mktemp("redux-server"))
-    yield running
-    stop_server(running)
-
-
-@pytest.fixture()
-def client(served: Server) -> openai.OpenAI:
-    return served.client(max_retries=0)
+def client(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    """The SDK on the module's one server."""
+    server = start_server(weights, tmp_path_factory.mktemp("redux-server"))
+    yield server.client(max_retries=0)
+    stop_server(server)
 
 
 def generate(client: openai.OpenAI, model: str = "flux1.1-pro", **extra: object) -> np.ndarray:

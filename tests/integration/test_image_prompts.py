@@ -20,6 +20,7 @@ from pipelines.contract.specs import SPECS
 from pipelines.engine.engine import Engine
 from tests.imagery import photo, png
 from tests.integration.test_engine import request
+from tests.integration.test_inpaint import rendered
 
 MODELS = ["flux.1-dev", "flux1.1-pro"]
 
@@ -32,14 +33,6 @@ def prompted(model: str, seed: int, **fields) -> RenderRequest:
         image_prompt_strength=fields.pop("image_prompt_strength", 1.0),
         **fields,
     )
-
-
-def rendered(engine: Engine, batch: list[RenderRequest]) -> list[np.ndarray]:
-    return [
-        np.frombuffer(image.data, np.uint8).reshape(image.height, image.width, 3).astype(int)
-        for result in engine.render(batch)
-        for image in result.images
-    ]
 
 
 @pytest.mark.parametrize("model", MODELS)
