@@ -38,13 +38,16 @@ def client(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     stop_server(server)
 
 
-def generate(client: openai.OpenAI, model: str = "flux1.1-pro", **extra: object) -> np.ndarray:
+def generate(
+    client: openai.OpenAI, model: str = "flux1.1-pro", headers: dict[str, str] | None = None, **extra: object
+) -> np.ndarray:
     result = client.images.generate(
         model=model,
         prompt="a red fox",
         size="64x48",
         response_format="b64_json",
         extra_body={**FAST, **extra},
+        extra_headers=headers,
     )
     data = base64.b64decode(result.data[0].b64_json or "")
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
@@ -56,6 +59,11 @@ def test_an_image_prompt_guides_the_image_and_a_seed_repeats(client: openai.Open
     assert not np.array_equal(prompted, plain)
     assert np.array_equal(generate(client, image_prompt=URI), prompted)
     assert not np.array_equal(generate(client, image_prompt=URI, image_prompt_strength=0.0), prompted)
+
+
+def test_an_async_job_renders_its_image_prompt_as_a_request_does(client: openai.OpenAI) -> None:
+    held = generate(client, headers={"Prefer": "respond-async, wait=300"}, image_prompt=URI)
+    assert np.array_equal(held, generate(client, image_prompt=URI))
 
 
 def test_a_url_this_server_returned_is_an_image_prompt(client: openai.OpenAI) -> None:

@@ -91,3 +91,13 @@ def test_without_redux_weights_the_worker_says_what_to_pull(tiny_weights: Path, 
         Engine(SPECS, weights).render([prompted("flux.1-dev", 1)])
     assert refused.value.param == "image_prompt"
     assert "fluxd weights pull redux" in str(refused.value)
+
+
+def test_the_prompt_cache_leaves_image_prompted_pixels_as_they_are(
+    engine: Engine, tiny_weights: Path
+) -> None:
+    cached = Engine(SPECS, tiny_weights, prompt_cache_bytes=2**20)
+    twice = [rendered(cached, [prompted("flux.1-dev", 8)]) for _ in range(2)]
+    assert cached.prompts.hits == 1
+    for [image] in twice:
+        assert np.array_equal(image, rendered(engine, [prompted("flux.1-dev", 8)])[0])
