@@ -252,8 +252,13 @@ def check_image_prompt_served(body: _ImageFields, spec: ModelSpec, weights_dir: 
         raise InvalidParameter(IMAGE_PROMPT, NOT_PULLED)
 
 
+def _declared_value(body: _ImageFields, name: str) -> Any:
+    """A field of the body's own route, never a passthrough of the same name (edits keep unknown fields)."""
+    return getattr(body, name) if name in type(body).model_fields else None
+
+
 def _image_prompt_strength(body: _ImageFields, image_prompt: bytes | None) -> float | None:
-    given: float | None = getattr(body, "image_prompt_strength", None)
+    given: float | None = _declared_value(body, "image_prompt_strength")
     if image_prompt is None:
         if given is not None:
             raise InvalidParameter(
@@ -282,7 +287,7 @@ def build_request(
     if prompt_required and not body.prompt.strip():
         raise InvalidParameter("prompt", "prompt must not be empty.", "missing_required_parameter")
     check_taken(body, spec)
-    if getattr(body, "image_prompt", None) is not None and image_prompt is None:
+    if _declared_value(body, IMAGE_PROMPT) is not None and image_prompt is None:
         raise ValueError("the image_prompt of the body must be resolved (server/front/image_prompts.py)")
     reply = _reply(body)
     mask = getattr(body, "mask", None)

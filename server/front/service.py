@@ -23,7 +23,14 @@ from pipelines.contract.masks import check_mask
 from pipelines.contract.messages import Progress, RenderedImage, RenderRequest, RenderResult
 from pipelines.contract.specs import ModelSpec, get_spec
 from server.declarations.errors import APIError, envelope, to_api_error
-from server.declarations.protocol import ImageData, ImagesResponse, InputTokensDetails, Usage, _ImageFields
+from server.declarations.protocol import (
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    InputTokensDetails,
+    Usage,
+    _ImageFields,
+)
 from server.declarations.settings import Settings
 from server.dispatch.pool import WorkerCrashed, WorkerFailure
 from server.dispatch.scheduler import Scheduler
@@ -128,7 +135,7 @@ class ImageService:
         return Prepared(render, reply, spec)
 
     async def _image_prompt(self, body: _ImageFields, spec: ModelSpec, base: str | None) -> bytes | None:
-        value: str | None = getattr(body, "image_prompt", None)
+        value: str | None = body.image_prompt if isinstance(body, ImageGenerationRequest) else None
         if value is None:
             return None
 

@@ -14,7 +14,7 @@ from pipelines.contract.errors import InvalidParameter
 from pipelines.contract.image_prompts import FOLDER
 from server.front.image_prompts import resolve_image_prompt
 from server.front.store import ImageStore
-from tests.imagery import png
+from tests.imagery import mask, photo, png
 from tests.standin import StandInHandle
 from tests.unit.test_front import BODY, run, until
 
@@ -85,6 +85,17 @@ def test_the_front_refuses_bad_image_prompts_before_the_queue(tmp_path: Path) ->
             files={"image": ("a.png", PNG, "image/png")},
         )
         assert edit.status_code == 400 and edit.json()["error"]["param"] == "image_prompt"
+        for extra in ({"image_prompt": URI}, {"image_prompt_strength": "0.5"}):
+            masked = await client.post(
+                "/v1/images/edits",
+                data={"prompt": "p", "model": "flux.1-dev", **extra},
+                files={
+                    "image": ("a.png", photo(64, 48), "image/png"),
+                    "mask": ("m.png", mask(), "image/png"),
+                },
+            )
+            assert masked.status_code == 400, masked.text
+            assert masked.json()["error"]["param"] == next(iter(extra))
         assert not worker.batches
 
     run(tmp_path, check, weights_dir=weights)
