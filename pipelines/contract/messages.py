@@ -69,6 +69,11 @@ class RenderRequest:
     mask: Annotated[bytes | None, BatchKey(by=present)] = None
     # How far the masked area may move from the original (it sets the schedule's start); set with a mask.
     strength: Annotated[float | None, BatchKey] = None
+    # FLUX.1 Redux (pipelines.engine.image_prompts), as sent: its image tokens follow the prompt's, scaled by
+    # image_prompt_strength. Each request keeps its own image and strength (a row of the call's embeddings);
+    # only image-prompted requests share a call, whose embeddings are longer by the image's tokens.
+    image_prompt: Annotated[bytes | None, BatchKey(by=present)] = None
+    image_prompt_strength: float | None = None
 
     @property
     def n(self) -> int:

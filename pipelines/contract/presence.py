@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipelines.contract.image_prompts import FOLDER as REDUX_FOLDER
+from pipelines.contract.image_prompts import REPO_ID as REDUX_REPO
 from pipelines.contract.specs import ModelSpec
 
 
@@ -27,4 +29,11 @@ def adapter_present(spec: ModelSpec, weights_dir: Path) -> bool:
         return True
     return (weights_dir / spec.adapter.folder / spec.adapter.weight_name).exists() or _in_hub_cache(
         spec.adapter.repo_id, spec.adapter.weight_name
+    )
+
+
+def redux_present(weights_dir: Path) -> bool:
+    """Whether the FLUX.1 Redux weights that `image_prompt` runs on are here (`fluxd weights pull redux`)."""
+    return (weights_dir / REDUX_FOLDER / "model_index.json").exists() or _in_hub_cache(
+        REDUX_REPO, "model_index.json"
     )

@@ -24,6 +24,7 @@ from pipelines.contract.specs import SIZE_MULTIPLE, LoraAdapter, ModelSpec
 from pipelines.engine import inpaint, loading
 from pipelines.engine.acceleration import accelerated
 from pipelines.engine.families import Family, flux1, flux2
+from pipelines.engine.image_prompts import ImagePrompts
 from pipelines.engine.inpaint import Masked
 from pipelines.engine.lora_adapters import Adapter, AdapterCache, user_adapters
 from pipelines.engine.prompt_cache import PromptCache
@@ -97,6 +98,7 @@ class Engine:
         self.synthetic = synthetic
         # Checks the images of requests that ask for it after decode (a note says so where it is absent).
         self.safety = safety or SafetyChecker(weights_dir / SAFETY_FOLDER, device=device)
+        self.image_prompts = ImagePrompts(weights_dir, device)  # FLUX.1 Redux, loaded on first use
 
     def _gpu_bytes(self) -> int | None:
         """GPU memory this worker may use for models: the device's, or less when a memory budget says so,
@@ -297,10 +299,13 @@ class Engine:
             "callback_on_step_end": steps,
             **family.call_kwargs(spec, pipe, references, first.width, first.height, first.steps),
         }
+        extra = first.extra
+        if first.image_prompt is not None:
+            kwargs, extra = self.image_prompts.prepare(pipe, kwargs, batch, extra)
         if masked is not None:
             pipe, kwargs = inpaint.prepare(spec.family, pipe, kwargs, masked)
         with accelerated(pipe, first.acceleration, first.steps):
-            images = _call(pipe, kwargs, first.extra)
+            images = _call(pipe, kwargs, extra)
         if masked is not None:
             images = masked.composite(images)
         timings.update(run=(time.perf_counter() - started) * 1000, previews=steps.preview_ms)

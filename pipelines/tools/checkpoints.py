@@ -7,8 +7,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.contract import image_prompts
 from pipelines.contract.specs import SPECS, ModelSpec, get_spec
 from pipelines.engine import safety
+
+# Weights beside the models, each a repo snapshot in a folder of its own: what `fluxd weights pull <folder>`
+# fetches.
+EXTRAS = {safety.FOLDER: safety.REPO_ID, image_prompts.FOLDER: image_prompts.REPO_ID}
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +58,10 @@ def pull(model_id: str, weights_dir: Path, token: str | None = None) -> Path:
     """Download (resuming) into weights/<id>/ with huggingface_hub, then verify."""
     from huggingface_hub import snapshot_download
 
-    if model_id == safety.FOLDER:
-        target = weights_dir / safety.FOLDER
-        logger.info("downloading %s into %s", safety.REPO_ID, target)
-        snapshot_download(safety.REPO_ID, local_dir=target, token=token)
+    if model_id in EXTRAS:
+        target = weights_dir / model_id
+        logger.info("downloading %s into %s", EXTRAS[model_id], target)
+        snapshot_download(EXTRAS[model_id], local_dir=target, token=token)
         return target
     spec: ModelSpec = get_spec(model_id)
     target = weights_dir / (spec.adapter.folder if spec.adapter else spec.weights_id)
@@ -79,11 +84,11 @@ def pull_lora(repo_id: str, token: str | None = None) -> Path:
 
 
 def offline_hint(model_id: str, weights_dir: Path) -> str:
-    if model_id == safety.FOLDER:
+    if model_id in EXTRAS:
         return (
             f"The Hugging Face Hub is not reachable. On a machine that reaches it run\n"
-            f"  hf download {safety.REPO_ID} --local-dir {safety.FOLDER}\n"
-            f"and copy that folder to {weights_dir / safety.FOLDER}."
+            f"  hf download {EXTRAS[model_id]} --local-dir {model_id}\n"
+            f"and copy that folder to {weights_dir / model_id}."
         )
     spec = get_spec(model_id)
     repo = spec.adapter.repo_id if spec.adapter else spec.repo_id

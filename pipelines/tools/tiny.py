@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -411,6 +412,37 @@ def write_safety_checker(folder: Path, seed: int = 0, verdict: str = "normal") -
     return folder
 
 
+def write_redux(folder: Path, seed: int = 0, text_width: int = 32) -> Path:
+    """A tiny FLUX.1 Redux in black-forest-labs/FLUX.1-Redux-dev's layout (image_encoder/, feature_extractor/,
+    image_embedder/): a 1-layer SigLIP vision model and a ReduxImageEncoder whose tokens have the width of the
+    tiny FLUX.1's T5 (`text_width`), which they follow in the FLUX.1 call."""
+    from diffusers import FluxPriorReduxPipeline
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    vision_width = 16
+    torch.manual_seed(seed)
+    image_encoder = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=vision_width,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    ).eval()
+    torch.manual_seed(seed)
+    image_embedder = ReduxImageEncoder(redux_dim=vision_width, txt_in_features=text_width)
+    processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    # DiffusionPipeline's methods are not visible on its subclasses to mypy (diffusers' typing).
+    redux: Any = FluxPriorReduxPipeline(
+        image_encoder=image_encoder, feature_extractor=processor, image_embedder=image_embedder
+    )
+    redux.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def write_tiny(root: Path, seed: int = 0) -> list[Path]:
     """Write tiny checkpoints for every servable id under `root` (one folder per weights id)."""
     from pipelines.contract.specs import SPECS
@@ -444,6 +476,9 @@ def write_tiny(root: Path, seed: int = 0) -> list[Path]:
     from pipelines.engine.safety import FOLDER
 
     written.append(write_safety_checker(root / FOLDER, seed))
+    from pipelines.contract.image_prompts import FOLDER as REDUX_FOLDER
+
+    written.append(write_redux(root / REDUX_FOLDER, seed))
     for folder in written:
         (folder / TINY_MARKER).write_text(json.dumps({"tiny": True, "seed": seed}) + "\n")
     logger.info("wrote tiny random-weight checkpoints for %s under %s", [p.name for p in written], root)

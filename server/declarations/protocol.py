@@ -241,6 +241,25 @@ class ImageGenerationRequest(_ImageFields):
 
     moderation: Literal["low", "auto"] | None = declare("accepted", "no local moderation", OPENAI)
     style: Literal["vivid", "natural"] | None = declare("accepted", "no effect on FLUX", OPENAI)
+    image_prompt: Text | None = declare(
+        "native",
+        "FLUX.1 Redux: an image whose SigLIP/Redux tokens follow the prompt's, guiding the composition "
+        "(diffusers' FluxPriorReduxPipeline; the weights come with `fluxd weights pull redux`, without "
+        "which it is a 400 saying so); a base64 data: URI of a PNG, JPEG or WebP, or the url of an image "
+        "this server returned; other URLs are a 400",
+        f"{LUMENFALL}: FLUX1.1 [pro] (replicate)",
+        families=("flux1",),
+    )
+    image_prompt_strength: float | None = declare(
+        "emulated",
+        "with image_prompt, how much it weighs against the prompt: Redux's image tokens are multiplied by "
+        "it (0: the prompt alone guides; 1: Redux as BFL ships it); a 400 without image_prompt",
+        "BFL API reference: FLUX1.1 [pro] Ultra (image_prompt_strength, 0 to 1)",
+        default=1,
+        families=("flux1",),
+        ge=0,
+        le=1,
+    )
 
 
 class ImageEditRequest(_ImageFields):

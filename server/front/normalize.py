@@ -19,9 +19,12 @@ from pydantic import TypeAdapter, ValidationError
 from pipelines.contract.arguments import SET_BY_FLUXD
 from pipelines.contract.encoding import LOSSY
 from pipelines.contract.errors import InvalidParameter
+from pipelines.contract.image_prompts import NOT_PULLED
+from pipelines.contract.image_prompts import PARAM as IMAGE_PROMPT
 from pipelines.contract.lora_catalog import LoraChoice
 from pipelines.contract.lora_catalog import resolve as resolve_loras
 from pipelines.contract.messages import RenderRequest
+from pipelines.contract.presence import redux_present
 from pipelines.contract.sizes import resolve_size
 from pipelines.contract.specs import PASSTHROUGH_BOUNDS, ModelSpec
 from server.declarations.protocol import DECLARATIONS, MAX_PROMPT_CHARS, MAX_SEED, OutputFormat, _ImageFields
@@ -234,6 +237,37 @@ def _strength(body: _ImageFields, masked: bool, steps: int) -> float | None:
     return strength
 
 
+def check_taken(body: _ImageFields, spec: ModelSpec) -> None:
+    """Refuse a declared parameter that `spec` does not take, naming it."""
+    for name in body.model_fields_set:
+        declared = DECLARATIONS.parameters.get(name)
+        if declared is not None and not declared.takes(spec):
+            raise InvalidParameter(name, f"'{spec.id}' does not take '{name}'.", "unknown_parameter")
+
+
+def check_image_prompt_served(body: _ImageFields, spec: ModelSpec, weights_dir: Path | None) -> None:
+    """Before an image prompt is read: the model takes one and the Redux weights are here. Reads the disk."""
+    check_taken(body, spec)
+    if weights_dir is None or not redux_present(weights_dir):
+        raise InvalidParameter(IMAGE_PROMPT, NOT_PULLED)
+
+
+def _declared_value(body: _ImageFields, name: str) -> Any:
+    """A field of the body's own route, never a passthrough of the same name (edits keep unknown fields)."""
+    return getattr(body, name) if name in type(body).model_fields else None
+
+
+def _image_prompt_strength(body: _ImageFields, image_prompt: bytes | None) -> float | None:
+    given: float | None = _declared_value(body, "image_prompt_strength")
+    if image_prompt is None:
+        if given is not None:
+            raise InvalidParameter(
+                "image_prompt_strength", "image_prompt_strength applies to an image_prompt: send one with it."
+            )
+        return None
+    return 1.0 if given is None else given
+
+
 def build_request(
     body: _ImageFields,
     spec: ModelSpec,
@@ -244,16 +278,17 @@ def build_request(
     prompt_required: bool = True,
     safety_default: bool = False,
     weights_dir: Path | None = None,
+    image_prompt: bytes | None = None,
 ) -> tuple[RenderRequest, Reply]:
     """Validate everything and apply every default; raise InvalidParameter naming the first bad field.
     Only variations go without a prompt. LoRAs are looked up under `weights_dir` (and the Hugging Face
-    cache): their headers are read here, so a LoRA the model cannot take is refused before it queues."""
+    cache): their headers are read here, so a LoRA the model cannot take is refused before it queues.
+    `image_prompt` is the body's, resolved and checked (server/front/image_prompts.py)."""
     if prompt_required and not body.prompt.strip():
         raise InvalidParameter("prompt", "prompt must not be empty.", "missing_required_parameter")
-    for name in body.model_fields_set:
-        declared = DECLARATIONS.parameters.get(name)
-        if declared is not None and not declared.takes(spec):
-            raise InvalidParameter(name, f"'{spec.id}' does not take '{name}'.", "unknown_parameter")
+    check_taken(body, spec)
+    if _declared_value(body, IMAGE_PROMPT) is not None and image_prompt is None:
+        raise ValueError("the image_prompt of the body must be resolved (server/front/image_prompts.py)")
     reply = _reply(body)
     mask = getattr(body, "mask", None)
     width, height = _size(body, spec, input_size, mask is not None)
@@ -291,5 +326,7 @@ def build_request(
         output_compression=reply.compression,
         mask=mask,
         strength=_strength(body, mask is not None, steps),
+        image_prompt=image_prompt,
+        image_prompt_strength=_image_prompt_strength(body, image_prompt),
     )
     return request, reply

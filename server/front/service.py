@@ -23,11 +23,19 @@ from pipelines.contract.masks import check_mask
 from pipelines.contract.messages import Progress, RenderedImage, RenderRequest, RenderResult
 from pipelines.contract.specs import ModelSpec, get_spec
 from server.declarations.errors import APIError, envelope, to_api_error
-from server.declarations.protocol import ImageData, ImagesResponse, InputTokensDetails, Usage, _ImageFields
+from server.declarations.protocol import (
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    InputTokensDetails,
+    Usage,
+    _ImageFields,
+)
 from server.declarations.settings import Settings
 from server.dispatch.pool import WorkerCrashed, WorkerFailure
 from server.dispatch.scheduler import Scheduler
-from server.front.normalize import Reply, build_request
+from server.front.image_prompts import resolve_image_prompt
+from server.front.normalize import Reply, build_request, check_image_prompt_served
 from server.front.store import ImageStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -88,8 +96,14 @@ class ImageService:
         self.store = store
 
     async def prepare(
-        self, body: _ImageFields, images: list[bytes] | None = None, prompt_required: bool = True
+        self,
+        body: _ImageFields,
+        images: list[bytes] | None = None,
+        prompt_required: bool = True,
+        base: str | None = None,
     ) -> Prepared:
+        """`base`: the address the request is answered under (public_base), which an image_prompt URL of this
+        server's own images starts with."""
         # One default for every route: a server whose default model cannot edit says so on an edit (400).
         spec = get_spec(body.model or self.settings.default_model, self.specs)
         if images is None:
@@ -99,6 +113,7 @@ class ImageService:
                 PASSTHROUGH[spec.pipeline_class],
                 safety_default=self.settings.safety_checker,
                 weights_dir=self.settings.weights_dir,
+                image_prompt=await self._image_prompt(body, spec, base),
             )
             return Prepared(render, reply, spec)
         mask = getattr(body, "mask", None)
@@ -118,6 +133,17 @@ class ImageService:
             weights_dir=self.settings.weights_dir,
         )
         return Prepared(render, reply, spec)
+
+    async def _image_prompt(self, body: _ImageFields, spec: ModelSpec, base: str | None) -> bytes | None:
+        value: str | None = body.image_prompt if isinstance(body, ImageGenerationRequest) else None
+        if value is None:
+            return None
+
+        def read() -> bytes:
+            check_image_prompt_served(body, spec, self.settings.weights_dir)
+            return resolve_image_prompt(value, self.store, base)
+
+        return await asyncio.to_thread(read)
 
     async def run(self, http: Request, prepared: Prepared, listener=None) -> RenderResult:
         """Render the request, cancelling it if the client goes away while it waits or runs."""

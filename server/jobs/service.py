@@ -191,11 +191,11 @@ class JobService(JobRunner):
                 return await self._replay(earlier, asked), False
         # A synchronous request takes partial_images only with stream=true; a job keeps the latest to poll.
         plain = body.model_copy(update={"partial_images": None})
-        prepared = await self.images.prepare(plain, images, prompt_required)
+        base_url = public_base(http, self.settings)
+        prepared = await self.images.prepare(plain, images, prompt_required, base_url)
         job_id = "job_" + secrets.token_urlsafe(24)  # 192 random bits
         render = dataclasses.replace(prepared.render, id=job_id, partial_images=body.partial_images or 0)
         prepared = Prepared(render, prepared.reply, prepared.spec)
-        base_url = public_base(http, self.settings)
         new = NewJob(
             job_id,
             owner,

@@ -227,7 +227,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, CliSettingsSource[Any]]:
     )
     weights_parser = sub.add_parser("weights", help="tiny | pull | list | verify model checkpoints")
     weights_parser.add_argument("action", choices=["tiny", "pull", "list", "verify"])
-    weights_parser.add_argument("model", nargs="?", help="model id (pull, verify)")
+    weights_parser.add_argument(
+        "model", nargs="?", help="model id, or safety-checker or redux (pull); model id (verify)"
+    )
     weights_parser.add_argument(
         "--dir", type=Path, default=Path(os.environ.get(f"{ENV_PREFIX}WEIGHTS_DIR", "weights"))
     )

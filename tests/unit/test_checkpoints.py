@@ -29,7 +29,9 @@ def broken_copy(tiny_weights: Path, tmp_path: Path, model_id: str = "flux.1-dev"
     return folder
 
 
-@pytest.mark.parametrize("model_id", ["flux.2-dev", "flux.2-dev-turbo", "flux.1-dev", "flux.1-kontext-dev"])
+@pytest.mark.parametrize(
+    "model_id", ["flux.2-dev", "flux.2-dev-turbo", "flux.1-dev", "flux.1-kontext-dev", "redux"]
+)
 def test_tiny_checkpoints_verify_clean(tiny_weights: Path, model_id: str) -> None:
     # flux.2-dev-turbo holds only the LoRA file: no model_index.json, its safetensors is still read.
     assert verify(tiny_weights / model_id) == []
@@ -113,6 +115,16 @@ def test_pull_offline_says_what_to_copy_where(tmp_path: Path, model_id: str, rep
     assert f"hf download {repo} " in done.stderr
     assert f"copy that folder to {tmp_path / 'weights' / model_id} " in done.stderr
     assert needs in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_pull_redux_offline_says_what_to_copy_where(tmp_path: Path) -> None:
+    """The FLUX.1 Redux weights that image_prompt needs, where the 400 without them says to pull them."""
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = fluxd("weights", "pull", "redux", "--dir", str(tmp_path / "weights"), env=env)
+    assert done.returncode == 1
+    assert "hf download black-forest-labs/FLUX.1-Redux-dev --local-dir redux" in done.stderr
+    assert f"copy that folder to {tmp_path / 'weights' / 'redux'}." in done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -91,6 +91,13 @@ def test_a_lora_at_another_scale_and_dict_order_are_told_apart_rightly() -> None
     assert batch_key(one) != batch_key(dataclasses.replace(one, loras=[dataclasses.replace(lora, scale=0.5)]))
 
 
+def test_image_prompted_requests_share_a_call_each_with_its_own_image_and_strength() -> None:
+    prompted = dataclasses.replace(BASE, image_prompt=b"one image", image_prompt_strength=1.0)
+    other_image = dataclasses.replace(prompted, image_prompt=b"another image", image_prompt_strength=0.3)
+    assert batch_key(other_image) == batch_key(prompted)
+    assert batch_key(prompted) != batch_key(BASE)
+
+
 def test_masked_requests_share_a_call_each_with_its_own_mask() -> None:
     masked = dataclasses.replace(BASE, mask=b"one mask", strength=0.8)
     assert batch_key(dataclasses.replace(masked, mask=b"another mask")) == batch_key(masked)
@@ -166,6 +173,7 @@ def test_a_job_row_stored_before_the_serialiser_loads() -> None:
     render = dataclasses.asdict(request)
     render["images"] = [base64.b64encode(image).decode() for image in request.images]
     render["mask"] = base64.b64encode(request.mask or b"").decode()
+    render["image_prompt"] = base64.b64encode(request.image_prompt or b"").decode()
     stored = json.dumps({"render": render, "reply": dataclasses.asdict(reply), "base_url": "http://x"})
     loaded, base_url = _load(stored, SPECS)
     assert (loaded.render, loaded.reply, base_url) == (request, reply, "http://x")

@@ -89,7 +89,8 @@ async def _handle(
             raise InvalidParameter(
                 field, f"{field} is for async jobs: send the request with the header Prefer: respond-async."
             )
-    prepared = await _service(request).prepare(body, images, prompt_required)
+    service = _service(request)
+    prepared = await service.prepare(body, images, prompt_required, public_base(request, service.settings))
     return await _answer(request, response, prepared, kind)
 
 
