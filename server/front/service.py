@@ -28,6 +28,7 @@ from server.declarations.settings import Settings
 from server.dispatch.pool import WorkerCrashed, WorkerFailure
 from server.dispatch.scheduler import Scheduler
 from server.front.normalize import Reply, build_request
+from server.front.remote_inputs import fetch_loras
 from server.front.store import ImageStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ class ImageService:
     ) -> Prepared:
         # One default for every route: a server whose default model cannot edit says so on an edit (400).
         spec = get_spec(body.model or self.settings.default_model, self.specs)
+        paths = [lora.path for lora in body.loras or []]
+        fetched = await asyncio.to_thread(fetch_loras, paths, self.settings) if paths else {}
         if images is None:
             render, reply = build_request(
                 body,
@@ -99,6 +102,7 @@ class ImageService:
                 PASSTHROUGH[spec.pipeline_class],
                 safety_default=self.settings.safety_checker,
                 weights_dir=self.settings.weights_dir,
+                fetched_loras=fetched,
             )
             return Prepared(render, reply, spec)
         mask = getattr(body, "mask", None)
@@ -116,6 +120,7 @@ class ImageService:
             prompt_required=prompt_required,
             safety_default=self.settings.safety_checker,
             weights_dir=self.settings.weights_dir,
+            fetched_loras=fetched,
         )
         return Prepared(render, reply, spec)
 
