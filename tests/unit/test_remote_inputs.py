@@ -3,11 +3,8 @@ redirects, the size cap, the deadline, the messages, and the LoRA cache."""
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -16,60 +13,15 @@ from pipelines.contract.errors import InvalidParameter
 from server.declarations.settings import Settings
 from server.front.remote_inputs import fetch_allowed, fetch_lora, fetch_loras
 from tests.damaged_loras import valid_lora
+from tests.origin import Origin, serving
 
 MiB = 2**20
 
 
-@dataclass
-class Origin:
-    """A local server: `routes` maps a path to (status, headers, body); `gets` counts what was asked."""
-
-    url: str
-    routes: dict[str, tuple[int, dict[str, str], bytes]]
-    gets: Counter[str] = field(default_factory=Counter)
-    release: threading.Event = field(default_factory=threading.Event)
-
-
 @pytest.fixture()
 def origin() -> Iterator[Origin]:
-    routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
-    served = Origin("", routes)
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            served.gets[self.path] += 1
-            if self.path.startswith("/files/stall"):
-                served.release.wait(30)
-                return
-            status, headers, body = routes.get(self.path, (404, {}, b"no such file"))
-            self.send_response(status)
-            if "Transfer-Encoding" not in headers:
-                self.send_header("Content-Length", str(len(body)))
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            if headers.get("Transfer-Encoding") == "chunked":
-                for start in range(0, len(body), 64 * 1024):
-                    piece = body[start : start + 64 * 1024]
-                    self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
-                self.wfile.write(b"0\r\n\r\n")
-            else:
-                self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    served.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield served
-    served.release.set()
-    httpd.shutdown()
-    httpd.server_close()
+    with serving() as served:
+        yield served
 
 
 def settings(origin: Origin, tmp_path: Path, **extra: object) -> Settings:
