@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from pipelines.contract.lora_catalog import FOLDER
+from tests.conftest import link_tiny_checkpoints
 from tests.e2e.conftest import HTTP, Server, start_server, stop_server
 from tests.origin import Origin, serving
 
@@ -44,10 +45,7 @@ def origin(tiny_weights: Path) -> Iterator[Origin]:
 @pytest.fixture(scope="module")
 def weights(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoints with a LoRA folder of this module's own, where the cache is written."""
-    root = tmp_path_factory.mktemp("fetch-weights")
-    for folder in tiny_weights.iterdir():
-        if folder.name != FOLDER:
-            (root / folder.name).symlink_to(folder)
+    root = link_tiny_checkpoints(tiny_weights, tmp_path_factory.mktemp("fetch-weights"), but=FOLDER)
     shutil.copytree(tiny_weights / FOLDER, root / FOLDER)
     return root
 

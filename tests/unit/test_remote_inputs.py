@@ -24,8 +24,9 @@ def origin() -> Iterator[Origin]:
         yield served
 
 
-def settings(origin: Origin, tmp_path: Path, **extra: object) -> Settings:
-    return Settings(fetch_allow=[f"{origin.url}/files/"], weights_dir=tmp_path, fetch_max_mb=1, **extra)  # type: ignore[arg-type]
+def settings(origin: Origin, tmp_path: Path, **extra: float) -> Settings:
+    """Settings that allow the origin's /files/, with a 1 MiB cap."""
+    return Settings(fetch_allow=[f"{origin.url}/files/"], weights_dir=tmp_path, fetch_max_mb=1, **extra)
 
 
 def refused(call, *args: object) -> InvalidParameter:
