@@ -11,6 +11,7 @@ credentials, query or fragment, where tokens travel.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import time
@@ -26,6 +27,8 @@ from pipelines.contract.lora_catalog import PARAM as LORAS
 from pipelines.contract.safetensors_header import HeaderError, read_header
 from server.declarations.settings import Settings
 from server.declarations.webhook_targets import allow_list, canonical, within
+
+logger = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 CACHE = ".cache"  # weights/loras/.cache/<sha256 of the normalised URL>.safetensors
@@ -143,6 +146,7 @@ def fetch_lora(url: str, settings: Settings) -> tuple[str, Path]:
             _stream(target, LORAS, settings, file.write)
         read_header(partial)
         os.replace(partial, cached)  # concurrent fetches of one URL each write their own part; the last wins
+        logger.info("fetched LoRA %s (%d bytes) into %s", name, cached.stat().st_size, cached.name)
     except HeaderError as exc:
         raise InvalidParameter(
             LORAS, f"LoRA {name}: the fetched file is not a valid safetensors file ({exc})."
