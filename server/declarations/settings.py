@@ -172,7 +172,7 @@ class Settings(BaseSettings):
     fetch_allow: list[str] = Field(
         default=[],
         description="URL prefixes a request's `loras` may be fetched from, e.g. "
-        "https://huggingface.co/acme/; empty: no URL is fetched (a server that GETs wherever it is told is "
+        "https://files.lan/loras/; empty: no URL is fetched (a server that GETs wherever it is told is "
         "an SSRF)",
     )
     fetch_max_mb: int = Field(

@@ -11,6 +11,7 @@ import pytest
 
 from pipelines.contract.errors import InvalidParameter
 from server.declarations.settings import Settings
+from server.declarations.settings_loading import load_settings
 from server.front.remote_inputs import fetch_allowed, fetch_lora, fetch_loras
 from tests.damaged_loras import valid_lora
 from tests.origin import Origin, serving
@@ -140,3 +141,10 @@ def test_a_lora_is_fetched_once_into_the_cache_and_broken_bytes_are_not_kept(
     error = refused(fetch_lora, f"{origin.url}/files/broken.safetensors", settings(origin, tmp_path))
     assert error.param == "loras" and "not a valid safetensors file" in error.message
     assert list(path.parent.iterdir()) == [path]
+
+
+def test_the_allow_list_comes_from_flags_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    flags = ["--fetch-allow", "https://a.lan/x/", "--fetch-allow", "http://b.lan:81/"]
+    assert load_settings(flags).fetch_allow == ["https://a.lan/x/", "http://b.lan:81/"]
+    monkeypatch.setenv("FLUXD_FETCH_ALLOW", "https://a.lan/x/, http://b.lan:81/")
+    assert load_settings([]).fetch_allow == ["https://a.lan/x/", "http://b.lan:81/"]
