@@ -74,15 +74,17 @@ def _prefixes(field: str, settings: Settings) -> list[SplitResult]:
     return allow_list(settings.fetch_allow)
 
 
-def _stream(url: str, field: str, settings: Settings, sink: Callable[[bytes], object]) -> None:
+def _stream(
+    url: str, field: str, settings: Settings, sink: Callable[[bytes], object], max_bytes: int | None
+) -> None:
     """Write the body at `url` to `sink` chunk by chunk, following redirects only while each stays allowed."""
     prefixes = _prefixes(field, settings)
     current = _allowed(url, field, prefixes)
-    cap = settings.fetch_max_mb * 2**20
-    deadline = time.monotonic() + settings.fetch_timeout_s
-    too_large = (
-        f"'{field}': {{}} is larger than this server fetches ({settings.fetch_max_mb} MiB, --fetch-max-mb)."
+    cap = (
+        settings.fetch_max_mb * 2**20 if max_bytes is None else min(max_bytes, settings.fetch_max_mb * 2**20)
     )
+    deadline = time.monotonic() + settings.fetch_timeout_s
+    too_large = f"'{field}': {{}} is larger than {cap / 2**20:g} MiB, the most this server fetches for it."
     try:
         # trust_env off: no proxy, .netrc or certificate settings from the environment reach these requests.
         with httpx.Client(timeout=settings.fetch_timeout_s, trust_env=False) as client:
@@ -122,11 +124,12 @@ def _stream(url: str, field: str, settings: Settings, sink: Callable[[bytes], ob
     raise InvalidParameter(field, f"'{field}': {shown(url)} redirects more than {MAX_REDIRECTS} times.")
 
 
-def fetch_allowed(url: str, field: str, settings: Settings) -> bytes:
+def fetch_allowed(url: str, field: str, settings: Settings, max_bytes: int | None = None) -> bytes:
     """The body at `url` when `--fetch-allow` admits it and every redirect on the way, or a 400 naming
-    `field`. Blocking: call it off the event loop."""
+    `field`; at most `max_bytes` (an image's limit, say), never past --fetch-max-mb. Blocking: call it off the
+    event loop."""
     body = bytearray()
-    _stream(url, field, settings, body.extend)
+    _stream(url, field, settings, body.extend, max_bytes)
     return bytes(body)
 
 
@@ -143,7 +146,7 @@ def fetch_lora(url: str, settings: Settings) -> tuple[str, Path]:
         partial = Path(part.name)
     try:
         with partial.open("wb") as file:
-            _stream(target, LORAS, settings, file.write)
+            _stream(target, LORAS, settings, file.write, None)
         read_header(partial)
         os.replace(partial, cached)  # concurrent fetches of one URL each write their own part; the last wins
         logger.info("fetched LoRA %s (%d bytes) into %s", name, cached.stat().st_size, cached.name)

@@ -106,6 +106,11 @@ def test_a_body_past_the_cap_is_refused(origin: Origin, tmp_path: Path, chunked:
     assert error.param == "loras" and "1 MiB" in error.message
     origin.routes["/files/fits"] = (200, headers, b"x" * MiB)
     assert len(fetch_allowed(f"{origin.url}/files/fits", "loras", settings(origin, tmp_path))) == MiB
+    # A caller's own, smaller limit (an image's, say) holds as well.
+    error = refused(
+        fetch_allowed, f"{origin.url}/files/fits", "image_prompt", settings(origin, tmp_path), MiB // 2
+    )
+    assert error.param == "image_prompt" and "0.5 MiB" in error.message
 
 
 def test_an_error_status_and_a_stall_are_400s_without_the_query(origin: Origin, tmp_path: Path) -> None:
