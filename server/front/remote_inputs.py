@@ -46,9 +46,10 @@ def shown(url: str) -> str:
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
         return "the URL"
-    if not parts.hostname:
+    host = parts.hostname
+    if not host:
         return "the URL"
-    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{port}{parts.path}"
 
 
 def _allowed(url: str, field: str, prefixes: list[SplitResult], came_from: str | None = None) -> str:

@@ -12,7 +12,7 @@ import pytest
 from pipelines.contract.errors import InvalidParameter
 from server.declarations.settings import Settings
 from server.declarations.settings_loading import load_settings
-from server.front.remote_inputs import fetch_allowed, fetch_lora, fetch_loras
+from server.front.remote_inputs import fetch_allowed, fetch_lora, fetch_loras, shown
 from tests.damaged_loras import valid_lora
 from tests.origin import Origin, serving
 
@@ -153,3 +153,19 @@ def test_the_allow_list_comes_from_flags_or_the_environment(monkeypatch: pytest.
     assert load_settings(flags).fetch_allow == ["https://a.lan/x/", "http://b.lan:81/"]
     monkeypatch.setenv("FLUXD_FETCH_ALLOW", "https://a.lan/x/, http://b.lan:81/")
     assert load_settings([]).fetch_allow == ["https://a.lan/x/", "http://b.lan:81/"]
+
+
+@pytest.mark.parametrize(
+    ("url", "text"),
+    [
+        (
+            "https://ops:hunter2@files.lan:8443/a/b.safetensors?sig=s3cret#x",
+            "https://files.lan:8443/a/b.safetensors",
+        ),
+        ("http://[::1]:9000/a", "http://[::1]:9000/a"),
+        ("http://files.lan:99999/a", "the URL"),
+        ("not a url", "the URL"),
+    ],
+)
+def test_a_url_is_shown_without_credentials_query_or_fragment(url: str, text: str) -> None:
+    assert shown(url) == text
