@@ -26,3 +26,11 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("weights")
     write_tiny(root)
     return root
+
+
+def link_tiny_checkpoints(tiny_weights: Path, root: Path, but: str) -> Path:
+    """`root` with a link to each of the tiny checkpoints' folders except `but`, which the caller fills."""
+    for folder in tiny_weights.iterdir():
+        if folder.name != but:
+            (root / folder.name).symlink_to(folder)
+    return root

@@ -5,8 +5,9 @@ folder, a file that is no LoRA or one made for another family is a 400 before an
 loads what was resolved (pipelines/engine/lora_adapters.py).
 
 Where a LoRA may live: a `.safetensors` file or a folder holding one under `weights/loras/` (named with or
-without the suffix), or a Hugging Face repo already in the local Hugging Face cache (`fluxd weights pull
---lora REPO`). fluxd downloads nothing at request time.
+without the suffix), a Hugging Face repo already in the local Hugging Face cache (`fluxd weights pull
+--lora REPO`), or an http(s) URL under the operator's `--fetch-allow`, which the front fetches into
+`weights/loras/.cache/` and hands over as a file (`resolve`'s `files`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -219,8 +220,9 @@ def locate(name: str, weights_dir: Path) -> Path:
     if "://" in name or name.startswith("data:"):
         raise InvalidParameter(
             PARAM,
-            "fluxd does not download LoRAs at request time: put the file under the server's "
-            f"weights/{FOLDER}/ or run `fluxd weights pull --lora REPO`, then name it in `path`.",
+            "A LoRA is fetched only from an http(s) URL this server's operator allows (--fetch-allow); "
+            f"otherwise put the file under the server's weights/{FOLDER}/ or run `fluxd weights pull --lora "
+            "REPO`, then name it in `path`.",
         )
     parts = Path(name).parts
     if not name.strip() or Path(name).is_absolute() or ".." in parts or "\\" in name or "\x00" in name:
@@ -247,9 +249,14 @@ def locate(name: str, weights_dir: Path) -> Path:
 
 
 def resolve(
-    entries: list[tuple[str, float]], family: Family, model_id: str, weights_dir: Path
+    entries: list[tuple[str, float]],
+    family: Family,
+    model_id: str,
+    weights_dir: Path,
+    files: Mapping[str, Path] | None = None,
 ) -> list[LoraChoice]:
-    """A request's `loras` as the worker loads them, or a 400 naming `loras`."""
+    """A request's `loras` as the worker loads them, or a 400 naming `loras`; `files` maps names already
+    found elsewhere (fetched by URL) to their file."""
     if len(entries) > MAX_LORAS:
         raise InvalidParameter(PARAM, f"At most {MAX_LORAS} LoRAs per request; {len(entries)} were sent.")
     wanted = family_of(family)
@@ -257,7 +264,8 @@ def resolve(
     for name, scale in entries:
         if not -MAX_SCALE <= scale <= MAX_SCALE:
             raise InvalidParameter(PARAM, f"A LoRA's scale must be between -{MAX_SCALE:g} and {MAX_SCALE:g}.")
-        info = inspect(locate(name, weights_dir), name)
+        found = (files or {}).get(name)
+        info = inspect(found if found is not None else locate(name, weights_dir), name)
         if info.family is not None and info.family != wanted:
             raise InvalidParameter(
                 PARAM,
@@ -277,6 +285,8 @@ def catalog(weights_dir: Path) -> Iterator[LoraInfo | tuple[str, str]]:
     if root.is_dir():
         for path in sorted(root.rglob(f"*{SUFFIX}")):
             relative = path.relative_to(root)
+            if any(part.startswith(".") for part in relative.parts):  # .cache/: LoRAs fetched by URL
+                continue
             names.append(str(relative.parent) if relative.parent != Path(".") else relative.stem)
     names.extend(_hub_loras())
     for name in dict.fromkeys(names):

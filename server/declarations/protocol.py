@@ -186,8 +186,9 @@ class _ImageFields(BaseModel):
     )
     loras: list[LoraWeight] | None = declare(
         "native",
-        f"up to {MAX_LORAS} of the server's LoRAs, [{{path, scale}}]: a name under weights/loras/ or a "
-        f"Hugging Face repo pulled with `fluxd weights pull --lora` (at most {MAX_NAME_CHARS} characters); "
+        f"up to {MAX_LORAS} of the server's LoRAs, [{{path, scale}}]: a name under weights/loras/, a "
+        "Hugging Face repo pulled with `fluxd weights pull --lora`, or an http(s) URL under the server's "
+        f"--fetch-allow (else a 400), fetched once into a cache (at most {MAX_NAME_CHARS} characters); "
         "scale -4 to 4 (default 1); applied "
         "unfused on the shared base (diffusers/PEFT, kohya, BFL/ai-toolkit layouts), stacking on Turbo; "
         "multipart: a JSON text field",

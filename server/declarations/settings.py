@@ -169,6 +169,18 @@ class Settings(BaseSettings):
         description="Standard Webhooks signing secret, whsec_<base64>; needed with --webhook-allow; never "
         "printed",
     )
+    fetch_allow: list[str] = Field(
+        default=[],
+        description="URL prefixes a request's `loras` and `image_prompt` may be fetched from, e.g. "
+        "https://files.lan/loras/; empty: no URL is fetched (a server that GETs wherever it is told is "
+        "an SSRF)",
+    )
+    fetch_max_mb: int = Field(
+        default=2048, ge=1, description="largest file fetched from a --fetch-allow URL, in MiB"
+    )
+    fetch_timeout_s: float = Field(
+        default=300.0, gt=0, description="seconds one fetch from a --fetch-allow URL may take, all in all"
+    )
     queue_size: int = Field(default=64, ge=1, description="queued requests per model before 429")
     queue_timeout_s: float = Field(
         default=600.0,
@@ -296,7 +308,7 @@ class Settings(BaseSettings):
             self.weights_dir = DEFAULT_CACHE / "tiny"
         return self
 
-    @field_validator("webhook_allow")
+    @field_validator("webhook_allow", "fetch_allow")
     @classmethod
     def _allow_list(cls, entries: list[str]) -> list[str]:
         allow_list(entries)  # a ValueError names the bad entry, its credentials masked

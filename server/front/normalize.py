@@ -2,7 +2,7 @@
 
 Every parameter the gateways' model pages promise is decided here, in the HTTP process, before anything
 reaches a worker. Which parameters exist and how each is handled is declared once, in
-server/declarations/protocol.py. """
+server/declarations/protocol.py."""
 
 from __future__ import annotations
 
@@ -213,13 +213,20 @@ def _reply(body: _ImageFields) -> Reply:
     )
 
 
-def _loras(body: _ImageFields, spec: ModelSpec, weights_dir: Path | None) -> list[LoraChoice]:
-    entries = [(lora.path, lora.scale) for lora in body.loras or []]
+def _loras(
+    body: _ImageFields, spec: ModelSpec, weights_dir: Path | None, fetched: Mapping[str, tuple[str, Path]]
+) -> list[LoraChoice]:
+    """The request's LoRAs; one given by URL goes by the name its fetch shows, with the file it fetched."""
+    entries = [
+        (fetched[lora.path][0] if lora.path in fetched else lora.path, lora.scale)
+        for lora in body.loras or []
+    ]
     if not entries:
         return []
     if weights_dir is None:
         raise InvalidParameter("loras", "This server has no LoRA folder.")
-    return resolve_loras(entries, spec.family, spec.id, weights_dir)
+    files = dict(fetched.values())
+    return resolve_loras(entries, spec.family, spec.id, weights_dir, files)
 
 
 def _strength(body: _ImageFields, masked: bool, steps: int) -> float | None:
@@ -279,11 +286,13 @@ def build_request(
     safety_default: bool = False,
     weights_dir: Path | None = None,
     image_prompt: bytes | None = None,
+    fetched_loras: Mapping[str, tuple[str, Path]] | None = None,
 ) -> tuple[RenderRequest, Reply]:
     """Validate everything and apply every default; raise InvalidParameter naming the first bad field.
     Only variations go without a prompt. LoRAs are looked up under `weights_dir` (and the Hugging Face
-    cache): their headers are read here, so a LoRA the model cannot take is refused before it queues.
-    `image_prompt` is the body's, resolved and checked (server/front/image_prompts.py)."""
+    cache) or in `fetched_loras` (URL -> (name, file), fetched by the caller): their headers are read here,
+    so a LoRA the model cannot take is refused before it queues. `image_prompt` is the body's, resolved and
+    checked (server/front/image_prompts.py)."""
     if prompt_required and not body.prompt.strip():
         raise InvalidParameter("prompt", "prompt must not be empty.", "missing_required_parameter")
     check_taken(body, spec)
@@ -321,7 +330,7 @@ def build_request(
         partial_images=body.partial_images or 0,
         acceleration=_acceleration(body, spec),
         safety_check=_safety_check(body, safety_default),
-        loras=_loras(body, spec, weights_dir),
+        loras=_loras(body, spec, weights_dir, fetched_loras or {}),
         output_format=reply.output_format,
         output_compression=reply.compression,
         mask=mask,

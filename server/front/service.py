@@ -36,6 +36,7 @@ from server.dispatch.pool import WorkerCrashed, WorkerFailure
 from server.dispatch.scheduler import Scheduler
 from server.front.image_prompts import resolve_image_prompt
 from server.front.normalize import Reply, build_request, check_image_prompt_served
+from server.front.remote_inputs import fetch_loras
 from server.front.store import ImageStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ class ImageService:
         server's own images starts with."""
         # One default for every route: a server whose default model cannot edit says so on an edit (400).
         spec = get_spec(body.model or self.settings.default_model, self.specs)
+        paths = [lora.path for lora in body.loras or []]
+        fetched = await asyncio.to_thread(fetch_loras, paths, self.settings) if paths else {}
         if images is None:
             render, reply = build_request(
                 body,
@@ -114,6 +117,7 @@ class ImageService:
                 safety_default=self.settings.safety_checker,
                 weights_dir=self.settings.weights_dir,
                 image_prompt=await self._image_prompt(body, spec, base),
+                fetched_loras=fetched,
             )
             return Prepared(render, reply, spec)
         mask = getattr(body, "mask", None)
@@ -131,6 +135,7 @@ class ImageService:
             prompt_required=prompt_required,
             safety_default=self.settings.safety_checker,
             weights_dir=self.settings.weights_dir,
+            fetched_loras=fetched,
         )
         return Prepared(render, reply, spec)
 
@@ -141,7 +146,7 @@ class ImageService:
 
         def read() -> bytes:
             check_image_prompt_served(body, spec, self.settings.weights_dir)
-            return resolve_image_prompt(value, self.store, base)
+            return resolve_image_prompt(value, self.store, base, self.settings)
 
         return await asyncio.to_thread(read)
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
+from pipelines.contract.masks import edit_weights
 from tests.e2e.conftest import Server, start_server, stop_server
-from tests.imagery import png
+from tests.imagery import photo, png
 
 pytestmark = pytest.mark.browser
 
@@ -120,6 +124,95 @@ def test_reference_images_go_to_edits(page: Page) -> None:
     with page.expect_request("**/v1/images/edits"):
         page.click("#generate")
     assert final_image_size(page) == [64, 48]
+
+
+def record_forms(page: Page) -> None:
+    """Keep every FormData the page sends (the browser reports no body that holds a file)."""
+    page.evaluate(
+        """() => {
+            const send = window.fetch;
+            window.forms = [];
+            window.fetch = (url, init) => {
+                if (init && init.body instanceof FormData) window.forms.push(init.body);
+                return send(url, init);
+            };
+        }"""
+    )
+
+
+def last_form(page: Page) -> dict[str, bytes]:
+    """The fields of the last FormData sent, by name, files as their bytes."""
+    fields = page.evaluate(
+        """async () => {
+            const out = {};
+            for (const [name, value] of window.forms.at(-1)) {
+                const bytes = value instanceof Blob ? new Uint8Array(await value.arrayBuffer())
+                                                    : new TextEncoder().encode(value);
+                out[name] = btoa(Array.from(bytes, (b) => String.fromCharCode(b)).join(""));
+            }
+            return out;
+        }"""
+    )
+    return {name: base64.b64decode(value) for name, value in fields.items()}
+
+
+def rgb(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+
+def test_a_painted_area_is_sent_as_the_mask_and_only_it_changes(page: Page) -> None:
+    page.select_option("#model", "flux.1-dev")
+    page.fill("#prompt", "a hat")
+    page.fill("#steps", "2")
+    expect(page.locator("#mask-row")).to_be_hidden()
+    page.set_input_files("#images", {"name": "photo.png", "mimeType": "image/png", "buffer": photo(64, 48)})
+    canvas = page.locator("#mask-canvas")
+    expect(canvas).to_have_attribute("width", "64")
+    canvas.scroll_into_view_if_needed()  # the mouse paints in the viewport
+    box = canvas.bounding_box()
+    assert box is not None
+    # A stroke from a quarter in to the middle, in the canvas's display pixels.
+    page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.3)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5, steps=5)
+    page.mouse.up()
+    page.fill("#strength", "0.9")
+    record_forms(page)
+    page.click("#generate")
+    page.wait_for_selector('#result[data-state="final"] img', timeout=GENERATION_TIMEOUT_MS)
+    parts = last_form(page)
+    assert parts["strength"] == b"0.9"
+    edited = edit_weights(parts["mask"])
+    assert edited.shape == (48, 64)
+    assert edited[19, 24] == 1 and edited[0, 0] == 0 and edited[47, 63] == 0  # on the stroke; far from it
+    src = page.eval_on_selector("#result img", "img => img.src")
+    got, sent_pixels = rgb(base64.b64decode(src.split(",", 1)[1])), rgb(photo(64, 48))
+    kept = edited == 0
+    assert np.array_equal(got[kept], sent_pixels[kept])
+    assert not np.array_equal(got[~kept], sent_pixels[~kept])
+
+    page.click("#mask-clear")
+    page.click("#generate")
+    expect(page.locator("#error")).to_contain_text("send a mask to inpaint")  # flux.1-dev only inpaints
+    assert "mask" not in last_form(page)
+
+
+def test_the_mask_is_offered_only_for_models_that_inpaint(page: Page) -> None:
+    def without_inpaint(route: Route) -> None:
+        answer = route.fetch().json()
+        for model in answer["data"]:
+            model["modes"] = [mode for mode in model["modes"] if mode != "inpaint"]
+        route.fulfill(json=answer)
+
+    page.route("**/v1/models", without_inpaint)
+    page.reload()
+    page.select_option("#model", "flux.2-dev")
+    page.set_input_files("#images", {"name": "photo.png", "mimeType": "image/png", "buffer": photo(64, 48)})
+    expect(page.locator("#mask-row")).to_be_hidden()
+    expect(page.locator("#images-hint")).to_have_text("With images, the request goes to /v1/images/edits.")
+    page.select_option("#model", "flux.1-dev")
+    expect(page.locator("#images")).to_be_disabled()
+    expect(page.locator("#mask-row")).to_be_hidden()
 
 
 def test_an_invalid_size_shows_the_message_and_the_parameter(page: Page) -> None:

@@ -396,6 +396,7 @@ def test_synthetic_weights_serve_every_built_in_model_without_a_checkpoint(tmp_p
         ["--webhook-allow", "http://h/x", "--webhook-secret", "whsec_sk-key-1!"],  # not base64
         ["--webhook-allow", "http://h/x", "--ray-min-replicas", "2", "--ray-max-replicas", "1"],
         ["--webhook-allow", "http://ops:sk-key-1@h/x"],
+        ["--fetch-allow", "http://ops:sk-key-1@h/x"],
     ],
 )
 def test_a_start_up_error_shows_no_secret(flags: list[str]) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from pipelines.contract.errors import InvalidParameter
 from pipelines.contract.image_prompts import FOLDER
+from server.declarations.settings import Settings
 from server.front.image_prompts import resolve_image_prompt
 from server.front.store import ImageStore
 from tests.imagery import mask, photo, png
@@ -19,6 +20,7 @@ from tests.standin import StandInHandle
 from tests.unit.test_front import BODY, run, until
 
 PNG = png(16, 16)
+SETTINGS = Settings()  # no --fetch-allow: a URL of another server is refused before anything is fetched
 URI = "data:image/png;base64," + base64.b64encode(PNG).decode()
 DEV = {**BODY, "model": "flux.1-dev"}
 
@@ -32,13 +34,13 @@ def with_redux(tmp: Path) -> Path:
 
 def refused(value: str, store: ImageStore | None = None, base: str | None = "http://fluxd") -> str:
     with pytest.raises(InvalidParameter) as info:
-        resolve_image_prompt(value, store or ImageStore(Path("/nonexistent"), 60, 2**20, {}), base)
+        resolve_image_prompt(value, store or ImageStore(Path("/nonexistent"), 60, 2**20, {}), base, SETTINGS)
     assert info.value.param == "image_prompt"
     return str(info.value)
 
 
 def test_a_data_uri_is_read_and_checked() -> None:
-    assert resolve_image_prompt(URI, ImageStore(Path("/nonexistent"), 60, 2**20, {}), None) == PNG
+    assert resolve_image_prompt(URI, ImageStore(Path("/nonexistent"), 60, 2**20, {}), None, SETTINGS) == PNG
     assert "text/plain" in refused("data:text/plain;base64,aGVsbG8=")
     assert "base64" in refused("data:image/png;base64,***")
     assert "data: URI" in refused("data:image/png,rawbytes")
@@ -53,8 +55,8 @@ def test_a_url_is_this_servers_own_image_or_refused_by_the_fetch_allow_list(tmp_
     store.open()
     image_id = store.put(PNG, "png")
     own = f"http://fluxd/v1/files/images/{image_id}.png"
-    assert resolve_image_prompt(own, store, "http://fluxd") == PNG
-    assert resolve_image_prompt(own.removesuffix(".png"), store, "http://FLUXD/") == PNG
+    assert resolve_image_prompt(own, store, "http://fluxd", SETTINGS) == PNG
+    assert resolve_image_prompt(own.removesuffix(".png"), store, "http://FLUXD/", SETTINGS) == PNG
     message = refused(f"http://user:secret@elsewhere/v1/files/images/{image_id}.png", store)
     assert "--fetch-allow" in message and "secret" not in message
     assert "--fetch-allow" in refused(own, store, base=None)

@@ -49,9 +49,9 @@ def test_names_outside_the_folder_or_unknown_are_refused(weights: Path, name: st
     assert info.value.param == "loras"
 
 
-def test_a_url_is_refused_saying_fluxd_downloads_nothing(weights: Path) -> None:
-    with pytest.raises(InvalidParameter, match="does not download") as info:
-        locate("https://huggingface.co/x/y/resolve/main/a.safetensors", weights)
+def test_a_url_the_front_did_not_fetch_is_refused_naming_fetch_allow(weights: Path) -> None:
+    with pytest.raises(InvalidParameter, match="--fetch-allow") as info:
+        locate("ftp://huggingface.co/x/y/resolve/main/a.safetensors", weights)
     assert info.value.param == "loras"
 
 
