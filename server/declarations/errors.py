@@ -60,6 +60,7 @@ KINDS: dict[ErrorCode, ErrorKind] = {
     # would queue a timed-out request twice more, tripling the wait --queue-timeout bounds).
     "model_unavailable": ErrorKind(503, "server_error"),
     "jobs_unavailable": ErrorKind(503, "server_error"),  # a job table the disk cannot open or write
+    "storage_unavailable": ErrorKind(503, "server_error"),  # a fetched file the disk cannot keep
     "queue_timeout": ErrorKind(504, "timeout"),
     "deadline_exceeded": ErrorKind(504, "timeout"),  # a job's Cancel-After passed
     "server_error": ErrorKind(500, "server_error", None),

@@ -25,6 +25,7 @@ from pipelines.contract.errors import InvalidParameter
 from pipelines.contract.lora_catalog import FOLDER, MAX_LORAS, SUFFIX
 from pipelines.contract.lora_catalog import PARAM as LORAS
 from pipelines.contract.safetensors_header import HeaderError, read_header
+from server.declarations.errors import APIError
 from server.declarations.settings import Settings
 from server.declarations.webhook_targets import allow_list, canonical, within
 
@@ -142,9 +143,12 @@ def fetch_lora(url: str, settings: Settings) -> tuple[str, Path]:
     cached = settings.weights_dir / FOLDER / CACHE / f"{hashlib.sha256(target.encode()).hexdigest()}{SUFFIX}"
     if cached.is_file():
         return name, cached
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cached.parent, suffix=".part", delete=False) as part:
-        partial = Path(part.name)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cached.parent, suffix=".part", delete=False) as part:
+            partial = Path(part.name)
+    except OSError as exc:
+        raise _unkept(name, exc) from None
     try:
         with partial.open("wb") as file:
             _stream(target, LORAS, settings, file.write, None)
@@ -155,9 +159,22 @@ def fetch_lora(url: str, settings: Settings) -> tuple[str, Path]:
         raise InvalidParameter(
             LORAS, f"LoRA {name}: the fetched file is not a valid safetensors file ({exc})."
         ) from None
+    except OSError as exc:  # the request is sound: the server's disk is full or read-only
+        raise _unkept(name, exc) from None
     finally:
         partial.unlink(missing_ok=True)
     return name, cached
+
+
+def _unkept(name: str, exc: OSError) -> APIError:
+    logger.error("LoRA %s could not be kept in the LoRA cache: %s", name, exc)
+    # The reason without the path: the weights folder's place is the operator's, not the client's.
+    return APIError(
+        "storage_unavailable",
+        f"LoRA {name} was fetched but this server cannot keep it ({exc.strerror or type(exc).__name__}); "
+        "its operator must free or fix the LoRA folder.",
+        "loras",
+    )
 
 
 def fetch_loras(paths: Iterable[str], settings: Settings) -> dict[str, tuple[str, Path]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.contract.errors import InvalidParameter
+from server.declarations.errors import APIError
 from server.declarations.settings import Settings
 from server.declarations.settings_loading import load_settings
 from server.front.remote_inputs import fetch_allowed, fetch_lora, fetch_loras, shown
@@ -169,3 +170,17 @@ def test_the_allow_list_comes_from_flags_or_the_environment(monkeypatch: pytest.
 )
 def test_a_url_is_shown_without_credentials_query_or_fragment(url: str, text: str) -> None:
     assert shown(url) == text
+
+
+def test_a_lora_the_disk_cannot_keep_is_a_503_naming_the_reason_not_the_folder(
+    origin: Origin, tmp_path: Path
+) -> None:
+    origin.routes["/files/style.safetensors"] = (200, {}, valid_lora())
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / ".cache").write_text("a file where the cache folder would go")
+    with pytest.raises(APIError) as caught:
+        fetch_lora(f"{origin.url}/files/style.safetensors", settings(origin, tmp_path))
+    error = caught.value
+    assert (error.status, error.code, error.param) == (503, "storage_unavailable", "loras")
+    assert "File exists" in error.message or "Not a directory" in error.message
+    assert str(tmp_path) not in error.message
