@@ -12,7 +12,7 @@ import binascii
 import re
 
 from pipelines.contract.errors import InvalidParameter
-from pipelines.contract.images import reference_sizes
+from pipelines.contract.images import WITH_GIF, format_names, reference_sizes
 
 PARAM = "image_prompt"
 FOLDER = "redux"  # under the weights folder, as `fluxd weights pull redux` writes it
@@ -26,18 +26,21 @@ NOT_PULLED = (
 _DATA_URI = re.compile(
     r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL
 )
-_IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp")
+# Lumenfall's FLUX1.1 [pro] page (replicate): "Must be jpeg, png, gif, or webp".
+_IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif")
+FORMATS = WITH_GIF
 
 
 def data_uri_bytes(uri: str) -> bytes:
-    """The bytes of a base64 `data:` URI of a PNG, JPEG or WebP image, or a 400 naming `image_prompt`."""
+    """The bytes of a base64 `data:` URI of a PNG, JPEG, WebP or GIF image, or a 400 naming `image_prompt`."""
     match = _DATA_URI.fullmatch(uri)
     if match is None:
         raise InvalidParameter(PARAM, f"'{PARAM}' must be a base64 data: URI (data:image/png;base64,...).")
     media_type = (match["type"] or "").lower()
     if media_type not in _IMAGE_TYPES:
         raise InvalidParameter(
-            PARAM, f"'{PARAM}' is a data: URI of '{media_type or 'no type'}'; a PNG, JPEG or WebP is taken."
+            PARAM,
+            f"'{PARAM}' is a data: URI of '{media_type or 'no type'}'; a {format_names(FORMATS)} is taken.",
         )
     encoded = re.sub(r"\s+", "", match["data"])
     try:
@@ -47,6 +50,6 @@ def data_uri_bytes(uri: str) -> bytes:
 
 
 def check_image_prompt(data: bytes) -> None:
-    """Refuse, naming `image_prompt`, bytes that are not a PNG, JPEG or WebP within the pixel bound, or that
-    do not decode (the hostile-input-safe reading of pipelines.contract.images)."""
-    reference_sizes([data], PARAM)
+    """Refuse, naming `image_prompt`, bytes that are not a PNG, JPEG, WebP or GIF within the pixel bound, or
+    that do not decode (the hostile-input-safe reading of pipelines.contract.images)."""
+    reference_sizes([data], PARAM, FORMATS)

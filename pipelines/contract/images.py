@@ -15,6 +15,7 @@ from pipelines.contract.errors import InvalidParameter
 from pipelines.contract.specs import MAX_REFERENCE_PIXELS
 
 ACCEPTED_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+WITH_GIF = {**ACCEPTED_FORMATS, "GIF": "gif"}  # image_prompt's formats: its first frame is what is read
 MAX_INPUT_PIXELS = 64 * 1024 * 1024  # past this an upload is refused outright, not resized
 MAX_REQUEST_PIXELS = MAX_INPUT_PIXELS  # all the images of one request together
 
@@ -27,16 +28,24 @@ def sniff_format(data: bytes) -> str | None:
         return "JPEG"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
     return None
 
 
-def _open(data: bytes, param: str) -> Image.Image:
+def format_names(accepted: dict[str, str]) -> str:
+    """'PNG, JPEG or WebP', as messages name the formats a parameter takes."""
+    names = [{"WEBP": "WebP"}.get(fmt, fmt) for fmt in accepted]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _open(data: bytes, param: str, accepted: dict[str, str] = ACCEPTED_FORMATS) -> Image.Image:
     """Read the header only: the format from the bytes, the size, and the pixel-bomb bound."""
     if not data:
         raise InvalidParameter(param, f"'{param}' is an empty file.")
     fmt = sniff_format(data)
-    if fmt is None:
-        raise InvalidParameter(param, f"'{param}' is not a PNG, JPEG or WebP image.")
+    if fmt not in accepted:
+        raise InvalidParameter(param, f"'{param}' is not a {format_names(accepted)} image.")
     with _decode_errors(param, fmt), warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = Image.open(io.BytesIO(data), formats=[fmt])
@@ -71,11 +80,13 @@ def _upright_size(image: Image.Image) -> tuple[int, int]:
     )
 
 
-def reference_sizes(images: list[bytes], param: str = "image") -> list[tuple[int, int]]:
+def reference_sizes(
+    images: list[bytes], param: str = "image", accepted: dict[str, str] = ACCEPTED_FORMATS
+) -> list[tuple[int, int]]:
     """Each image's upright size, for the HTTP front: every header is read and the whole request held to one
     pixel budget before anything is decoded; then each image is decoded once, one at a time and in its own
     mode, only to refuse corrupt bytes before the request is queued (the worker decodes for the model)."""
-    opened = [_open(data, param) for data in images]
+    opened = [_open(data, param, accepted) for data in images]
     total = sum(image.width * image.height for image in opened)
     if total > MAX_REQUEST_PIXELS:
         raise InvalidParameter(
@@ -91,9 +102,11 @@ def reference_sizes(images: list[bytes], param: str = "image") -> list[tuple[int
     return sizes
 
 
-def decode_image(data: bytes, param: str = "image") -> Image.Image:
+def decode_image(
+    data: bytes, param: str = "image", accepted: dict[str, str] = ACCEPTED_FORMATS
+) -> Image.Image:
     """Decode an upright RGB image (EXIF orientation applied), or raise InvalidParameter naming `param`."""
-    image = _open(data, param)
+    image = _open(data, param, accepted)
     with _decode_errors(param, image.format or "image"):
         image.load()
     upright = ImageOps.exif_transpose(image)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from pipelines.contract.errors import InvalidParameter
-from pipelines.contract.image_prompts import FOLDER, NOT_PULLED, PARAM, REPO_ID
+from pipelines.contract.image_prompts import FOLDER, FORMATS, NOT_PULLED, PARAM, REPO_ID
 from pipelines.contract.images import decode_image
 from pipelines.contract.messages import RenderRequest
 
@@ -66,7 +66,7 @@ class ImagePrompts:
     def image_tokens(self, pipe: Any, images: list[bytes]) -> torch.Tensor:
         """Redux's tokens of each image (images x tokens x T5 width), at the text encoder's dtype."""
         redux = self._load(pipe.transformer.dtype)
-        pictures = [decode_image(data, PARAM) for data in images]
+        pictures = [decode_image(data, PARAM, FORMATS) for data in images]
         hidden = redux.encode_image(pictures, redux._execution_device, 1)
         return redux.image_embedder(hidden).image_embeds
 

@@ -246,8 +246,8 @@ class ImageGenerationRequest(_ImageFields):
         "native",
         "FLUX.1 Redux: an image whose SigLIP/Redux tokens follow the prompt's, guiding the composition "
         "(diffusers' FluxPriorReduxPipeline; the weights come with `fluxd weights pull redux`, without "
-        "which it is a 400 saying so); a base64 data: URI of a PNG, JPEG or WebP, or the url of an image "
-        "this server returned; other URLs are a 400",
+        "which it is a 400 saying so); a base64 data: URI of a PNG, JPEG, WebP or GIF (its first frame), the "
+        "url of an image this server returned, or a URL under the server's --fetch-allow (else a 400)",
         f"{LUMENFALL}: FLUX1.1 [pro] (replicate)",
         families=("flux1",),
     )

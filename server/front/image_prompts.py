@@ -23,8 +23,8 @@ _NAME = re.compile(r"(?P<id>[A-Za-z0-9_-]{32})(\.(?P<ext>[a-z]+))?")
 
 
 def resolve_image_prompt(value: str, store: ImageStore, base: str | None, settings: Settings) -> bytes:
-    """The image `value` names, checked (a PNG, JPEG or WebP that decodes within the pixel bound), or a 400
-    naming `image_prompt`. `base` is the address this server answers the request under (public_base)."""
+    """The image `value` names, checked (a PNG, JPEG, WebP or GIF that decodes within the pixel bound), or a
+    400 naming `image_prompt`. `base` is the address this server answers the request under (public_base)."""
     if value.startswith("data:"):
         data = data_uri_bytes(value)
     elif urlsplit(value).scheme.lower() in ("http", "https"):

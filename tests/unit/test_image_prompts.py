@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from pipelines.contract.errors import InvalidParameter
-from pipelines.contract.image_prompts import FOLDER
+from pipelines.contract.image_prompts import FOLDER, FORMATS
+from pipelines.contract.images import decode_image, reference_sizes
 from server.declarations.settings import Settings
 from server.front.image_prompts import resolve_image_prompt
 from server.front.store import ImageStore
@@ -44,10 +47,25 @@ def test_a_data_uri_is_read_and_checked() -> None:
     assert "text/plain" in refused("data:text/plain;base64,aGVsbG8=")
     assert "base64" in refused("data:image/png;base64,***")
     assert "data: URI" in refused("data:image/png,rawbytes")
-    assert "not a PNG, JPEG or WebP" in refused("data:image/png;base64," + base64.b64encode(b"junk").decode())
+    junk = "data:image/png;base64," + base64.b64encode(b"junk").decode()
+    assert "not a PNG, JPEG, WebP or GIF" in refused(junk)
     truncated = base64.b64encode(png(300, 300)[:80]).decode()
     assert "could not be decoded" in refused("data:image/png;base64," + truncated)
     assert "http(s) URL" in refused("file:///etc/passwd")
+
+
+def test_a_gif_is_taken_as_the_page_says_and_its_first_frame_read() -> None:
+    frames = [Image.new("RGB", (24, 16), colour) for colour in ("red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    gif = buffer.getvalue()
+    uri = "data:image/gif;base64," + base64.b64encode(gif).decode()
+    assert resolve_image_prompt(uri, ImageStore(Path("/nonexistent"), 60, 2**20, {}), None, SETTINGS) == gif
+    first = decode_image(gif, "image_prompt", FORMATS)
+    assert first.mode == "RGB" and first.size == (24, 16) and first.getpixel((0, 0))[0] > 200
+    with pytest.raises(InvalidParameter) as caught:  # an uploaded `image` stays PNG, JPEG or WebP (OpenAI's)
+        reference_sizes([gif])
+    assert "not a PNG, JPEG or WebP" in str(caught.value)
 
 
 def test_a_url_is_this_servers_own_image_or_refused_by_the_fetch_allow_list(tmp_path: Path) -> None:
