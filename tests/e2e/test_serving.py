@@ -64,7 +64,7 @@ def pixels(response: httpx.Response) -> list[np.ndarray]:
 
 @pytest.fixture()
 def fresh(tiny_weights: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
-    server = start_server(tiny_weights, tmp_path, *getattr(request, "param", ()))
+    server = start_server(tiny_weights, tmp_path, *getattr(request, "param", ()), env=FAULTS)
     yield server
     stop_server(server)
 
@@ -79,13 +79,12 @@ def plain(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def idle(server: Server) -> bool:
-    metrics = HTTP.get(f"{server.url}/metrics").text.splitlines()
-    queued = [line for line in metrics if line.startswith("fluxd_queue_depth{")]
-    return (
-        HTTP.get(f"{server.url}/ready").status_code == 200
-        and workers_idle(server)
-        and all(line.endswith(" 0.0") for line in queued)
-    )
+    return HTTP.get(f"{server.url}/ready").status_code == 200 and workers_idle(server) and queued(server) == 0
+
+
+def queued(server: Server) -> float:
+    lines = HTTP.get(f"{server.url}/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("fluxd_queue_depth{"))
 
 
 def batches(server: Server) -> float:
@@ -94,11 +93,11 @@ def batches(server: Server) -> float:
 
 @pytest.mark.parametrize("fresh", [("--queue-size", "1", "--queue-timeout", "1")], indirect=True)
 def test_queue_limits_answer_429_when_full_and_504_past_the_deadline(fresh: Server) -> None:
-    in_background(lambda: generate(fresh, **LONG))
-    wait_until(lambda: batches(fresh) >= 1)
-    calls = [in_background(lambda i=i: generate(fresh, size="48x48", seed=i)) for i in range(3)]
-    for thread, _ in calls:
-        thread.join(120)
+    with sent(fresh, **HOLD):  # holds the worker until the block ends
+        wait_until(lambda: batches(fresh) >= 1)
+        calls = [in_background(lambda i=i: generate(fresh, size="48x48", seed=i)) for i in range(3)]
+        for thread, _ in calls:
+            thread.join(120)
     answers = [out[0] for _, out in calls]
     statuses = sorted(answer.status_code for answer in answers)
     # One request fits the queue and then outwaits its 1 s deadline; the others find the queue full.
@@ -277,10 +276,11 @@ def test_batched_images_equal_solo_images(plain: Server) -> None:
     fresh = plain
     wait_until(lambda: idle(fresh), 120)
     dispatched = batches(fresh)
-    in_background(lambda: generate(fresh, **LONG))
-    wait_until(lambda: batches(fresh) > dispatched)
     same = {"prompt": "batch me", "size": "64x64", "num_inference_steps": 4}
-    calls = [in_background(lambda s=s: generate(fresh, seed=s, **same)) for s in (100, 200, 300, 400)]
+    with sent(fresh, **HOLD):  # holds the worker until the block ends, while four requests queue
+        wait_until(lambda: batches(fresh) > dispatched)
+        calls = [in_background(lambda s=s: generate(fresh, seed=s, **same)) for s in (100, 200, 300, 400)]
+        wait_until(lambda: queued(fresh) == 4)
     for thread, _ in calls:
         thread.join(120)
     # The blocker and four queued requests in fewer than five calls: queued requests were batched.
