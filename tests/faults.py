@@ -1,6 +1,6 @@
 """Worker entry points for tests: the real worker loop (`pipelines.engine.worker.main`) with one fault added.
 
-A test server names one with FLUXD_WORKER_ENTRY, e.g. `tests.faults:error_after_step_2`. Each runs in the
+A test server names one with FLUXD_WORKER_ENTRY, e.g. `tests.faults:by_prompt`. Each runs in the
 spawned worker process, so what it patches there stays there; production code carries no fault switch.
 """
 
@@ -49,23 +49,9 @@ def _hang(batch: list[RenderRequest], _progress: Progress) -> None:
             time.sleep(60)
 
 
-def error_after_step_2(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
-    """Every job fails with a RuntimeError after reporting step 2."""
-    _after_step(2, _raise(RuntimeError))
-    worker.main(inbox, outbox, control, config)
-
-
 def error_after_step_99(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
     """A job fails with a RuntimeError once it reaches step 99: only a long one, not cancelled early."""
     _after_step(99, _raise(RuntimeError))
-    worker.main(inbox, outbox, control, config)
-
-
-def oom_after_step_2(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
-    """Every job runs out of (pretend) device memory after step 2: the OOM path without a GPU."""
-    import torch
-
-    _after_step(2, _raise(torch.OutOfMemoryError))
     worker.main(inbox, outbox, control, config)
 
 
@@ -84,12 +70,6 @@ class _Late:
         return batch
 
 
-def late_batches(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
-    """Every batch reaches the loop 0.4 s late: longer than the server takes to hear that a client went
-    away, so a cancellation can arrive before its batch."""
-    worker.main(_Late(inbox, 0.4), outbox, control, config)  # type: ignore[arg-type]
-
-
 _cancelled: list[set[str]] = []  # the worker loop's own set of cancelled request ids, once it started
 
 
@@ -104,8 +84,19 @@ def _hold(batch: list[RenderRequest], progress: Progress) -> None:
         time.sleep(0.01)
 
 
-def hold_on_prompt(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
-    """A batch whose prompt is "hold" stops after its first step until its clients go away; others render."""
+def _fail(batch: list[RenderRequest], _progress: Progress) -> None:
+    if batch[0].prompt == "fail":
+        raise RuntimeError("fault injected after step 2")
+
+
+def _oom(batch: list[RenderRequest], _progress: Progress) -> None:
+    if batch[0].prompt == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError("fault injected after step 2: out of (pretend) device memory")
+
+
+def _faults_by_prompt() -> None:
     watch = worker._watch_cancellations
 
     def keep(control: Queue) -> set[str]:
@@ -114,11 +105,22 @@ def hold_on_prompt(inbox: Queue, outbox: worker.Outbox, control: Queue, config: 
 
     worker._watch_cancellations = keep  # type: ignore[assignment]
     _after_step(1, _hold)
-    worker.main(inbox, outbox, control, config)
-
-
-def hang_on_prompt(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
-    """A batch whose prompt is "hang" never returns from its first step, as a stuck device call would not;
-    the heartbeat thread goes on. Other prompts render."""
     _after_step(1, _hang)
+    _after_step(2, _fail)
+    _after_step(2, _oom)
+
+
+def by_prompt(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
+    """The real loop, with a fault chosen by the batch's prompt, so that one server serves every test that
+    needs one: "hold" stops after its first step (its first preview) until its clients go away; "hang" never
+    returns from its first step, as a stuck device call would not, while the heartbeat goes on; "fail" raises
+    a RuntimeError after step 2 and "oom" runs out of (pretend) device memory there. Other prompts render."""
+    _faults_by_prompt()
     worker.main(inbox, outbox, control, config)
+
+
+def late_by_prompt(inbox: Queue, outbox: worker.Outbox, control: Queue, config: WorkerConfig) -> None:
+    """`by_prompt`, and every batch reaches the loop 0.4 s late: longer than the server takes to hear that a
+    client went away, so a cancellation can arrive before its batch."""
+    _faults_by_prompt()
+    worker.main(_Late(inbox, 0.4), outbox, control, config)  # type: ignore[arg-type]

@@ -4,7 +4,7 @@ progress, preview and webhook deliveries, a page of jobs and a deletion. A job's
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, SerializationInfo, SerializerFunctionWrapHandler, model_serializer
 
@@ -58,7 +58,7 @@ class ImageJob(BaseModel):
     webhooks: list[JobWebhook] | None = None
 
     @model_serializer(mode="wrap")
-    def _always_expires_at(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> object:
+    def _always_expires_at(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
         """Answers are dumped without their empty fields, but `expires_at` is on every job, null until it
         ends, as on OpenAI's video jobs: a client can read it without checking that it is there."""
         data = handler(self)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -31,11 +32,11 @@ class JobWebhooks:
         self,
         webhooks: Webhooks,
         table: Callable[[], JobTable],
-        view: Callable[[JobRow, bool], Awaitable[ImageJob]],
+        view: Callable[[JobRow, LiveJob | None, bool], Awaitable[ImageJob]],
     ) -> None:
         self.webhooks = webhooks
         self._table = table
-        self._view = view  # the job as GET answers it
+        self._view = view  # the job as GET answers it, from its row and, while it runs, what it reported
         self._last: dict[str, asyncio.Task[None]] = {}
         self._deliveries: dict[str, list[JobWebhook]] = {}
 
@@ -62,18 +63,24 @@ class JobWebhooks:
     async def ending(self, row: JobRow) -> None:
         """The job's end, its webhook-id the job's id; the row notes if it went (a restart resends it)."""
         assert row.webhook_url is not None
-        job = await self._view(row, False)
+        job = await self._view(row, None, False)
         delivered = await self.send(job, row.webhook_url, row.deliveries, row.status, row.id)
         with contextlib.suppress(TableUnavailable):  # logged by the table; a restart sends it again
             await self._table().webhook_sent(row.id, "delivered" if delivered else "failed")
 
     async def running(self, live: LiveJob, event: str) -> None:
-        """A running job's started or preview event, the job as GET answers it then."""
+        """A running job's started or preview event, the job as GET answered it then: a fast job may have
+        ended before its earlier events' turn came, and they are sent all the same, in order, before its
+        ending."""
         assert live.webhook_url is not None
         with contextlib.suppress(TableUnavailable):  # logged by the table; an event lost, not the job
             row = await self._table().get(live.id)
-            if row is not None and row.status in ACTIVE:
-                job = await self._view(row, event == "preview")
+            if row is not None:
+                if row.status not in ACTIVE:
+                    row = dataclasses.replace(
+                        row, status="running", result=None, error=None, finished=None, expires=None
+                    )
+                job = await self._view(row, live, event == "preview")
                 index = live.previews - 1 if event == "preview" else ""
                 await self.send(job, live.webhook_url, row.deliveries, event, f"{live.id}.{event}{index}")
 

@@ -45,7 +45,7 @@ from server.jobs.headers import (
 )
 from server.jobs.runner import MAX_ATTEMPTS, JobRunner
 from server.jobs.table import ACTIVE, DATABASE, JobRow, JobTable, NewJob, StoreLocked, TableUnavailable
-from server.jobs.views import JobsHealth, LiveJob, not_found, owner_of
+from server.jobs.views import JobsHealth, LiveJob, not_found, owner_of, view
 from server.jobs.webhooks import Webhooks
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,9 @@ class JobService(JobRunner):
         self.scheduler = scheduler
         self.images = images
         self.webhooks = webhooks
-        self.notifier = JobWebhooks(webhooks, lambda: self._stored, self._view_of)
+        self.notifier = JobWebhooks(
+            webhooks, lambda: self._stored, lambda row, live, detail: view(row, live, self.scheduler, detail)
+        )
         self.metrics = metrics
         self.live: dict[str, LiveJob] = {}
         self._failure: str | None = None  # why the table could not be opened

@@ -105,7 +105,7 @@ def serve_command(weights: Path, tmp: Path, port: int, *extra: str) -> list[str]
         "--store-dir",
         str(tmp / f"store-{port}"),
         "--worker-threads",
-        "2",
+        "1",  # as every process of the suite (tests/conftest.py)
         *extra,
     ]
 
@@ -133,15 +133,15 @@ def wait_until(predicate, timeout: float = 60) -> None:
     raise AssertionError("condition never became true")
 
 
-# What a worker started with it does with a HOLD request: tests that cancel a running request hold it with
-# this step hook, so that it runs until its client goes away whatever the hardware's speed.
-HOLDING = {"FLUXD_WORKER_ENTRY": "tests.faults:hold_on_prompt"}
+# A worker started with it faults by prompt (tests/faults.py): a HOLD request runs until its client goes
+# away, whatever the hardware's speed; "hang", "fail" and "oom" hang, fail and run out of memory.
+FAULTS = {"FLUXD_WORKER_ENTRY": "tests.faults:by_prompt"}
 HOLD = {"prompt": "hold", "size": "64x64", "num_inference_steps": 8, "response_format": "b64_json"}
 
 
 @pytest.fixture(scope="session")
 def server(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tiny_weights, tmp_path_factory.mktemp("server"), "--image-ttl", "3", env=HOLDING)
+    running = start_server(tiny_weights, tmp_path_factory.mktemp("server"), "--image-ttl", "3", env=FAULTS)
     yield running
     stop_server(running)
 

@@ -121,7 +121,9 @@ def test_credentials_in_a_url_are_refused_and_never_shown(client: openai.OpenAI,
     assert info.value.param == "loras" and "hunter2" not in str(info.value.body)
 
 
-def test_an_image_prompt_by_url_renders_as_the_same_image_sent_inline(client: openai.OpenAI, origin: Origin) -> None:
+def test_an_image_prompt_by_url_renders_as_the_same_image_sent_inline(
+    client: openai.OpenAI, origin: Origin
+) -> None:
     inline = "data:image/png;base64," + base64.b64encode(photo(32, 32)).decode()
     fetched = render(client, image_prompt=f"{origin.url}/files/prompt.png")
     assert np.array_equal(fetched, render(client, image_prompt=inline))

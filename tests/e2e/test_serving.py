@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 
 from tests.e2e.conftest import (
+    FAULTS,
     HOLD,
-    HOLDING,
     HTTP,
     LONG,
     Server,
@@ -64,27 +64,27 @@ def pixels(response: httpx.Response) -> list[np.ndarray]:
 
 @pytest.fixture()
 def fresh(tiny_weights: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
-    server = start_server(tiny_weights, tmp_path, *getattr(request, "param", ()))
+    server = start_server(tiny_weights, tmp_path, *getattr(request, "param", ()), env=FAULTS)
     yield server
     stop_server(server)
 
 
 @pytest.fixture(scope="module")
 def plain(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One server for the tests that leave it as they found it (a replaced worker is as good as new)."""
-    server = start_server(tiny_weights, tmp_path_factory.mktemp("plain"), env=HOLDING)
+    """One server for the tests that leave it as they found it (a replaced worker is as good as new); its
+    worker faults by prompt (tests/faults.py)."""
+    server = start_server(tiny_weights, tmp_path_factory.mktemp("plain"), env=FAULTS)
     yield server
     stop_server(server)
 
 
 def idle(server: Server) -> bool:
-    metrics = HTTP.get(f"{server.url}/metrics").text.splitlines()
-    queued = [line for line in metrics if line.startswith("fluxd_queue_depth{")]
-    return (
-        HTTP.get(f"{server.url}/ready").status_code == 200
-        and workers_idle(server)
-        and all(line.endswith(" 0.0") for line in queued)
-    )
+    return HTTP.get(f"{server.url}/ready").status_code == 200 and workers_idle(server) and queued(server) == 0
+
+
+def queued(server: Server) -> float:
+    lines = HTTP.get(f"{server.url}/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("fluxd_queue_depth{"))
 
 
 def batches(server: Server) -> float:
@@ -93,11 +93,11 @@ def batches(server: Server) -> float:
 
 @pytest.mark.parametrize("fresh", [("--queue-size", "1", "--queue-timeout", "1")], indirect=True)
 def test_queue_limits_answer_429_when_full_and_504_past_the_deadline(fresh: Server) -> None:
-    in_background(lambda: generate(fresh, **LONG))
-    wait_until(lambda: batches(fresh) >= 1)
-    calls = [in_background(lambda i=i: generate(fresh, size="48x48", seed=i)) for i in range(3)]
-    for thread, _ in calls:
-        thread.join(120)
+    with sent(fresh, **HOLD):  # holds the worker until the block ends
+        wait_until(lambda: batches(fresh) >= 1)
+        calls = [in_background(lambda i=i: generate(fresh, size="48x48", seed=i)) for i in range(3)]
+        for thread, _ in calls:
+            thread.join(120)
     answers = [out[0] for _, out in calls]
     statuses = sorted(answer.status_code for answer in answers)
     # One request fits the queue and then outwaits its 1 s deadline; the others find the queue full.
@@ -168,57 +168,22 @@ def abandon(server: Server, after_s: float, **fields) -> None:
         time.sleep(after_s)
 
 
-@pytest.fixture(scope="module")
-def late(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A server whose worker receives each batch 0.4 s late, as it would a batch of large references: a
-    client going away in between cancels a request its worker has not seen yet."""
-    server = start_server(
-        tiny_weights,
-        tmp_path_factory.mktemp("late"),
-        "--preload",
-        "flux.2-dev",
-        env={"FLUXD_WORKER_ENTRY": "tests.faults:late_batches"},
-    )
-    yield server
-    stop_server(server)
-
-
 def busy_images(server: Server) -> int:
     return sum(worker["busy_images"] for worker in HTTP.get(f"{server.url}/ready").json()["workers"])
-
-
-def test_clients_going_away_at_any_moment_never_wedge_the_worker(late: Server) -> None:
-    survivors = []
-    for i in range(50):
-        if i % 2:
-            # An idle worker: the request is sent to it at once, and the hang-up races its arrival there.
-            wait_until(lambda: busy_images(late) == 0)
-        elif i % 10 == 0:
-            # A batch mate that stays: a batch can lose some of its requests and keep the others.
-            survivors.append(
-                in_background(lambda i=i: generate(late, size="32x32", num_inference_steps=8, seed=i))
-            )
-        # Hanging up 0 to 0.38 s after sending: queued, sent but not yet taken by the worker, running, done.
-        abandon(late, after_s=0.02 * (i % 20), seed=i)
-    for thread, out in survivors:
-        thread.join(120)
-        assert not isinstance(out[0], Exception) and out[0].status_code == 200, out[0]
-    # Every request the worker was sent got an answer, those of gone clients included: it is free again.
-    wait_until(lambda: idle(late), 60)
-    assert generate(late).status_code == 200
 
 
 @pytest.fixture(scope="module")
 def watched(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server that gives up on a silent worker after 8 s and on a batch after 20 s; its worker never
-    finishes a batch whose prompt is "hang"."""
+    finishes a batch whose prompt is "hang", and receives each batch 0.4 s late, as it would a batch of large
+    references: a client going away in between cancels a request its worker has not seen yet."""
     liveness = {"FLUXD_WORKER_HEARTBEAT_TIMEOUT_S": "8", "FLUXD_BATCH_DEADLINE_FLOOR_S": "20"}
     server = start_server(
         tiny_weights,
         tmp_path_factory.mktemp("watched"),
         "--preload",
         "flux.2-dev",
-        env={"FLUXD_WORKER_ENTRY": "tests.faults:hang_on_prompt", **liveness},
+        env={"FLUXD_WORKER_ENTRY": "tests.faults:late_by_prompt", **liveness},
     )
     yield server
     stop_server(server)
@@ -247,6 +212,27 @@ def assert_replaced(server: Server, worker: dict, answer: httpx.Response) -> Non
     assert generate(server).status_code == 200
 
 
+def test_clients_going_away_at_any_moment_never_wedge_the_worker(watched: Server) -> None:
+    survivors = []
+    for i in range(50):
+        if i % 2:
+            # An idle worker: the request is sent to it at once, and the hang-up races its arrival there.
+            wait_until(lambda: busy_images(watched) == 0)
+        elif i % 10 == 0:
+            # A batch mate that stays: a batch can lose some of its requests and keep the others.
+            survivors.append(
+                in_background(lambda i=i: generate(watched, size="32x32", num_inference_steps=8, seed=i))
+            )
+        # Hanging up 0 to 0.38 s after sending: queued, sent but not yet taken by the worker, running, done.
+        abandon(watched, after_s=0.02 * (i % 20), seed=i)
+    for thread, out in survivors:
+        thread.join(120)
+        assert not isinstance(out[0], Exception) and out[0].status_code == 200, out[0]
+    # Every request the worker was sent got an answer, those of gone clients included: it is free again.
+    wait_until(lambda: idle(watched), 60)
+    assert generate(watched).status_code == 200
+
+
 def test_a_stopped_worker_is_replaced_and_its_requests_answered_503(watched: Server) -> None:
     wait_until(lambda: idle(watched), 120)
     [worker] = HTTP.get(f"{watched.url}/ready").json()["workers"]
@@ -267,16 +253,6 @@ def test_a_batch_hung_past_its_deadline_is_replaced(watched: Server) -> None:
     answer = generate(watched, prompt="hang", num_inference_steps=4)
     assert_replaced(watched, worker, answer)
     watched.wait_for_log("past its deadline")
-
-
-def test_workers_exit_with_a_killed_server(tiny_weights: Path, tmp_path: Path) -> None:
-    server = start_server(tiny_weights, tmp_path)
-    [worker] = HTTP.get(f"{server.url}/ready").json()["workers"]
-    server.process.kill()
-    server.process.wait(15)
-    # Reparented, an exited worker may stay a zombie until its new parent reaps it: that is gone too.
-    stat = Path(f"/proc/{worker['pid']}/stat")
-    wait_until(lambda: not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"), 60)
 
 
 def test_the_sdk_retries_a_crash_transparently(plain: Server) -> None:
@@ -300,10 +276,11 @@ def test_batched_images_equal_solo_images(plain: Server) -> None:
     fresh = plain
     wait_until(lambda: idle(fresh), 120)
     dispatched = batches(fresh)
-    in_background(lambda: generate(fresh, **LONG))
-    wait_until(lambda: batches(fresh) > dispatched)
     same = {"prompt": "batch me", "size": "64x64", "num_inference_steps": 4}
-    calls = [in_background(lambda s=s: generate(fresh, seed=s, **same)) for s in (100, 200, 300, 400)]
+    with sent(fresh, **HOLD):  # holds the worker until the block ends, while four requests queue
+        wait_until(lambda: batches(fresh) > dispatched)
+        calls = [in_background(lambda s=s: generate(fresh, seed=s, **same)) for s in (100, 200, 300, 400)]
+        wait_until(lambda: queued(fresh) == 4)
     for thread, _ in calls:
         thread.join(120)
     # The blocker and four queued requests in fewer than five calls: queued requests were batched.
@@ -331,7 +308,9 @@ def test_metrics_expose_the_serving_series(server: Server) -> None:
     assert 'fluxd_errors_total{code="invalid_value",status="400"}' in text
 
 
-def test_ready_turns_200_only_after_preloading(tiny_weights: Path, tmp_path: Path) -> None:
+def test_ready_turns_200_only_after_preloading_and_workers_exit_with_a_killed_server(
+    tiny_weights: Path, tmp_path: Path
+) -> None:
     import subprocess
 
     from tests.e2e.conftest import free_port, serve_command
@@ -367,9 +346,17 @@ def test_ready_turns_200_only_after_preloading(tiny_weights: Path, tmp_path: Pat
         assert early is not None
         early[0].join(120)
         assert early[1][0].status_code == 200, early[1][0].text
-    finally:
-        process.terminate()
+        process.kill()
         process.wait(15)
+        # Reparented, an exited worker may stay a zombie until its new parent reaps it: that is gone too.
+        stat = Path(f"/proc/{worker['pid']}/stat")
+        wait_until(
+            lambda: not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"), 60
+        )
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(15)
 
 
 @pytest.mark.parametrize("fresh", [("--devices", "cpu,cpu", "--worker-threads", "1")], indirect=True)
@@ -389,20 +376,16 @@ def test_two_workers_share_the_load(fresh: Server) -> None:
     wait_until(lambda: rendered_by() == expected, 60)
 
 
-def test_out_of_memory_fails_the_batch_and_the_worker_goes_on(tiny_weights: Path, tmp_path: Path) -> None:
-    oom = start_server(tiny_weights, tmp_path, env={"FLUXD_WORKER_ENTRY": "tests.faults:oom_after_step_2"})
-    try:
-        [worker] = HTTP.get(f"{oom.url}/ready").json()["workers"]
-        failed = generate(oom, num_inference_steps=4)
-        assert failed.status_code == 503, failed.text
-        assert failed.json()["error"]["code"] == "out_of_memory" and failed.headers["retry-after"]
-        # The injected fault fires from step 2 on: a 1-step job shows the same worker serving again.
-        assert generate(oom, num_inference_steps=1).status_code == 200
-        [after] = HTTP.get(f"{oom.url}/ready").json()["workers"]
-        assert (after["pid"], after["restarts"]) == (worker["pid"], 0)
-        oom.wait_for_log("out of memory rendering")
-    finally:
-        stop_server(oom)
+def test_out_of_memory_fails_the_batch_and_the_worker_goes_on(plain: Server) -> None:
+    wait_until(lambda: idle(plain), 120)
+    [worker] = HTTP.get(f"{plain.url}/ready").json()["workers"]
+    failed = generate(plain, prompt="oom", num_inference_steps=4)
+    assert failed.status_code == 503, failed.text
+    assert failed.json()["error"]["code"] == "out_of_memory" and failed.headers["retry-after"]
+    assert generate(plain).status_code == 200
+    [after] = HTTP.get(f"{plain.url}/ready").json()["workers"]
+    assert (after["pid"], after["restarts"]) == (worker["pid"], worker["restarts"])  # the same worker
+    plain.wait_for_log("out of memory rendering")
 
 
 def prompt_cache(server: Server, model: str) -> dict[str, float]:
@@ -424,35 +407,41 @@ def test_a_seed_sweep_over_one_prompt_encodes_it_once(server: Server) -> None:
     assert (after["miss"] - before["miss"], after["hit"] - before["hit"]) == (1, 2)
 
 
-@pytest.mark.parametrize("fresh", [("--mode", "fast", "--prompt-cache-mb", "0")], indirect=True)
-def test_a_requested_mode_is_reported_as_what_this_machine_can_run(fresh: Server) -> None:
-    client = fresh.client(max_retries=0)
-    [mode] = client.models.retrieve("flux.2-dev").model_extra["run_modes"]
-    assert mode["mode"] == "cpu" and "'fast' needs a CUDA GPU" in mode["reason"]
-    before = prompt_cache(fresh, "flux.2-dev")
-    for seed in range(2):
-        assert generate(fresh, model="flux.2-dev", prompt="same", seed=seed).status_code == 200
-    assert prompt_cache(fresh, "flux.2-dev") == before  # --prompt-cache-mb 0: no lookups at all
-
-
-def test_a_registry_checkpoint_is_served_from_its_own_folder(tiny_weights: Path, tmp_path: Path) -> None:
-    config = tmp_path / "fluxd.toml"
+@pytest.fixture(scope="module")
+def configured(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """--mode fast and no prompt cache, and a fine-tune of flux.1-dev registered from a config file."""
+    tmp = tmp_path_factory.mktemp("configured")
+    config = tmp / "fluxd.toml"
     config.write_text(
         f'[models.my-finetune]\nbase = "flux.1-dev"\npath = "{tiny_weights / "flux.1-dev"}"\n'
         'mode = "offload"\n'
     )
-    server = start_server(tiny_weights, tmp_path, "--config", str(config))
-    try:
-        client = server.client(max_retries=0)
-        [mode] = client.models.retrieve("my-finetune").model_extra["run_modes"]
-        assert mode["mode"] == "cpu" and "'offload' needs a CUDA GPU" in mode["reason"]
-        result = client.images.generate(
-            model="my-finetune",
-            prompt="a red fox",
-            size="64x48",
-            response_format="b64_json",
-            extra_body={"num_inference_steps": 2},
-        )
-        assert Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).size == (64, 48)
-    finally:
-        stop_server(server)
+    server = start_server(
+        tiny_weights, tmp, "--config", str(config), "--mode", "fast", "--prompt-cache-mb", "0"
+    )
+    yield server
+    stop_server(server)
+
+
+def test_a_requested_mode_is_reported_as_what_this_machine_can_run(configured: Server) -> None:
+    client = configured.client(max_retries=0)
+    [mode] = client.models.retrieve("flux.2-dev").model_extra["run_modes"]
+    assert mode["mode"] == "cpu" and "'fast' needs a CUDA GPU" in mode["reason"]
+    before = prompt_cache(configured, "flux.2-dev")
+    for seed in range(2):
+        assert generate(configured, model="flux.2-dev", prompt="same", seed=seed).status_code == 200
+    assert prompt_cache(configured, "flux.2-dev") == before  # --prompt-cache-mb 0: no lookups at all
+
+
+def test_a_registry_checkpoint_is_served_from_its_own_folder(configured: Server) -> None:
+    client = configured.client(max_retries=0)
+    [mode] = client.models.retrieve("my-finetune").model_extra["run_modes"]
+    assert mode["mode"] == "cpu" and "'offload' needs a CUDA GPU" in mode["reason"]  # its own, not --mode's
+    result = client.images.generate(
+        model="my-finetune",
+        prompt="a red fox",
+        size="64x48",
+        response_format="b64_json",
+        extra_body={"num_inference_steps": 2},
+    )
+    assert Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).size == (64, 48)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipelines.contract.specs import SPECS
 from pipelines.engine.engine import Engine
@@ -14,5 +13,4 @@ from pipelines.engine.engine import Engine
 
 @pytest.fixture(scope="module")
 def engine(tiny_weights: Path) -> Engine:
-    torch.set_num_threads(2)
     return Engine(SPECS, tiny_weights)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pipelines.contract.masks import edit_weights
@@ -21,12 +20,6 @@ from tests.integration.test_engine import request
 
 MASKED_MODELS = sorted(m for m, s in SPECS.items() if "inpaint" in s.modes)
 WIDTH, HEIGHT = 64, 48
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_weights: Path) -> Engine:
-    torch.set_num_threads(2)
-    return Engine(SPECS, tiny_weights)
 
 
 def masked(model: str, seed: int, **fields) -> RenderRequest:

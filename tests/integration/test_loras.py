@@ -46,7 +46,6 @@ def weights(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="module")
 def engine(weights: Path) -> Engine:
-    torch.set_num_threads(2)
     return Engine(SPECS, weights)
 
 

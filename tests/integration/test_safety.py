@@ -9,7 +9,6 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipelines.contract.messages import RenderRequest, RenderResult
 from pipelines.contract.specs import SPECS
@@ -20,7 +19,6 @@ from pipelines.tools.tiny import write_safety_checker
 
 @pytest.fixture(scope="module")
 def rendered(tiny_weights: Path) -> tuple[list[RenderRequest], list[RenderResult]]:
-    torch.set_num_threads(2)
     batch = [
         RenderRequest(f"r{i}", "flux.1-dev", "a fox", 64, 48, 2, 3.5, [i, i + 10], safety_check=check)
         for i, check in enumerate((True, False))
