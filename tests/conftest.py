@@ -12,9 +12,19 @@ import pytest
 # same tests took a third more CPU with two). Set before anything imports torch; servers inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The modules that take minutes on their own start first: with pytest-xdist's --dist loadfile (README's test
-# command) a module runs whole on one worker, and one started last would finish alone while the others idle.
-FIRST = ("tests/ray/", "tests/integration/test_run_modes.py", "tests/e2e/test_serving.py")
+# The longest modules start first, longest first: with pytest-xdist's --dist loadfile (README's test command)
+# a module runs whole on one worker, and a long one started last would finish alone while the others idle.
+FIRST = (
+    "tests/ray/",
+    "tests/e2e/test_serving.py",
+    "tests/e2e/test_job_faults.py",
+    "tests/e2e/test_store.py",
+    "tests/e2e/test_job_requests.py",
+    "tests/e2e/test_async_jobs.py",
+    "tests/integration/test_synthetic.py",
+    "tests/e2e/test_cli_demo.py",
+    "tests/integration/test_run_modes.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -27,16 +37,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoints, written once per run: pytest-xdist's workers share one copy (the first to get
+    the lock writes it), which no test changes."""
+    from filelock import FileLock
+
     from pipelines.tools.tiny import write_tiny
 
-    root = tmp_path_factory.mktemp("weights")
-    write_tiny(root)
-    return root
-
-
-def link_tiny_checkpoints(tiny_weights: Path, root: Path, but: str) -> Path:
-    """`root` with a link to each of the tiny checkpoints' folders except `but`, which the caller fills."""
-    for folder in tiny_weights.iterdir():
-        if folder.name != but:
-            (root / folder.name).symlink_to(folder)
+    base = tmp_path_factory.getbasetemp()
+    # Under xdist each worker's folder sits in the run's own; without it, the run's folder is the base.
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny-weights"
+    written = Path(f"{root}.written")  # beside the folder: servers read every entry in it
+    with FileLock(f"{root}.lock"):
+        if not written.exists():
+            write_tiny(root)
+            written.touch()
     return root

@@ -85,7 +85,7 @@ def refusal(client: openai.OpenAI, model: str = "flux.1-dev", **extra: object) -
 def test_bad_image_prompts_are_400s_naming_it(client: openai.OpenAI) -> None:
     assert "does not take 'image_prompt'" in refusal(client, "flux.2-dev", image_prompt=URI)
     assert "base64" in refusal(client, image_prompt="data:image/png;base64,%%%")
-    assert "not a PNG, JPEG or WebP" in refusal(client, image_prompt="data:image/png;base64,aGVsbG8=")
+    assert "not a PNG, JPEG, WebP or GIF" in refusal(client, image_prompt="data:image/png;base64,aGVsbG8=")
     assert "--fetch-allow" in refusal(client, image_prompt="https://example.com/cat.png")
 
 

@@ -7,6 +7,7 @@ refused."""
 from __future__ import annotations
 
 import errno
+import shutil
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -88,18 +89,28 @@ def damage(database: Path, where: str) -> None:
     database.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("where", ["table", "overflow"])
-def test_a_damaged_job_table_is_moved_aside_and_everything_serves(
-    tiny_weights: Path, tmp_path: Path, where: str
-) -> None:
-    store = tmp_path / "store"
-    first = start_server(tiny_weights, tmp_path, "--store-dir", str(store))
+@pytest.fixture(scope="module")
+def stored_job(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A store folder whose job table holds one succeeded job, written by a server since stopped; each test
+    damages a copy of it."""
+    tmp = tmp_path_factory.mktemp("stored-job")
+    store = tmp / "store"
+    first = start_server(tiny_weights, tmp, "--store-dir", str(store))
     try:
         # A 256x256 noise PNG in b64_json: a result far larger than a page, held in overflow pages.
         old = submit(first, size="256x256").json()["id"]
         assert wait_for(first, old, ended)["status"] == "succeeded"
     finally:
         stop_server(first)
+    return store, old
+
+
+@pytest.mark.parametrize("where", ["table", "overflow"])
+def test_a_damaged_job_table_is_moved_aside_and_everything_serves(
+    tiny_weights: Path, tmp_path: Path, stored_job: tuple[Path, str], where: str
+) -> None:
+    store, old = tmp_path / "store", stored_job[1]
+    shutil.copytree(stored_job[0], store)
     database = table_of(store)
     damage(database, where)
     damaged = database.read_bytes()
