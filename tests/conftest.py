@@ -52,3 +52,11 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
             write_tiny(root)
             written.touch()
     return root
+
+
+def link_tiny_checkpoints(tiny_weights: Path, root: Path, but: str) -> Path:
+    """`root` with a link to each of the tiny checkpoints' folders except `but`, which the caller fills."""
+    for folder in tiny_weights.iterdir():
+        if folder.name != but:
+            (root / folder.name).symlink_to(folder)
+    return root
