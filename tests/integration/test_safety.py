@@ -14,7 +14,7 @@ from pipelines.contract.messages import RenderRequest, RenderResult
 from pipelines.contract.specs import SPECS
 from pipelines.engine.engine import Engine
 from pipelines.engine.safety import NOT_CHECKED, SafetyChecker
-from pipelines.tools.tiny import write_safety_checker
+from pipelines.tools.tiny_extras import write_safety_checker
 
 
 @pytest.fixture(scope="module")
