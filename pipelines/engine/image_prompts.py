@@ -41,15 +41,12 @@ class ImagePrompts:
         self._redux: Any = None
 
     def _folder(self) -> Path:
-        folder = self.weights_dir / FOLDER
-        if (folder / "model_index.json").exists():
-            return folder
-        from pipelines.engine.loading import _hub_snapshot
+        from pipelines.engine.loading import find_local
 
-        snapshot = _hub_snapshot(REPO_ID)
-        if snapshot is not None and (snapshot / "model_index.json").exists():
-            return snapshot
-        raise InvalidParameter(PARAM, NOT_PULLED)
+        found = find_local(self.weights_dir / FOLDER, REPO_ID, "model_index.json")
+        if found is None:
+            raise InvalidParameter(PARAM, NOT_PULLED)
+        return found
 
     def _load(self, dtype: torch.dtype) -> Any:
         if self._redux is None:

@@ -37,15 +37,24 @@ def _hub_snapshot(repo_id: str | None) -> Path | None:
         return None
 
 
+def find_local(folder: Path, repo_id: str | None, marker: str) -> Path | None:
+    """`folder` when it holds `marker`, else the Hugging Face cache's snapshot of `repo_id` when that does;
+    offline only."""
+    if (folder / marker).exists():
+        return folder
+    snapshot = _hub_snapshot(repo_id)
+    if snapshot is not None and (snapshot / marker).exists():
+        return snapshot
+    return None
+
+
 def locate_checkpoint(spec: ModelSpec, weights_dir: Path, repo_id: str | None = None) -> Path:
     """weights/<id>/ as `hf download` writes it, else the Hugging Face cache; offline only."""
     folder = Path(spec.checkpoint_path) if spec.checkpoint_path else weights_dir / spec.weights_id
-    if (folder / "model_index.json").exists():
-        return folder
     repo = repo_id or spec.repo_id
-    snapshot = _hub_snapshot(repo)
-    if snapshot is not None and (snapshot / "model_index.json").exists():
-        return snapshot
+    found = find_local(folder, repo, "model_index.json")
+    if found is not None:
+        return found
     raise WeightsMissing(
         spec.weights_id,
         [str(folder), f"Hugging Face cache ({repo})"],
@@ -56,11 +65,9 @@ def locate_checkpoint(spec: ModelSpec, weights_dir: Path, repo_id: str | None = 
 def locate_adapter(spec: ModelSpec, adapter: LoraAdapter, weights_dir: Path) -> Path:
     """The folder holding the adapter's .safetensors: weights/<id>/ or the Hugging Face cache."""
     folder = weights_dir / adapter.folder
-    if (folder / adapter.weight_name).exists():
-        return folder
-    snapshot = _hub_snapshot(adapter.repo_id)
-    if snapshot is not None and (snapshot / adapter.weight_name).exists():
-        return snapshot
+    found = find_local(folder, adapter.repo_id, adapter.weight_name)
+    if found is not None:
+        return found
     raise WeightsMissing(
         spec.id,
         [str(folder / adapter.weight_name), f"Hugging Face cache ({adapter.repo_id})"],
