@@ -58,13 +58,21 @@ def banner_curl(log: str) -> str:
     return line.removeprefix("try: ")
 
 
-def test_demo_on_existing_weights_prints_its_banner_and_serves(tiny_weights: Path, tmp_path: Path) -> None:
+@pytest.mark.timeout(600)
+def test_a_first_demo_run_writes_the_tiny_weights_prints_its_banner_serves_and_stops_cleanly(
+    tmp_path: Path,
+) -> None:
+    # A first-time user: nothing cached yet. XDG_CACHE_HOME moves ~/.cache/fluxd (weights and images) here.
+    cache = tmp_path / "cache"
     port = free_port()
     command = [console_script(), "serve", "--demo", "--port", str(port)]
-    command += ["--store-dir", str(tmp_path / "store"), "--weights-dir", str(tiny_weights)]
-    server = launch(command, port, tmp_path / "fluxd.log", user_env(), timeout_s=180, terminal=True)
+    env = user_env(XDG_CACHE_HOME=str(cache))
+    server = launch(command, port, tmp_path / "fluxd.log", env, timeout_s=480, terminal=True)
     try:
         log = server.logs()
+        tiny = cache / "fluxd" / "tiny"
+        assert f"writing tiny random-weight checkpoints into {tiny}" in log
+        assert (tiny / "flux.2-dev" / "model_index.json").exists()
         assert f"http://127.0.0.1:{port}/v1" in log
         assert f"playground: http://127.0.0.1:{port}/" in log
         assert "RANDOM weights" in log
@@ -75,6 +83,8 @@ def test_demo_on_existing_weights_prints_its_banner_and_serves(tiny_weights: Pat
         [image] = json.loads(pasted.stdout)["data"]
         assert Image.open(io.BytesIO(base64.b64decode(image["b64_json"]))).size == DEMO_SIZE
         assert_generates_an_image(server)
+        stored = cache / "fluxd" / "images" / SUBFOLDER
+        assert any(stored.iterdir()), "the url image was not stored under the cache"
         assert "processor_kwargs" not in server.logs()  # a third-party warning silenced on purpose
         # A stop signal to the whole process group, as `timeout` or systemd sends it (a terminal's Ctrl-C
         # likewise): a clean exit, the worker gone and not restarted on the way out.
@@ -86,24 +96,6 @@ def test_demo_on_existing_weights_prints_its_banner_and_serves(tiny_weights: Pat
         assert "restarting" not in server.logs()
         with pytest.raises(ProcessLookupError):
             os.kill(worker, 0)
-    finally:
-        stop_server(server)
-
-
-@pytest.mark.timeout(600)
-def test_first_demo_run_writes_the_tiny_weights_itself(tmp_path: Path) -> None:
-    # A first-time user: nothing cached yet. XDG_CACHE_HOME moves ~/.cache/fluxd (weights and images) here.
-    cache = tmp_path / "cache"
-    port = free_port()
-    command = [console_script(), "serve", "--demo", "--port", str(port)]
-    server = launch(command, port, tmp_path / "fluxd.log", user_env(XDG_CACHE_HOME=str(cache)), timeout_s=480)
-    try:
-        tiny = cache / "fluxd" / "tiny"
-        assert f"writing tiny random-weight checkpoints into {tiny}" in server.logs()
-        assert (tiny / "flux.2-dev" / "model_index.json").exists()
-        assert_generates_an_image(server)
-        stored = cache / "fluxd" / "images" / SUBFOLDER
-        assert any(stored.iterdir()), "the url image was not stored under the cache"
     finally:
         stop_server(server)
 

@@ -69,13 +69,11 @@ def fresh(tiny_weights: Path, tmp_path: Path, request: pytest.FixtureRequest) ->
     stop_server(server)
 
 
-@pytest.fixture(scope="module")
-def plain(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One server for the tests that leave it as they found it (a replaced worker is as good as new); its
-    worker faults by prompt (tests/faults.py)."""
-    server = start_server(tiny_weights, tmp_path_factory.mktemp("plain"), env=FAULTS)
-    yield server
-    stop_server(server)
+@pytest.fixture()
+def plain(server: Server) -> Server:
+    """The session's server (tests/e2e/conftest.py), for the tests that leave it as they found it (a replaced
+    worker is as good as new): its worker faults by prompt (tests/faults.py)."""
+    return server
 
 
 def idle(server: Server) -> bool:

@@ -48,13 +48,15 @@ from tests.imagery import png
 # metrics_interval_s still compares against; the load reports themselves come every 0.5 s (see `served`).
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning"),
-    # The first test also starts the cluster and deploys (about a minute on 2 busy cores).
-    pytest.mark.timeout(600),
+    # The first test also starts the cluster and deploys: minutes on 2 cores busy with the rest of the suite.
+    pytest.mark.timeout(900),
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = {"num_inference_steps": 4}
-HTTP = httpx.Client(timeout=120, trust_env=False)
+# A request may wait for a replica that is starting: minutes on 2 busy cores (see pytestmark).
+ANSWER_S = 360
+HTTP = httpx.Client(timeout=ANSWER_S, trust_env=False)
 
 
 def free_port() -> int:
@@ -73,9 +75,11 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, every_s
         time.sleep(every_s)
 
 
-def engine_replicas() -> int:
+def engine_replicas(*states: str) -> int:
+    """The engine replicas in any of `states` (Serve's replica states), RUNNING by default."""
     deployment = serve.status().applications[APP_NAME].deployments[ENGINE]
-    return sum(count for state, count in deployment.replica_states.items() if state == "RUNNING")
+    wanted = states or ("RUNNING",)
+    return sum(count for state, count in deployment.replica_states.items() if state in wanted)
 
 
 @dataclass
@@ -90,7 +94,7 @@ class Served:
             base_url=f"{self.url}/v1",
             api_key="unused",
             max_retries=0,
-            timeout=120,
+            timeout=ANSWER_S,
             _strict_response_validation=True,
         )
 
@@ -177,7 +181,11 @@ def test_autoscaling_adds_a_replica_under_a_burst_and_removes_it_after(served: S
     wait_for(lambda: engine_replicas() == 1, 90, "back to one engine replica before the burst")
     burst = Burst(served, clients=4)
     try:
-        wait_for(lambda: engine_replicas() == 2, 120, "a second engine replica under the burst")
+        # Serve's decision is what the autoscaling settings time; the replica's start (a Ray worker, torch,
+        # the models) then takes what the machine gives it, minutes on 2 cores shared with the rest of the
+        # suite, so it has a wider bound.
+        wait_for(lambda: engine_replicas("STARTING", "RUNNING") == 2, 120, "Serve adding an engine replica")
+        wait_for(lambda: engine_replicas() == 2, 360, "the second engine replica running")
         # The second replica takes batches too: it is on the other simulated node (one replica per node).
         wait_for(lambda: len(served_nodes(served)) == 2, 60, "batches served on both nodes")
     finally:
@@ -286,7 +294,7 @@ def test_a_killed_replica_answers_503_with_retry_after_and_serve_replaces_it(ser
 
     wait_for(replica_running, 60, "the slow request running on a replica", every_s=0.1)
     os.kill(running[0], signal.SIGKILL)
-    sender.join(timeout=120)
+    sender.join(timeout=ANSWER_S)
     response = answer["response"]
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "worker_restarted"
@@ -296,7 +304,7 @@ def test_a_killed_replica_answers_503_with_retry_after_and_serve_replaces_it(ser
     )
     assert only_image(after).size == (32, 32)
     assert sum(worker["restarts"] for worker in served.ready()["workers"]) == restarts + 1
-    wait_for(lambda: engine_replicas() >= 1, 120, "Serve replaced the replica")
+    wait_for(lambda: engine_replicas() >= 1, ANSWER_S, "Serve replaced the replica")
 
 
 def test_a_node_without_the_weights_fails_the_deployment_with_the_reason(
@@ -309,7 +317,7 @@ def test_a_node_without_the_weights_fails_the_deployment_with_the_reason(
             deploy(
                 settings,
                 served_specs(served.settings),
-                timeout_s=120,
+                timeout_s=ANSWER_S,
                 name="missing",
                 route_prefix="/missing",
             )
@@ -350,4 +358,3 @@ def test_bench_reports_images_per_second_with_one_and_two_replicas(
     assert "images/s with 1 engine replica" in report
     assert "images/s with 2 engine replicas" in report
     assert "2 replicas / 1" in report
-
