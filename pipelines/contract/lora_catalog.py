@@ -248,6 +248,15 @@ def locate(name: str, weights_dir: Path) -> Path:
     )
 
 
+def check_entries(entries: list[tuple[str, float]]) -> None:
+    """What a request's `loras` can be refused for before any file is read or fetched: their count, scales."""
+    if len(entries) > MAX_LORAS:
+        raise InvalidParameter(PARAM, f"At most {MAX_LORAS} LoRAs per request; {len(entries)} were sent.")
+    for _, scale in entries:
+        if not -MAX_SCALE <= scale <= MAX_SCALE:
+            raise InvalidParameter(PARAM, f"A LoRA's scale must be between -{MAX_SCALE:g} and {MAX_SCALE:g}.")
+
+
 def resolve(
     entries: list[tuple[str, float]],
     family: Family,
@@ -257,13 +266,10 @@ def resolve(
 ) -> list[LoraChoice]:
     """A request's `loras` as the worker loads them, or a 400 naming `loras`; `files` maps names already
     found elsewhere (fetched by URL) to their file."""
-    if len(entries) > MAX_LORAS:
-        raise InvalidParameter(PARAM, f"At most {MAX_LORAS} LoRAs per request; {len(entries)} were sent.")
+    check_entries(entries)
     wanted = family_of(family)
     choices: list[LoraChoice] = []
     for name, scale in entries:
-        if not -MAX_SCALE <= scale <= MAX_SCALE:
-            raise InvalidParameter(PARAM, f"A LoRA's scale must be between -{MAX_SCALE:g} and {MAX_SCALE:g}.")
         found = (files or {}).get(name)
         info = inspect(found if found is not None else locate(name, weights_dir), name)
         if info.family is not None and info.family != wanted:

@@ -18,6 +18,9 @@ from server.declarations.parameters import LUMENFALL, OPENAI, Declarations, decl
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 32_000
+# A LoRA's URL: signed ones (S3, GCS, Azure SAS) run to a few thousand characters. A name is shorter
+# (MAX_NAME_CHARS, server/front/normalize.py).
+MAX_URL_CHARS = 8192
 
 OutputFormat = Literal["png", "jpeg", "webp", "avif", "gif"]
 Quality = Literal["low", "medium", "high", "auto", "standard", "hd"]
@@ -35,7 +38,7 @@ class LoraWeight(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: Text = Field(max_length=MAX_NAME_CHARS)
+    path: Text = Field(max_length=MAX_URL_CHARS)
     scale: float = 1.0
 
 
@@ -188,7 +191,8 @@ class _ImageFields(BaseModel):
         "native",
         f"up to {MAX_LORAS} of the server's LoRAs, [{{path, scale}}]: a name under weights/loras/, a "
         "Hugging Face repo pulled with `fluxd weights pull --lora`, or an http(s) URL under the server's "
-        f"--fetch-allow (else a 400), fetched once into a cache (at most {MAX_NAME_CHARS} characters); "
+        "--fetch-allow (else a 400), fetched once into a cache "
+        f"(a name at most {MAX_NAME_CHARS} characters, a URL {MAX_URL_CHARS}); "
         "scale -4 to 4 (default 1); applied "
         "unfused on the shared base (diffusers/PEFT, kohya, BFL/ai-toolkit layouts), stacking on Turbo; "
         "multipart: a JSON text field",

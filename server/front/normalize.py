@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 import secrets
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,13 +21,14 @@ from pipelines.contract.encoding import LOSSY
 from pipelines.contract.errors import InvalidParameter
 from pipelines.contract.image_prompts import NOT_PULLED
 from pipelines.contract.image_prompts import PARAM as IMAGE_PROMPT
-from pipelines.contract.lora_catalog import LoraChoice
+from pipelines.contract.lora_catalog import MAX_NAME_CHARS, LoraChoice, check_entries
 from pipelines.contract.lora_catalog import resolve as resolve_loras
 from pipelines.contract.messages import RenderRequest
 from pipelines.contract.presence import redux_present
 from pipelines.contract.sizes import resolve_size
 from pipelines.contract.specs import PASSTHROUGH_BOUNDS, ModelSpec
 from server.declarations.protocol import DECLARATIONS, MAX_PROMPT_CHARS, MAX_SEED, OutputFormat, _ImageFields
+from server.front.remote_inputs import is_url
 
 EchoQuality = Literal["low", "medium", "high"]
 # The qualities the SDK's response types know: `auto` and the DALL-E names are not echoed.
@@ -213,6 +214,16 @@ def _reply(body: _ImageFields) -> Reply:
     )
 
 
+def _check_loras(body: _ImageFields, weights_dir: Path | None) -> None:
+    """The request's `loras` as far as they can be checked before a URL among them is fetched."""
+    if body.loras:
+        if weights_dir is None:
+            raise InvalidParameter("loras", "This server has no LoRA folder.")
+        check_entries([(lora.path, lora.scale) for lora in body.loras])
+        if any(len(lora.path) > MAX_NAME_CHARS and not is_url(lora.path) for lora in body.loras):
+            raise InvalidParameter("loras", f"A LoRA's name is at most {MAX_NAME_CHARS} characters.")
+
+
 def _loras(
     body: _ImageFields, spec: ModelSpec, weights_dir: Path | None, fetched: Mapping[str, tuple[str, Path]]
 ) -> list[LoraChoice]:
@@ -221,10 +232,8 @@ def _loras(
         (fetched[lora.path][0] if lora.path in fetched else lora.path, lora.scale)
         for lora in body.loras or []
     ]
-    if not entries:
+    if not entries or weights_dir is None:  # _check_loras refused LoRAs without a folder
         return []
-    if weights_dir is None:
-        raise InvalidParameter("loras", "This server has no LoRA folder.")
     files = dict(fetched.values())
     return resolve_loras(entries, spec.family, spec.id, weights_dir, files)
 
@@ -264,15 +273,24 @@ def _declared_value(body: _ImageFields, name: str) -> Any:
     return getattr(body, name) if name in type(body).model_fields else None
 
 
-def _image_prompt_strength(body: _ImageFields, image_prompt: bytes | None) -> float | None:
+def _image_prompt_strength(body: _ImageFields) -> float | None:
     given: float | None = _declared_value(body, "image_prompt_strength")
-    if image_prompt is None:
+    if _declared_value(body, IMAGE_PROMPT) is None:
         if given is not None:
             raise InvalidParameter(
                 "image_prompt_strength", "image_prompt_strength applies to an image_prompt: send one with it."
             )
         return None
     return 1.0 if given is None else given
+
+
+@dataclass(frozen=True)
+class RemoteInputs:
+    """What a request names by URL: its LoRAs (URL -> (name, file), fetched into the cache) and its
+    image_prompt, read (server/front/image_prompts.py, server/front/remote_inputs.py)."""
+
+    loras: Mapping[str, tuple[str, Path]] = field(default_factory=dict)
+    image_prompt: bytes | None = None
 
 
 def build_request(
@@ -285,19 +303,16 @@ def build_request(
     prompt_required: bool = True,
     safety_default: bool = False,
     weights_dir: Path | None = None,
-    image_prompt: bytes | None = None,
-    fetched_loras: Mapping[str, tuple[str, Path]] | None = None,
+    fetch: Callable[[], RemoteInputs] = RemoteInputs,
 ) -> tuple[RenderRequest, Reply]:
     """Validate everything and apply every default; raise InvalidParameter naming the first bad field.
-    Only variations go without a prompt. LoRAs are looked up under `weights_dir` (and the Hugging Face
-    cache) or in `fetched_loras` (URL -> (name, file), fetched by the caller): their headers are read here,
-    so a LoRA the model cannot take is refused before it queues. `image_prompt` is the body's, resolved and
-    checked (server/front/image_prompts.py)."""
+    Only variations go without a prompt. `fetch` reads what the body names by URL (a download of gigabytes,
+    perhaps), and is called once every other field has passed. LoRAs are then looked up under
+    `weights_dir` (and the Hugging Face cache) or among the fetched ones: their headers are read here, so a
+    LoRA the model cannot take is refused before it queues."""
     if prompt_required and not body.prompt.strip():
         raise InvalidParameter("prompt", "prompt must not be empty.", "missing_required_parameter")
     check_taken(body, spec)
-    if _declared_value(body, IMAGE_PROMPT) is not None and image_prompt is None:
-        raise ValueError("the image_prompt of the body must be resolved (server/front/image_prompts.py)")
     reply = _reply(body)
     mask = getattr(body, "mask", None)
     width, height = _size(body, spec, input_size, mask is not None)
@@ -314,6 +329,16 @@ def build_request(
 
     n = body.n or 1
     seed = secrets.randbelow(MAX_SEED + 1) if body.seed is None else body.seed
+    extra = _passthrough(body, signature)
+    enhance_prompt = _enhancement(body, spec)
+    acceleration = _acceleration(body, spec)
+    safety_check = _safety_check(body, safety_default)
+    strength = _strength(body, mask is not None, steps)
+    image_prompt_strength = _image_prompt_strength(body)
+    _check_loras(body, weights_dir)
+    remote = fetch()
+    if _declared_value(body, IMAGE_PROMPT) is not None and remote.image_prompt is None:
+        raise ValueError("the image_prompt of the body must be fetched (server/front/image_prompts.py)")
     request = RenderRequest(
         id=uuid.uuid4().hex,
         model=spec.id,
@@ -324,18 +349,18 @@ def build_request(
         guidance=guidance,
         seeds=[(seed + i) % (MAX_SEED + 1) for i in range(n)],
         images=images or [],
-        extra=_passthrough(body, signature),
-        enhance_prompt=_enhancement(body, spec),
+        extra=extra,
+        enhance_prompt=enhance_prompt,
         enhance_temperature=enhance_temperature,
         partial_images=body.partial_images or 0,
-        acceleration=_acceleration(body, spec),
-        safety_check=_safety_check(body, safety_default),
-        loras=_loras(body, spec, weights_dir, fetched_loras or {}),
+        acceleration=acceleration,
+        safety_check=safety_check,
+        loras=_loras(body, spec, weights_dir, remote.loras),
         output_format=reply.output_format,
         output_compression=reply.compression,
         mask=mask,
-        strength=_strength(body, mask is not None, steps),
-        image_prompt=image_prompt,
-        image_prompt_strength=_image_prompt_strength(body, image_prompt),
+        strength=strength,
+        image_prompt=remote.image_prompt,
+        image_prompt_strength=image_prompt_strength,
     )
     return request, reply

@@ -35,7 +35,7 @@ from server.declarations.settings import Settings
 from server.dispatch.pool import WorkerCrashed, WorkerFailure
 from server.dispatch.scheduler import Scheduler
 from server.front.image_prompts import resolve_image_prompt
-from server.front.normalize import Reply, build_request, check_image_prompt_served
+from server.front.normalize import RemoteInputs, Reply, build_request, check_image_prompt_served
 from server.front.remote_inputs import fetch_loras
 from server.front.store import ImageStore, StoreUnavailable
 
@@ -104,51 +104,50 @@ class ImageService:
         base: str | None = None,
     ) -> Prepared:
         """`base`: the address the request is answered under (public_base), which an image_prompt URL of this
-        server's own images starts with."""
+        server's own images starts with. What the body names by URL is fetched last, once every other field
+        has passed: a bad size never costs a download."""
         # One default for every route: a server whose default model cannot edit says so on an edit (400).
         spec = get_spec(body.model or self.settings.default_model, self.specs)
-        paths = [lora.path for lora in body.loras or []]
-        fetched = await asyncio.to_thread(fetch_loras, paths, self.settings) if paths else {}
-        if images is None:
-            render, reply = build_request(
+
+        def fetch() -> RemoteInputs:
+            image_prompt = None
+            if isinstance(body, ImageGenerationRequest) and body.image_prompt is not None:
+                check_image_prompt_served(body, spec, self.settings.weights_dir)
+                image_prompt = resolve_image_prompt(body.image_prompt, self.store, base, self.settings)
+            loras = fetch_loras([lora.path for lora in body.loras or []], self.settings)
+            return RemoteInputs(loras, image_prompt)
+
+        def build() -> tuple[RenderRequest, Reply]:
+            if images is None:
+                return build_request(
+                    body,
+                    spec,
+                    PASSTHROUGH[spec.pipeline_class],
+                    safety_default=self.settings.safety_checker,
+                    weights_dir=self.settings.weights_dir,
+                    fetch=fetch,
+                )
+            mask = getattr(body, "mask", None)
+            spec.check_edits(mask is not None, "model")
+            spec.check_references(len(images), masked=mask is not None)
+            sizes = reference_sizes(images)
+            if mask is not None:
+                check_mask(mask, sizes[0])
+            return build_request(
                 body,
                 spec,
                 PASSTHROUGH[spec.pipeline_class],
+                images,
+                sizes[0] if sizes else None,
+                prompt_required=prompt_required,
                 safety_default=self.settings.safety_checker,
                 weights_dir=self.settings.weights_dir,
-                image_prompt=await self._image_prompt(body, spec, base),
-                fetched_loras=fetched,
+                fetch=fetch,
             )
-            return Prepared(render, reply, spec)
-        mask = getattr(body, "mask", None)
-        spec.check_edits(mask is not None, "model")
-        spec.check_references(len(images), masked=mask is not None)
-        sizes = await asyncio.to_thread(reference_sizes, images)
-        if mask is not None:
-            await asyncio.to_thread(check_mask, mask, sizes[0])
-        render, reply = build_request(
-            body,
-            spec,
-            PASSTHROUGH[spec.pipeline_class],
-            images,
-            sizes[0] if sizes else None,
-            prompt_required=prompt_required,
-            safety_default=self.settings.safety_checker,
-            weights_dir=self.settings.weights_dir,
-            fetched_loras=fetched,
-        )
+
+        # Off the event loop: images are decoded, files read and URLs fetched.
+        render, reply = await asyncio.to_thread(build)
         return Prepared(render, reply, spec)
-
-    async def _image_prompt(self, body: _ImageFields, spec: ModelSpec, base: str | None) -> bytes | None:
-        value: str | None = body.image_prompt if isinstance(body, ImageGenerationRequest) else None
-        if value is None:
-            return None
-
-        def read() -> bytes:
-            check_image_prompt_served(body, spec, self.settings.weights_dir)
-            return resolve_image_prompt(value, self.store, base, self.settings)
-
-        return await asyncio.to_thread(read)
 
     async def run(self, http: Request, prepared: Prepared, listener=None) -> RenderResult:
         """Render the request, cancelling it if the client goes away while it waits or runs."""

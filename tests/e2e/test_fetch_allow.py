@@ -23,6 +23,7 @@ from tests.origin import Origin, serving
 
 LORA = "tiny-flux1-style"  # written by `fluxd weights tiny` (pipelines/tools/tiny.py)
 MiB = 2**20
+SIGNED = "/files/signed.safetensors?X-Amz-Credential=AKIA&X-Amz-Signature=" + "f" * 3000  # as S3 signs
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,7 @@ def origin(tiny_weights: Path) -> Iterator[Origin]:
                     {},
                     (tiny_weights / FOLDER / f"{LORA}.safetensors").read_bytes(),
                 ),
+                SIGNED: (200, {}, (tiny_weights / FOLDER / f"{LORA}.safetensors").read_bytes()),
                 "/files/big.safetensors": (200, {}, b"\0" * (MiB + 1)),
                 "/files/broken.safetensors": (200, {}, b"\xff" * 256),
                 "/files/away": (302, {"Location": "/private/style.safetensors?token=s3cret"}, b""),
@@ -131,3 +133,24 @@ def test_an_image_prompt_by_url_renders_as_the_same_image_sent_inline(
         render(client, image_prompt=f"{origin.url}/private/prompt.png")
     assert info.value.param == "image_prompt" and "--fetch-allow" in info.value.message
     assert "/private/prompt.png" not in origin.gets
+
+
+def test_a_signed_url_thousands_of_characters_long_is_fetched(client: openai.OpenAI, origin: Origin) -> None:
+    named = render(client, loras=[{"path": LORA, "scale": 1.0}])
+    assert np.array_equal(render(client, loras=[{"path": f"{origin.url}{SIGNED}", "scale": 1.0}]), named)
+    assert origin.gets[SIGNED] == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [({"num_inference_steps": 0}, "num_inference_steps"), ({"cfg_scale": 1000}, "cfg_scale")],
+)
+def test_a_request_refused_for_another_field_fetches_nothing(
+    client: openai.OpenAI, origin: Origin, fields: dict, param: str
+) -> None:
+    lora, prompt = "/files/style.safetensors?sig=unfetched", "/files/prompt.png?unfetched"
+    named = {"loras": [{"path": f"{origin.url}{lora}"}], "image_prompt": f"{origin.url}{prompt}"}
+    with pytest.raises(openai.BadRequestError) as info:
+        render(client, **named, **fields)
+    assert info.value.param == param
+    assert origin.gets[lora] == 0 and origin.gets[prompt] == 0

@@ -173,3 +173,44 @@ def test_a_name_past_the_file_systems_limit_names_no_lora(weights: Path) -> None
     with pytest.raises(InvalidParameter, match="No LoRA named") as info:
         locate("é" * 200, weights)
     assert info.value.param == "loras"
+
+
+def test_a_name_is_at_most_255_characters_and_a_url_may_be_longer(tmp_path: Path) -> None:
+    from pipelines.contract.specs import SPECS
+    from server.declarations.protocol import ImageGenerationRequest
+    from server.front.normalize import build_request
+
+    name = ImageGenerationRequest(prompt="x", loras=[{"path": "a" * 256}])
+    with pytest.raises(InvalidParameter, match="at most 255 characters") as info:
+        build_request(name, SPECS["flux.2-dev"], {}, weights_dir=tmp_path)
+    assert info.value.param == "loras"
+    signed = "https://bucket.example/style.safetensors?X-Amz-Signature=" + "f" * 3000
+    assert ImageGenerationRequest(prompt="x", loras=[{"path": signed}]).loras
+
+
+def test_every_other_field_is_checked_before_a_url_is_fetched(tmp_path: Path) -> None:
+    from pipelines.contract.specs import SPECS
+    from server.declarations.protocol import ImageGenerationRequest
+    from server.front.normalize import RemoteInputs, build_request
+
+    fetched: list[str] = []
+
+    def fetch() -> RemoteInputs:
+        fetched.append("fetched")
+        return RemoteInputs()
+
+    url = "https://bucket.example/style.safetensors"
+    bad = [
+        ({"size": "100000x8"}, "size"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"cfg_scale": 1000}, "cfg_scale"),
+        ({"image_prompt_strength": 0.5}, "image_prompt_strength"),
+        ({"loras": [{"path": url, "scale": 9}]}, "loras"),
+        ({"loras": [{"path": url}] * 4}, "loras"),
+    ]
+    for fields, param in bad:
+        body = ImageGenerationRequest.model_validate({"prompt": "x", "loras": [{"path": url}], **fields})
+        with pytest.raises(InvalidParameter) as info:
+            build_request(body, SPECS["flux.2-dev"], {}, weights_dir=tmp_path, fetch=fetch)
+        assert info.value.param == param, fields
+    assert not fetched
