@@ -102,7 +102,7 @@ def offline_hint(model_id: str, weights_dir: Path) -> str:
 
 
 def listing(weights_dir: Path) -> list[tuple[str, str, Path, int]]:
-    """(model id, state, folder, bytes) for every known id."""
+    """(model id or extra's folder, state, folder, bytes) for every known id, then the extras (EXTRAS)."""
     rows = []
     for spec in SPECS.values():
         folder = weights_dir / (spec.adapter.folder if spec.adapter else spec.weights_id)
@@ -112,4 +112,10 @@ def listing(weights_dir: Path) -> list[tuple[str, str, Path, int]]:
             rows.append((spec.id, "present", folder, folder_size(folder)))
         else:
             rows.append((spec.id, "missing", folder, 0))
+    for name in EXTRAS:
+        folder = weights_dir / name
+        if folder.exists():
+            rows.append((name, "present", folder, folder_size(folder)))
+        else:  # optional: the features it serves answer 400 saying to pull it
+            rows.append((name, "not pulled", folder, 0))
     return rows

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.contract.specs import SPECS
-from pipelines.tools.checkpoints import verify
+from pipelines.tools.checkpoints import EXTRAS, verify
 
 
 def fluxd(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -73,12 +73,13 @@ def test_weights_list_shows_every_id_its_state_and_folder(tiny_weights: Path, tm
     done = fluxd("weights", "list", "--dir", str(tiny_weights))
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line for line in done.stdout.splitlines()}
-    # Every model id, then the LoRAs under weights/loras/ (the tiny checkpoints come with one per family).
-    assert set(rows) == set(SPECS) | {"tiny-flux2-style", "tiny-flux1-style"}
+    # Every model id, the extras, then the LoRAs under weights/loras/ (the tiny checkpoints come with one per
+    # family).
+    assert set(rows) == set(SPECS) | set(EXTRAS) | {"tiny-flux2-style", "tiny-flux1-style"}
     assert " LoRA FLUX.2 rank 4 " in rows["tiny-flux2-style"]
     assert " LoRA FLUX.1 rank 4 " in rows["tiny-flux1-style"]
     assert "alias of flux.1-dev" in rows["flux1.1-pro"]
-    for model_id in ("flux.2-dev", "flux.2-dev-turbo", "flux.1-dev", "flux.1-kontext-dev"):
+    for model_id in ("flux.2-dev", "flux.2-dev-turbo", "flux.1-dev", "flux.1-kontext-dev", *EXTRAS):
         assert " present " in rows[model_id]
         assert rows[model_id].endswith(str(tiny_weights / model_id))
         assert " GB " in rows[model_id]
@@ -86,6 +87,7 @@ def test_weights_list_shows_every_id_its_state_and_folder(tiny_weights: Path, tm
     empty = fluxd("weights", "list", "--dir", str(tmp_path))
     assert empty.returncode == 0, empty.stderr
     assert sum(" missing " in line for line in empty.stdout.splitlines()) == len(SPECS) - 1  # not the alias
+    assert sum(" not pulled " in line for line in empty.stdout.splitlines()) == len(EXTRAS)
 
 
 def test_weights_verify_fails_on_a_broken_checkpoint(tiny_weights: Path, tmp_path: Path) -> None:
