@@ -188,11 +188,3 @@ def create_app(
             expose_headers=["x-request-id"],
         )
     return app
-
-
-
-
-
-
-
-

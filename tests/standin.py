@@ -3,7 +3,7 @@
 StandInPool is a Pool and StandInHandle a Worker (server/dispatch/pool.py): what server/dispatch/scheduler.py,
 server/front/routes and the app's lifespan call. It stands in for the process boundary only: the tests that
 render pixels use the real workers (tests/e2e). Each submitted batch is recorded and answered when the test
-says so, with flat grey images. """
+says so, with flat grey images."""
 
 from __future__ import annotations
 

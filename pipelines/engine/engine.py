@@ -51,14 +51,6 @@ class SyntheticWeights:
     lora_rank: int | None = None  # the synthetic Turbo LoRA's rank; None: pipelines.tools.synthetic.LORA_RANK
 
 
-
-
-
-
-
-
-
-
 def warm_up_shapes(default_size: tuple[int, int]) -> list[tuple[int, int, int]]:
     """(width, height, images) of the compile warm-up. The first call compiles for the default size; a
     second size makes dynamo recompile with the sequence length dynamic, and a batch of two does the same
@@ -67,8 +59,6 @@ def warm_up_shapes(default_size: tuple[int, int]) -> list[tuple[int, int, int]]:
     width, height = default_size
     narrow = max(4 * SIZE_MULTIPLE, width // 2 // SIZE_MULTIPLE * SIZE_MULTIPLE)
     return [(width, height, 1), (narrow, height, 1), (narrow, height, 2)]
-
-
 
 
 class Engine:
@@ -336,8 +326,6 @@ class Engine:
                 f"'{spec.id}' runs with its text encoder streamed from CPU memory on this server "
                 f"({mode.mode} mode), too slow to generate a prompt with.",
             )
-
-
 
 
 def _inputs(batch: list[RenderRequest], prompts: list[str]) -> dict[str, list]:

@@ -5,7 +5,7 @@ A built-in adapter (Turbo, from its model's spec) and the user's LoRAs of a requ
 (pipelines/contract/lora_catalog.py) are the same thing here: an `Adapter` with a name, a scale and a way to
 load it. No base weight is ever copied or changed: PEFT wraps each targeted Linear and adds `scale * B(A(x))`
 beside it, so a request without LoRAs runs the base's own weights (`disable_lora`) and a scale of 0 adds
-exactly nothing. """
+exactly nothing."""
 
 from __future__ import annotations
 

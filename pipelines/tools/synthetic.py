@@ -214,7 +214,7 @@ def build_pipeline(
     `tokenizer_dir` is laid out like the model's repo: `tokenizer/` (and `tokenizer_2/` for FLUX.1), as in a
     real checkpoint folder or one that pipelines.tools.tiny writes. Tokenizers only set token ids; every
     sequence is padded to the pipeline's fixed length, so tiny ones give the real shapes. `overrides` (per
-    component) shrinks configs, for tests. """
+    component) shrinks configs, for tests."""
     import diffusers
     import transformers
 

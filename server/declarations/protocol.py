@@ -3,7 +3,7 @@ hosted gateways' model pages (Lumenfall's, fal's and replicate's) add.
 
 Each request field is the one declaration of that parameter (server/declarations/parameters.py): its type and
 bounds, how fluxd handles it and where it comes from. Fields follow the OpenAI spec's order; the gateways'
-come after. `None` everywhere means "use the default", because the SDKs send Python None as JSON null. """
+come after. `None` everywhere means "use the default", because the SDKs send Python None as JSON null."""
 
 from __future__ import annotations
 
@@ -359,12 +359,6 @@ class ModelList(BaseModel):
     data: list[Model]
 
 
-
-
-
-
-
-
 class ErrorBody(BaseModel):
     """The error envelope's body, with its four keys always there (null ones too), as in every error."""
 
@@ -418,11 +412,3 @@ class StreamError(BaseModel):
 
     type: Literal["error"]
     error: ErrorBody
-
-
-
-
-
-
-
-

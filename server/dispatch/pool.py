@@ -3,7 +3,7 @@
 Implemented by the spawned worker processes (server/dispatch/local_pool.py), by the lanes into Ray Serve's
 engine replicas (server/dispatch/ray_pool.py) and by the tests' stand-in for the process boundary
 (tests/standin.py). The scheduler, the lifespan and the /ready and /v1/models routes know only these
-protocols. """
+protocols."""
 
 from __future__ import annotations
 

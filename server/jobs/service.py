@@ -2,7 +2,7 @@
 
 The durable JobTable (server/jobs/table.py) holds every job with its resolved request; this service feeds the
 jobs to the scheduler like any request, keeps the live progress of the ones in flight in memory, stores each
-answer in the table in the same statement that ends the job, and sends the webhooks. """
+answer in the table in the same statement that ends the job, and sends the webhooks."""
 
 from __future__ import annotations
 

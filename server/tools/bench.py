@@ -75,8 +75,6 @@ FULL = (64, 500, 16)
 QUICK = (6, 40, 8)
 
 
-
-
 # ---- pure helpers -------------------------------------------------------------------------------------
 
 
@@ -97,34 +95,10 @@ def soak_body(index: int) -> dict[str, Any]:
     return body
 
 
-
-
-
-
 # ---- processes ----------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # ---- load ---------------------------------------------------------------------------------------------
-
-
-
-
-
-
 
 
 def direct_renderer(weights_dir: Path, body: dict[str, Any]) -> Callable[[], float]:
@@ -196,8 +170,6 @@ def measure_overhead(
     if not http_ms:
         raise BenchError("overhead: no request finished within the phase's time")
     return http_ms, direct_ms
-
-
 
 
 def measure_soak(
@@ -292,8 +264,6 @@ def measure(args: argparse.Namespace, client: httpx.Client, workdir: Path) -> Me
     return Measured(
         http_ms, direct_ms, args.max_batch_images, args.concurrency, batched, unbatched, soak, lora
     )
-
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:

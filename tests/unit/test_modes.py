@@ -113,8 +113,6 @@ def test_resolved_mode_is_frozen() -> None:
         resolved.mode = "fast"  # type: ignore[misc]
 
 
-
-
 def test_a_registry_checkpoint_is_sized_by_its_family() -> None:
     own = SPECS["flux.1-dev"].with_overrides(id="my-finetune", checkpoint_path="/data/my-finetune")
     specs = {**SPECS, "my-finetune": own}
