@@ -179,28 +179,11 @@ def test_a_job_asks_for_a_shorter_retention_never_a_longer_one(keyed: Server) ->
 
 
 @pytest.mark.timeout(600)
-def test_idempotency_keys_outlive_a_restart(tiny_weights: Path, tmp_path: Path) -> None:
+def test_idempotency_keys_and_deadlines_outlive_a_killed_server(tiny_weights: Path, tmp_path: Path) -> None:
     first = started(tiny_weights, tmp_path)
     try:
         submitted = keyed_submit(first, KEY_A, "kept-key", seed=9).json()["id"]
         wait_for(first, submitted, ended, KEY_A)
-    finally:
-        stop_server(first)
-    second = started(tiny_weights, tmp_path)
-    try:
-        replay = keyed_submit(second, KEY_A, "kept-key", seed=9)
-        assert replay.status_code == 202 and replay.json()["id"] == submitted
-        assert replay.json()["status"] == "succeeded"
-        other = keyed_submit(second, KEY_A, "kept-key", seed=10)
-        assert other.status_code == 422
-    finally:
-        stop_server(second)
-
-
-@pytest.mark.timeout(600)
-def test_a_deadline_outlives_a_killed_server(tiny_weights: Path, tmp_path: Path) -> None:
-    first = started(tiny_weights, tmp_path)
-    try:
         blocker = submit(first, KEY_A, **LONG).json()["id"]
         wait_for(first, blocker, lambda body: body["status"] == "running", KEY_A)
         headers = {**ASYNC, **auth(KEY_A), "Cancel-After": "4s"}
@@ -212,6 +195,11 @@ def test_a_deadline_outlives_a_killed_server(tiny_weights: Path, tmp_path: Path)
             stop_server(first)
     second = started(tiny_weights, tmp_path)
     try:
+        replay = keyed_submit(second, KEY_A, "kept-key", seed=9)
+        assert replay.status_code == 202 and replay.json()["id"] == submitted
+        assert replay.json()["status"] == "succeeded"
+        other = keyed_submit(second, KEY_A, "kept-key", seed=10)
+        assert other.status_code == 422
         # Recovered behind the blocker, which runs again from the start: its deadline still holds.
         expired = wait_for(second, late, over, KEY_A)
         assert expired["status"] == "expired" and expired["error"]["code"] == "deadline_exceeded", expired
