@@ -261,9 +261,9 @@ def check_taken(body: _ImageFields, spec: ModelSpec) -> None:
             raise InvalidParameter(name, f"'{spec.id}' does not take '{name}'.", "unknown_parameter")
 
 
-def check_image_prompt_served(body: _ImageFields, spec: ModelSpec, weights_dir: Path | None) -> None:
-    """Before an image prompt is read: the model takes one and the Redux weights are here. Reads the disk."""
-    check_taken(body, spec)
+def check_image_prompt_served(weights_dir: Path | None) -> None:
+    """Before an image prompt is read (build_request has checked that the model takes one): the Redux weights
+    are here. Reads the disk."""
     if weights_dir is None or not redux_present(weights_dir):
         raise InvalidParameter(IMAGE_PROMPT, NOT_PULLED)
 

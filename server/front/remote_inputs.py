@@ -22,7 +22,7 @@ from urllib.parse import SplitResult, urljoin, urlsplit
 import httpx
 
 from pipelines.contract.errors import InvalidParameter
-from pipelines.contract.lora_catalog import FOLDER, MAX_LORAS, SUFFIX
+from pipelines.contract.lora_catalog import FOLDER, SUFFIX
 from pipelines.contract.lora_catalog import PARAM as LORAS
 from pipelines.contract.safetensors_header import HeaderError, read_header
 from server.declarations.errors import APIError
@@ -178,9 +178,7 @@ def _unkept(name: str, exc: OSError) -> APIError:
 
 
 def fetch_loras(paths: Iterable[str], settings: Settings) -> dict[str, tuple[str, Path]]:
-    """The URLs among a request's `loras` paths, each fetched (or found in the cache): URL -> (name, file)."""
-    paths = list(paths)
-    if len(paths) > MAX_LORAS:  # refused by the catalogue, before anything is fetched
-        return {}
+    """The URLs among a request's `loras` paths, each fetched (or found in the cache): URL -> (name, file).
+    build_request calls it once the count and scales have passed (lora_catalog.check_entries)."""
     urls = dict.fromkeys(path for path in paths if is_url(path))
     return {url: fetch_lora(url, settings) for url in urls}

@@ -112,7 +112,7 @@ class ImageService:
         def fetch() -> RemoteInputs:
             image_prompt = None
             if isinstance(body, ImageGenerationRequest) and body.image_prompt is not None:
-                check_image_prompt_served(body, spec, self.settings.weights_dir)
+                check_image_prompt_served(self.settings.weights_dir)
                 image_prompt = resolve_image_prompt(body.image_prompt, self.store, base, self.settings)
             loras = fetch_loras([lora.path for lora in body.loras or []], self.settings)
             return RemoteInputs(loras, image_prompt)
