@@ -12,7 +12,7 @@ import pytest
 # same tests took a third more CPU with two). Set before anything imports torch; servers inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The longest modules start first, longest first: with pytest-xdist's --dist loadfile (README's test command)
+# The longest modules start first, longest first: with pytest-xdist's --dist loadgroup (README's test command)
 # a module runs whole on one worker, and a long one started last would finish alone while the others idle.
 FIRST = (
     "tests/ray/",
@@ -27,12 +27,30 @@ FIRST = (
 )
 
 
+# Servers that several modules share (tests/e2e/conftest.py): the modules using one run on one xdist worker,
+# which starts it once. A server start costs about ten CPU-seconds, nearly all of it the worker importing
+# torch and diffusers.
+SHARED_SERVERS = ("keyed_server", "strict_server")
+
+
+# tryfirst: pytest-xdist reads the xdist_group marks in a hook of its own, which must see these.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
         path = item.nodeid.split("::")[0]
         return next((i for i, prefix in enumerate(FIRST) if path.startswith(prefix)), len(FIRST))
 
     items.sort(key=rank)  # stable: the order within each module is kept
+    # Under --dist loadgroup an item without a group would be sent to any worker: each module is a group of
+    # its own (as under --dist loadfile), unless its tests use a shared server, whose group it joins.
+    shared: dict[str, str] = {}
+    for item in items:
+        server = next((name for name in SHARED_SERVERS if name in getattr(item, "fixturenames", ())), None)
+        if server is not None:
+            shared.setdefault(item.nodeid.split("::")[0], server)
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(shared.get(module, module)))
 
 
 @pytest.fixture(scope="session")

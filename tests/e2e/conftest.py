@@ -146,6 +146,44 @@ def server(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     stop_server(running)
 
 
+# The shared keyed server's keys: two flags and a key file's two (test_auth.py), and README snippets' one.
+FLAG_KEYS = ("k1", "k2")
+FILE_KEYS = ("f1", "f2")
+README_KEY = "readme-snippet-key"
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Loopback bind with three --api-key flags and a key file: keys given on 127.0.0.1 are enforced too."""
+    tmp = tmp_path_factory.mktemp("keyed")
+    key_file = tmp / "keys.txt"
+    key_file.write_text(f"{FILE_KEYS[0]}\n\n  {FILE_KEYS[1]}  \n")
+    flags = [part for key in (*FLAG_KEYS, README_KEY) for part in ("--api-key", key)]
+    running = start_server(tiny_weights, tmp, *flags, "--api-key-file", str(key_file))
+    yield running
+    stop_server(running)
+
+
+# The shared strict server's body limit: 10 kB, against which tests/e2e/test_errors.py sends more.
+STRICT_MAX_BODY_MB = 0.01
+# Its --default-model (tests/e2e/test_default_model.py): every route that takes `model` falls back to it.
+STRICT_DEFAULT_MODEL = "flux.1-kontext-dev"
+
+
+@pytest.fixture(scope="session")
+def strict_server(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Forwarded headers trusted from 10.9.9.9 only, a 1 s limit on a request's head, a 10 kB body limit and
+    Kontext as the default model: settings that the other servers' tests would trip over."""
+    running = start_server(
+        tiny_weights,
+        tmp_path_factory.mktemp("strict"),
+        *("--forwarded-allow-ips", "10.9.9.9", "--request-head-timeout-s", "1"),
+        *("--max-body-mb", str(STRICT_MAX_BODY_MB), "--default-model", STRICT_DEFAULT_MODEL),
+    )
+    yield running
+    stop_server(running)
+
+
 @pytest.fixture()
 def client(server: Server) -> openai.OpenAI:
     return server.client(max_retries=0)

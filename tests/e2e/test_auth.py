@@ -3,34 +3,25 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import Server, start_server, stop_server
+from tests.e2e.conftest import FILE_KEYS, FLAG_KEYS, Server, start_server, stop_server
 from tests.e2e.test_cli_demo import console_script, user_env
 
-FLAG_KEYS = ("k1", "k2")
 UNKNOWN_KEY = "e1"  # given by no flag and no file
-FILE_KEYS = ("f1", "f2")
 FAST = {"num_inference_steps": 2}
 # The SDK insists on a key; an Omit() header per request is how it sends none (its own error message says so).
 NO_KEY = {"Authorization": openai.Omit()}
 
 
-@pytest.fixture(scope="module")
-def keyed(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """Loopback bind with two --api-key flags and a key file: keys given on 127.0.0.1 are enforced too."""
-    tmp = tmp_path_factory.mktemp("keyed")
-    key_file = tmp / "keys.txt"
-    key_file.write_text(f"{FILE_KEYS[0]}\n\n  {FILE_KEYS[1]}  \n")
-    flags = [part for key in FLAG_KEYS for part in ("--api-key", key)]
-    server = start_server(tiny_weights, tmp, *flags, "--api-key-file", str(key_file))
-    yield server
-    stop_server(server)
+@pytest.fixture()
+def keyed(keyed_server: Server) -> Server:
+    """The shared keyed server (tests/e2e/conftest.py): --api-key flags and a key file on a loopback bind."""
+    return keyed_server
 
 
 @pytest.mark.parametrize(

@@ -6,26 +6,20 @@ names no model with Kontext, not with flux.2-dev.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import openai
 import pytest
 
-from tests.e2e.conftest import Server, start_server, stop_server
+from tests.e2e.conftest import STRICT_DEFAULT_MODEL, Server
 from tests.e2e.test_images_api import FAST, decode
 from tests.imagery import png as png_bytes
 
-DEFAULT = "flux.1-kontext-dev"
+DEFAULT = STRICT_DEFAULT_MODEL
 
 
-@pytest.fixture(scope="module")
-def kontext(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
-    server: Server = start_server(
-        tiny_weights, tmp_path_factory.mktemp("kontext"), "--default-model", DEFAULT
-    )
-    yield server.client(max_retries=0)
-    stop_server(server)
+@pytest.fixture()
+def kontext(strict_server: Server) -> openai.OpenAI:
+    """The SDK on the shared strict server (tests/e2e/conftest.py), started with `--default-model` Kontext."""
+    return strict_server.client(max_retries=0)
 
 
 def test_an_edit_without_model_runs_on_the_default_model(kontext: openai.OpenAI) -> None:

@@ -214,41 +214,38 @@ def test_sdk_sends_a_4xx_once_and_the_next_request_succeeds(server: Server) -> N
     assert ok.data[0].b64_json
 
 
-def test_body_over_the_limit_is_413(tiny_weights, tmp_path) -> None:
-    from tests.e2e.conftest import start_server, stop_server
+def test_body_over_the_limit_is_413(strict_server: Server) -> None:
+    """The strict server takes bodies of up to 10 kB (STRICT_MAX_BODY_MB)."""
+    response = HTTP.post(
+        f"{strict_server.url}/v1/images/edits",
+        data={"prompt": "x"},
+        files={"image": ("a.png", b"\x89PNG" + b"0" * 20000, "image/png")},
+    )
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
 
-    small = start_server(tiny_weights, tmp_path, "--max-body-mb", "0.01")
-    try:
+    # Without a Content-Length (chunked), the body is counted as it arrives.
+    def chunks(head: bytes, tail: bytes) -> Iterator[bytes]:
+        yield head
+        for _ in range(8):
+            yield b"x" * 4096
+        yield tail
+
+    chunked = {
+        "/v1/images/generations": (chunks(b'{"prompt": "x", "user": "', b'"}'), "application/json"),
+        "/v1/images/edits": (
+            chunks(b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n', b"\r\n--b--\r\n"),
+            "multipart/form-data; boundary=b",
+        ),
+    }
+    for path, (body, content_type) in chunked.items():
         response = HTTP.post(
-            f"{small.url}/v1/images/edits",
-            data={"prompt": "x"},
-            files={"image": ("a.png", b"\x89PNG" + b"0" * 20000, "image/png")},
+            f"{strict_server.url}{path}", content=body, headers={"content-type": content_type}
         )
-        assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
-
-        # Without a Content-Length (chunked), the body is counted as it arrives.
-        def chunks(head: bytes, tail: bytes) -> Iterator[bytes]:
-            yield head
-            for _ in range(8):
-                yield b"x" * 4096
-            yield tail
-
-        chunked = {
-            "/v1/images/generations": (chunks(b'{"prompt": "x", "user": "', b'"}'), "application/json"),
-            "/v1/images/edits": (
-                chunks(b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n', b"\r\n--b--\r\n"),
-                "multipart/form-data; boundary=b",
-            ),
-        }
-        for path, (body, content_type) in chunked.items():
-            response = HTTP.post(f"{small.url}{path}", content=body, headers={"content-type": content_type})
-            assert response.status_code == 413, (path, response.text)
-            assert response.json()["error"]["code"] == "request_too_large"
-        within = HTTP.post(
-            f"{small.url}/v1/images/generations",
-            content=iter([b'{"prompt": "x", "size": "16x16", ', b'"num_inference_steps": 2}']),
-            headers={"content-type": "application/json"},
-        )
-        assert within.status_code == 200, within.text
-    finally:
-        stop_server(small)
+        assert response.status_code == 413, (path, response.text)
+        assert response.json()["error"]["code"] == "request_too_large"
+    within = HTTP.post(
+        f"{strict_server.url}/v1/images/generations",
+        content=iter([b'{"prompt": "x", "size": "16x16", ', b'"num_inference_steps": 2}']),
+        headers={"content-type": "application/json"},
+    )
+    assert within.status_code == 200, within.text

@@ -6,15 +6,13 @@ import base64
 import io
 import socket
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import pytest
 from PIL import Image
 
-from tests.e2e.conftest import HTTP, Server, start_server, stop_server
+from tests.e2e.conftest import HTTP, Server
 
 
 def _bilevel_png(side: int) -> bytes:
@@ -108,20 +106,6 @@ def test_forwarded_headers_from_a_trusted_proxy_are_validated(server: Server) ->
     hostile = _url(server, {"X-Forwarded-Proto": "javascript", "X-Forwarded-Host": "evil.example"})
     assert hostile.startswith(f"{server.url}/v1/files/images/")
     assert _url(server, {"X-Forwarded-Host": "evil.example/x?"}).startswith(server.url)
-
-
-@pytest.fixture(scope="module")
-def strict_server(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(
-        tiny_weights,
-        tmp_path_factory.mktemp("strict"),
-        "--forwarded-allow-ips",
-        "10.9.9.9",
-        "--request-head-timeout-s",
-        "1",
-    )
-    yield running
-    stop_server(running)
 
 
 def test_forwarded_headers_from_anyone_else_are_ignored(strict_server: Server) -> None:

@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +14,12 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import Server, start_server, stop_server
+from tests.e2e.conftest import README_KEY, Server
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_MODULES = Path(__file__).resolve().parent / "node" / "node_modules"
 README_URL = "http://localhost:8000"
-KEY = "readme-snippet-key"
+KEY = README_KEY
 
 
 @dataclass(frozen=True)
@@ -90,11 +89,10 @@ def fetch_image(url: str) -> Image.Image:
     return Image.open(io.BytesIO(response.content))
 
 
-@pytest.fixture(scope="module")
-def keyed(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(tiny_weights, tmp_path_factory.mktemp("readme"), "--api-key", KEY)
-    yield server
-    stop_server(server)
+@pytest.fixture()
+def keyed(keyed_server: Server) -> Server:
+    """The shared keyed server (tests/e2e/conftest.py), which takes KEY among its keys."""
+    return keyed_server
 
 
 @pytest.mark.timeout(600)

@@ -357,18 +357,19 @@ def test_ready_turns_200_only_after_preloading_and_workers_exit_with_a_killed_se
             process.wait(15)
 
 
-@pytest.mark.parametrize("fresh", [("--devices", "cpu,cpu", "--worker-threads", "1")], indirect=True)
-def test_two_workers_share_the_load(fresh: Server) -> None:
-    workers = HTTP.get(f"{fresh.url}/ready").json()["workers"]
+def test_two_workers_share_the_load(configured: Server) -> None:
+    workers = HTTP.get(f"{configured.url}/ready").json()["workers"]
     assert len(workers) == 2
-    calls = [in_background(lambda s=s: generate(fresh, seed=s, size=f"{64 + 16 * s}x64")) for s in range(4)]
+    calls = [
+        in_background(lambda s=s: generate(configured, seed=s, size=f"{64 + 16 * s}x64")) for s in range(4)
+    ]
     for thread, out in calls:
         thread.join(120)
         assert out[0].status_code == 200
     expected = {str(w["pid"]) for w in workers}
 
     def rendered_by() -> set[str]:  # a worker logs its batch after answering it
-        lines = fresh.logs().splitlines()
+        lines = configured.logs().splitlines()
         return {line.split("[worker ")[1].split("]")[0] for line in lines if "rendered" in line}
 
     wait_until(lambda: rendered_by() == expected, 60)
@@ -407,7 +408,8 @@ def test_a_seed_sweep_over_one_prompt_encodes_it_once(server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def configured(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """--mode fast and no prompt cache, and a fine-tune of flux.1-dev registered from a config file."""
+    """Two workers (--devices cpu,cpu), --mode fast and no prompt cache, and a fine-tune of flux.1-dev
+    registered from a config file."""
     tmp = tmp_path_factory.mktemp("configured")
     config = tmp / "fluxd.toml"
     config.write_text(
@@ -415,7 +417,9 @@ def configured(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         'mode = "offload"\n'
     )
     server = start_server(
-        tiny_weights, tmp, "--config", str(config), "--mode", "fast", "--prompt-cache-mb", "0"
+        tiny_weights,
+        tmp,
+        *("--devices", "cpu,cpu", "--config", str(config), "--mode", "fast", "--prompt-cache-mb", "0"),
     )
     yield server
     stop_server(server)
@@ -423,8 +427,9 @@ def configured(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_a_requested_mode_is_reported_as_what_this_machine_can_run(configured: Server) -> None:
     client = configured.client(max_retries=0)
-    [mode] = client.models.retrieve("flux.2-dev").model_extra["run_modes"]
-    assert mode["mode"] == "cpu" and "'fast' needs a CUDA GPU" in mode["reason"]
+    modes = client.models.retrieve("flux.2-dev").model_extra["run_modes"]  # one a worker
+    assert len(modes) == 2
+    assert all(mode["mode"] == "cpu" and "'fast' needs a CUDA GPU" in mode["reason"] for mode in modes)
     before = prompt_cache(configured, "flux.2-dev")
     for seed in range(2):
         assert generate(configured, model="flux.2-dev", prompt="same", seed=seed).status_code == 200
@@ -433,8 +438,10 @@ def test_a_requested_mode_is_reported_as_what_this_machine_can_run(configured: S
 
 def test_a_registry_checkpoint_is_served_from_its_own_folder(configured: Server) -> None:
     client = configured.client(max_retries=0)
-    [mode] = client.models.retrieve("my-finetune").model_extra["run_modes"]
-    assert mode["mode"] == "cpu" and "'offload' needs a CUDA GPU" in mode["reason"]  # its own, not --mode's
+    modes = client.models.retrieve("my-finetune").model_extra["run_modes"]
+    assert len(modes) == 2
+    # Its own mode, not --mode's.
+    assert all(mode["mode"] == "cpu" and "'offload' needs a CUDA GPU" in mode["reason"] for mode in modes)
     result = client.images.generate(
         model="my-finetune",
         prompt="a red fox",

@@ -93,40 +93,17 @@ def test_the_store_deletes_only_its_own_files(tiny_weights: Path, tmp_path: Path
     assert {path: path.read_bytes() for path in foreign} == foreign
 
 
-def test_urls_outlive_a_restart_and_are_cached_for_their_remaining_life(
+def test_a_store_that_cannot_write_hands_images_over_inline_until_it_can(
     tiny_weights: Path, tmp_path: Path
 ) -> None:
-    store_dir = tmp_path / "store"
-    flags = ("--store-dir", str(store_dir), "--image-ttl", "600")
-    server = start_server(tiny_weights, tmp_path, *flags)
-    try:
-        path = urlparse(url_of(server)).path
-        image = HTTP.get(server.url + path)
-        assert image.status_code == 200 and image.content.startswith(PNG_MAGIC)
-        cache_control = image.headers["cache-control"]
-        assert cache_control.startswith("private, max-age=")
-        assert 0 < int(cache_control.removeprefix("private, max-age=")) <= 600
-        # Requests read the store's index, not its folder: a file put there behind its back is not served...
-        dropped = f"/v1/files/images/{secrets.token_urlsafe(24)}.png"
-        (store_dir / SUBFOLDER / dropped.rsplit("/", 1)[1]).write_bytes(image.content)
-        assert HTTP.get(server.url + dropped).status_code == 404
-    finally:
-        stop_server(server)
-    server = start_server(tiny_weights, tmp_path, *flags)
-    try:
-        # ...until a start-up indexes the folder again, so the urls given before it keep working.
-        assert HTTP.get(server.url + path).content == image.content
-        assert HTTP.get(server.url + dropped).content == image.content
-        assert store_health(server)["images"] == 2
-    finally:
-        stop_server(server)
-
-
-def test_a_store_that_cannot_write_hands_images_over_inline(tiny_weights: Path, tmp_path: Path) -> None:
+    """A file in the store's way: images come inline until it is moved away, then as urls, which outlive a
+    restart and are cached for their remaining life."""
     store_dir = tmp_path / "store"
     store_dir.mkdir()
-    (store_dir / SUBFOLDER).write_text("a file where the store's folder would go")
-    server = start_server(tiny_weights, tmp_path, "--store-dir", str(store_dir))
+    in_the_way = store_dir / SUBFOLDER
+    in_the_way.write_text("a file where the store's folder would go")
+    flags = ("--store-dir", str(store_dir), "--image-ttl", "600")
+    server = start_server(tiny_weights, tmp_path, *flags, env={"FLUXD_STORE_SWEEP_INTERVAL_S": "0.5"})
     try:
         ready = HTTP.get(f"{server.url}/ready")
         assert ready.status_code == 200  # every image still reaches its client
@@ -138,9 +115,30 @@ def test_a_store_that_cannot_write_hands_images_over_inline(tiny_weights: Path, 
         assert "Not a directory" in raw.headers["x-fluxd-store-error"]
         [image] = raw.parse().data  # the SDK's strict validation
         assert image.url is None and base64.b64decode(image.b64_json).startswith(PNG_MAGIC)
+        assert in_the_way.read_text() == "a file where the store's folder would go"  # left as it was
+
+        in_the_way.unlink()
+        wait_until(lambda: store_health(server)["writable"])  # the sweeper tries again
+        path = urlparse(url_of(server)).path
+        stored = HTTP.get(server.url + path)
+        assert stored.status_code == 200 and stored.content.startswith(PNG_MAGIC)
+        cache_control = stored.headers["cache-control"]
+        assert cache_control.startswith("private, max-age=")
+        assert 0 < int(cache_control.removeprefix("private, max-age=")) <= 600
+        # Requests read the store's index, not its folder: a file put there behind its back is not served...
+        dropped = f"/v1/files/images/{secrets.token_urlsafe(24)}.png"
+        (store_dir / SUBFOLDER / dropped.rsplit("/", 1)[1]).write_bytes(stored.content)
+        assert HTTP.get(server.url + dropped).status_code == 404
     finally:
         stop_server(server)
-    assert (store_dir / SUBFOLDER).read_text() == "a file where the store's folder would go"
+    server = start_server(tiny_weights, tmp_path, *flags)
+    try:
+        # ...until a start-up indexes the folder again, so the urls given before it keep working.
+        assert HTTP.get(server.url + path).content == stored.content
+        assert HTTP.get(server.url + dropped).content == stored.content
+        assert store_health(server)["images"] == 2
+    finally:
+        stop_server(server)
 
 
 def test_a_read_only_store_hands_images_over_inline_and_recovers(tiny_weights: Path, tmp_path: Path) -> None:
