@@ -6,17 +6,19 @@ refused."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
 import sqlite3
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from server.jobs.table import DATABASE
-from tests.e2e.conftest import HTTP, LONG, start_server, stop_server, wait_until
+from tests.e2e.conftest import HTTP, LONG, Server, start_server, stop_server, wait_until
 from tests.e2e.test_async_jobs import ended, job, submit, wait_for
 from tests.e2e.test_store import tmpfs
 
@@ -34,41 +36,45 @@ def stored_status(store: Path, job_id: str) -> str:
         return db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
 
 
+@pytest.fixture(scope="module")
+def queued(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
+    """A server with a store folder of its own and a queue of QUEUE places, and that folder."""
+    tmp = tmp_path_factory.mktemp("queued")
+    store = tmp / "store"
+    server = start_server(tiny_weights, tmp, "--store-dir", str(store), "--queue-size", str(QUEUE))
+    yield server, store
+    stop_server(server)
+
+
 def test_concurrent_submits_behind_a_held_write_lock_never_overfill_the_queue(
-    tiny_weights: Path, tmp_path: Path
+    queued: tuple[Server, Path],
 ) -> None:
-    store = tmp_path / "store"
-    server = start_server(tiny_weights, tmp_path, "--store-dir", str(store), "--queue-size", str(QUEUE))
+    server, store = queued
+    assert wait_for(server, submit(server).json()["id"], ended)["status"] == "succeeded"  # the table exists
+    locker = sqlite3.connect(table_of(store), isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # the write lock, held as a slow disk would hold it
     try:
-        assert (
-            wait_for(server, submit(server).json()["id"], ended)["status"] == "succeeded"
-        )  # the table exists
-        locker = sqlite3.connect(table_of(store), isolation_level=None)
-        locker.execute("BEGIN IMMEDIATE")  # the write lock, held as a slow disk would hold it
-        try:
-            with ThreadPoolExecutor(60) as pool:
-                answers = [pool.submit(submit, server, **LONG, seed=seed) for seed in range(60)]
-                # Held until the refusals are in (under the server's 5 s busy timeout, so the inserts wait).
-                deadline = time.monotonic() + 4
-                while sum(a.done() for a in answers) < 60 - QUEUE - 1 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                locker.execute("COMMIT")
-                results = [answer.result() for answer in answers]
-        finally:
-            locker.close()
-        accepted = [r.json()["id"] for r in results if r.status_code == 202]
-        refused = [r for r in results if r.status_code != 202]
-        assert all(r.status_code == 429 for r in refused), [r.text for r in refused]
-        assert all(r.json()["error"]["code"] == "rate_limit_exceeded" for r in refused)
-        # The queue's places, and the one worker's job that left it for the worker.
-        assert 1 <= len(accepted) <= QUEUE + 1, len(accepted)
-        for job_id in accepted:
-            body = job(server, job_id).json()
-            assert body["status"] == "running" or body.get("position") is not None, body
-        for job_id in accepted:
-            HTTP.delete(f"{server.url}/v1/images/jobs/{job_id}")
+        with ThreadPoolExecutor(60) as pool:
+            answers = [pool.submit(submit, server, **LONG, seed=seed) for seed in range(60)]
+            # Held until the refusals are in (under the server's 5 s busy timeout, so the inserts wait).
+            deadline = time.monotonic() + 4
+            while sum(a.done() for a in answers) < 60 - QUEUE - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            locker.execute("COMMIT")
+            results = [answer.result() for answer in answers]
     finally:
-        stop_server(server)
+        locker.close()
+    accepted = [r.json()["id"] for r in results if r.status_code == 202]
+    refused = [r for r in results if r.status_code != 202]
+    assert all(r.status_code == 429 for r in refused), [r.text for r in refused]
+    assert all(r.json()["error"]["code"] == "rate_limit_exceeded" for r in refused)
+    # The queue's places, and the one worker's job that left it for the worker.
+    assert 1 <= len(accepted) <= QUEUE + 1, len(accepted)
+    for job_id in accepted:
+        body = job(server, job_id).json()
+        assert body["status"] == "running" or body.get("position") is not None, body
+    for job_id in accepted:
+        HTTP.delete(f"{server.url}/v1/images/jobs/{job_id}")
 
 
 def damage(database: Path, where: str) -> None:
@@ -90,18 +96,18 @@ def damage(database: Path, where: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def stored_job(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A store folder whose job table holds one succeeded job, written by a server since stopped; each test
-    damages a copy of it."""
-    tmp = tmp_path_factory.mktemp("stored-job")
-    store = tmp / "store"
-    first = start_server(tiny_weights, tmp, "--store-dir", str(store))
-    try:
-        # A 256x256 noise PNG in b64_json: a result far larger than a page, held in overflow pages.
-        old = submit(first, size="256x256").json()["id"]
-        assert wait_for(first, old, ended)["status"] == "succeeded"
-    finally:
-        stop_server(first)
+def stored_job(queued: tuple[Server, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A store folder whose job table holds a succeeded job: a copy, by SQLite's backup, of the queued
+    server's table, page for page as the server wrote it; each test damages a copy of it."""
+    server, running = queued
+    # A 256x256 noise PNG in b64_json: a result far larger than a page, held in overflow pages.
+    old = submit(server, size="256x256").json()["id"]
+    assert wait_for(server, old, ended)["status"] == "succeeded"
+    store = tmp_path_factory.mktemp("stored-job") / "store"
+    table_of(store).parent.mkdir(parents=True)
+    source, copy = sqlite3.connect(table_of(running)), sqlite3.connect(table_of(store))
+    with contextlib.closing(source), contextlib.closing(copy):
+        source.backup(copy)
     return store, old
 
 
