@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,7 @@ import pytest
 # same tests took a third more CPU with two). Set before anything imports torch; servers inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The longest modules start first, longest first: with pytest-xdist's --dist loadgroup (README's test command)
+# The longest modules start first, longest first: with pytest-xdist's --dist loadfile (README's test command)
 # a module runs whole on one worker, and a long one started last would finish alone while the others idle.
 FIRST = (
     "tests/ray/",
@@ -27,30 +28,48 @@ FIRST = (
 )
 
 
-# Servers that several modules share (tests/e2e/conftest.py): the modules using one run on one xdist worker,
-# which starts it once. A server start costs about ten CPU-seconds, nearly all of it the worker importing
-# torch and diffusers.
-SHARED_SERVERS = ("keyed_server", "strict_server")
+# Servers that several modules share (tests/e2e/conftest.py), and those modules: they run on one xdist worker,
+# which starts the server once. A server start costs about ten CPU-seconds, nearly all of it the worker
+# importing torch and diffusers.
+SHARED_SERVERS = {
+    "keyed_server": ("tests/e2e/test_auth.py", "tests/e2e/test_readme_snippets.py"),
+    "strict_server": (
+        "tests/e2e/test_default_model.py",
+        "tests/e2e/test_errors.py",
+        "tests/e2e/test_hardening.py",
+    ),
+}
+GROUP_OF = {module: server for server, modules in SHARED_SERVERS.items() for module in modules}
 
 
-# tryfirst: pytest-xdist reads the xdist_group marks in a hook of its own, which must see these.
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
         path = item.nodeid.split("::")[0]
         return next((i for i, prefix in enumerate(FIRST) if path.startswith(prefix)), len(FIRST))
 
     items.sort(key=rank)  # stable: the order within each module is kept
-    # Under --dist loadgroup an item without a group would be sent to any worker: each module is a group of
-    # its own (as under --dist loadfile), unless its tests use a shared server, whose group it joins.
-    shared: dict[str, str] = {}
-    for item in items:
-        server = next((name for name in SHARED_SERVERS if name in getattr(item, "fixturenames", ())), None)
-        if server is not None:
-            shared.setdefault(item.nodeid.split("::")[0], server)
     for item in items:
         module = item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(shared.get(module, module)))
+        for server in SHARED_SERVERS.keys() & set(getattr(item, "fixturenames", ())):
+            if GROUP_OF.get(module) != server:
+                raise pytest.UsageError(f"{module} uses {server}: add it to SHARED_SERVERS here")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """--dist loadfile, with the modules that share a server taken as one file. (--dist loadgroup groups by
+    marks, but under pytest 9.2 pytest-xdist 3.8 can no longer tag the node ids it groups by, and it silently
+    spreads every test: pytest-dev/pytest-xdist#1386.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ByServer(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return GROUP_OF.get(module, module)
+
+    return ByServer(config, log)
 
 
 @pytest.fixture(scope="session")
