@@ -28,18 +28,27 @@ FIRST = (
 )
 
 
-# Servers that several modules share (tests/e2e/conftest.py), and those modules: they run on one xdist worker,
-# which starts the server once. A server start costs about ten CPU-seconds, nearly all of it the worker
-# importing torch and diffusers.
-SHARED_SERVERS = {
-    "keyed_server": ("tests/e2e/test_auth.py", "tests/e2e/test_readme_snippets.py"),
-    "strict_server": (
+# Servers that several modules share (tests/e2e/conftest.py), by group; each group's modules run on one xdist
+# worker, which starts its servers once. A server start costs about ten CPU-seconds, nearly all of it the
+# worker importing torch and diffusers.
+GROUP_OF_SERVER = {"server": "demo", "strict_server": "demo", "keyed_server": "keyed"}
+MODULES_OF_GROUP = {
+    "demo": (
+        "tests/browser/test_playground.py",
+        "tests/e2e/test_acceleration.py",
+        "tests/e2e/test_clients.py",
         "tests/e2e/test_default_model.py",
         "tests/e2e/test_errors.py",
         "tests/e2e/test_hardening.py",
+        "tests/e2e/test_images_api.py",
+        "tests/e2e/test_masks.py",
+        "tests/e2e/test_safety.py",
+        "tests/e2e/test_serving.py",
+        "tests/e2e/test_streaming.py",
     ),
+    "keyed": ("tests/e2e/test_auth.py", "tests/e2e/test_readme_snippets.py"),
 }
-GROUP_OF = {module: server for server, modules in SHARED_SERVERS.items() for module in modules}
+GROUP_OF = {module: group for group, modules in MODULES_OF_GROUP.items() for module in modules}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -50,9 +59,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)  # stable: the order within each module is kept
     for item in items:
         module = item.nodeid.split("::")[0]
-        for server in SHARED_SERVERS.keys() & set(getattr(item, "fixturenames", ())):
-            if GROUP_OF.get(module) != server:
-                raise pytest.UsageError(f"{module} uses {server}: add it to SHARED_SERVERS here")
+        for server in GROUP_OF_SERVER.keys() & set(getattr(item, "fixturenames", ())):
+            if GROUP_OF.get(module) != GROUP_OF_SERVER[server]:
+                raise pytest.UsageError(f"{module} uses {server}: add it to MODULES_OF_GROUP here")
 
 
 @pytest.hookimpl(optionalhook=True)
