@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
@@ -44,6 +44,7 @@ from tests.e2e.conftest import (
 )
 from tests.e2e.test_readme_snippets import ROOT
 from tests.imagery import png as png_bytes
+from tests.origin import QuietHTTPServer
 
 ASYNC = {"Prefer": "respond-async"}
 FAULT_MARK = "fault injected"
@@ -102,7 +103,7 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.http = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.http.server_port}"
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
 
