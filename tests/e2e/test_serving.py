@@ -360,9 +360,8 @@ def test_ready_turns_200_only_after_preloading_and_workers_exit_with_a_killed_se
 def test_two_workers_share_the_load(configured: Server) -> None:
     workers = HTTP.get(f"{configured.url}/ready").json()["workers"]
     assert len(workers) == 2
-    calls = [
-        in_background(lambda s=s: generate(configured, seed=s, size=f"{64 + 16 * s}x64")) for s in range(4)
-    ]
+    sizes = [f"{64 + 16 * s}x64" for s in range(4)]
+    calls = [in_background(lambda s=s: generate(configured, seed=s, size=sizes[s])) for s in range(4)]
     for thread, out in calls:
         thread.join(120)
         assert out[0].status_code == 200
@@ -438,9 +437,8 @@ def test_a_requested_mode_is_reported_as_what_this_machine_can_run(configured: S
 
 def test_a_registry_checkpoint_is_served_from_its_own_folder(configured: Server) -> None:
     client = configured.client(max_retries=0)
-    modes = client.models.retrieve("my-finetune").model_extra["run_modes"]
+    modes = client.models.retrieve("my-finetune").model_extra["run_modes"]  # its own mode, not --mode's
     assert len(modes) == 2
-    # Its own mode, not --mode's.
     assert all(mode["mode"] == "cpu" and "'offload' needs a CUDA GPU" in mode["reason"] for mode in modes)
     result = client.images.generate(
         model="my-finetune",
